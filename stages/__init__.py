@@ -1,0 +1,56 @@
+"""Stage = data: trainable groups, objective, sequence length, loss reduction, optimizer, schedule.
+
+The training loop never branches on a stage name; it asks `build_objective` for the loss of the
+stage's objective kind and applies the stage's trainable groups and learning rates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0  # applied to matrices only, never to norms and biases
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.0  # fraction of max_steps; portable across run lengths
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class StageConfig:
+    name: str = "s1_multimodal"
+    trainable: list = field(default_factory=lambda: ["vision", "merger", "llm"])
+    objective: Any = field(default_factory=lambda: {"name": "lm"})  # validated by the objective's own config
+    seq_len: int = 8192
+    loss_reduction: str = "token"  # token | sample | sqrt
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    lr_mult: dict = field(default_factory=lambda: {"vision": 1.0, "merger": 1.0, "llm": 1.0})
+
+
+def build_objective(objective: dict, loss_reduction: str):
+    """The objective named by `stage.objective.name`, configured from the rest of that mapping."""
+    from stages import dpo, lm, sapo
+
+    registry = {"lm": lm, "dpo": dpo, "sapo": sapo}
+    objective = dict(objective)
+    name = objective.pop("name", None)
+    if name not in registry:
+        raise ValueError(f"stage.objective.name={name!r} is unknown; choose one of {sorted(registry)}")
+    module = registry[name]
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(module.Config), objective))
+    except Exception as e:  # omegaconf names the bad key; say where it lives
+        raise ValueError(f"stage.objective ({name}): {e}") from None
+    return module.build(cfg, loss_reduction)

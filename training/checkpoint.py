@@ -1,0 +1,71 @@
+"""Resumable checkpoints: DeepSpeed's model/optimizer/scheduler shards plus our per-rank trainer state.
+
+Layout: checkpoints/step_00000010/{DeepSpeed files, trainer_rank{r}.json, rng_rank{r}.safetensors} and
+checkpoints/latest naming the newest complete one. `latest` is replaced (tmp + rename) by rank 0 only
+after every rank has finished writing, so a crash mid-save leaves the previous checkpoint in charge.
+Our own state is JSON and safetensors: nothing of ours is unpickled on resume.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+
+def _tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class Checkpointer:
+    def __init__(self, root: Path, rank: int, keep: int):
+        self.root, self.rank, self.keep = Path(root), rank, keep
+
+    def latest_tag(self) -> Optional[str]:
+        f = self.root / "latest"
+        if not f.is_file():
+            return None
+        tag = f.read_text().strip()
+        if not (self.root / tag).is_dir():
+            raise ValueError(f"{f} names {tag!r} but {self.root / tag} does not exist; remove {f} to start "
+                             f"over or restore the checkpoint directory")
+        return tag
+
+    def save(self, engine, step: int, trainer_state: dict) -> Path:
+        tag = _tag(step)
+        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        d = self.root / tag
+        (d / f"trainer_rank{self.rank}.json").write_text(json.dumps(trainer_state, indent=1))
+        save_file({"torch": torch.get_rng_state()}, str(d / f"rng_rank{self.rank}.safetensors"))
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:
+            tmp = self.root / "latest.tmp"
+            tmp.write_text(tag + "\n")
+            os.replace(tmp, self.root / "latest")
+            self._prune(tag)
+        return d
+
+    def _prune(self, newest: str) -> None:
+        tags = sorted(p.name for p in self.root.glob("step_*") if p.is_dir())
+        for old in tags[: max(0, len(tags) - self.keep)]:
+            if old != newest:
+                shutil.rmtree(self.root / old, ignore_errors=True)
+
+    def load(self, engine, tag: str) -> dict:
+        """Restores engine state and this rank's RNG; returns this rank's trainer state."""
+        path, _ = engine.load_checkpoint(str(self.root), tag=tag)
+        if path is None:
+            raise ValueError(f"DeepSpeed could not load checkpoint {self.root / tag}")
+        d = self.root / tag
+        f = d / f"trainer_rank{self.rank}.json"
+        if not f.is_file():
+            raise ValueError(f"{f} is missing: the checkpoint was written by fewer ranks than this run has; "
+                             f"resume with the original number of processes")
+        torch.set_rng_state(load_file(str(d / f"rng_rank{self.rank}.safetensors"))["torch"])
+        return json.loads(f.read_text())

@@ -1,0 +1,110 @@
+"""DeepSpeed adapter: the DeepSpeed config is generated from the `engine=` group; raw keys pass through.
+
+Optimizer and LR schedule are built here (client-side) so that parameter groups carry the stage's
+per-group learning-rate multipliers and only trainable parameters get optimizer state.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from stages import StageConfig
+
+
+@dataclass
+class EngineConfig:
+    name: str = "zero2"
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only
+    dtype: str = "fp32"  # fp32 | bf16
+    raw: dict = field(default_factory=dict)  # merged last into the generated DeepSpeed config
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: EngineConfig, micro_batch: int, grad_accum: int, world: int, grad_clip: float) -> dict:
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"engine.zero_stage={cfg.zero_stage}; choose 0, 1, 2 or 3")
+    if cfg.dtype not in ("fp32", "bf16"):
+        raise ValueError(f"engine.dtype={cfg.dtype!r}; choose fp32 or bf16")
+    if cfg.offload_params and cfg.zero_stage != 3:
+        raise ValueError("engine.offload_params=true needs engine.zero_stage=3 (use engine=zero3)")
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    ds = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,  # our own metrics replace DeepSpeed's prints
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, cfg.raw)
+
+
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    return p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+
+
+def optimizer_groups(model: torch.nn.Module, groups: dict[str, list[str]], stage: StageConfig) -> list[dict]:
+    """One torch param group per (trainable group, decay/no-decay); frozen groups are left out entirely."""
+    params = dict(model.named_parameters())
+    out = []
+    for g in stage.trainable:
+        mult = float(stage.lr_mult.get(g, 1.0))
+        names = [n for n in groups[g] if params[n].requires_grad]
+        for decay in (True, False):
+            ps = [params[n] for n in names if _no_decay(n, params[n]) != decay]
+            if ps:
+                out.append({"params": ps, "name": f"{g}{'' if decay else '_no_decay'}", "group": g,
+                            "lr": stage.optimizer.lr * mult,
+                            "weight_decay": stage.optimizer.weight_decay if decay else 0.0})
+    if not out:
+        raise ValueError(f"stage {stage.name!r} trains no parameter (stage.trainable={stage.trainable})")
+    return out
+
+
+def lr_lambda(stage: StageConfig, max_steps: int):
+    s = stage.schedule
+    if s.kind not in ("cosine", "linear", "constant"):
+        raise ValueError(f"stage.schedule.kind={s.kind!r}; choose cosine, linear or constant")
+
+    warmup = int(s.warmup_ratio * max_steps)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if s.kind == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if s.kind == "cosine" else 1 - frac
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * shape
+
+    return f
+
+
+def initialize(model, groups, stage: StageConfig, cfg: EngineConfig, micro_batch: int, grad_accum: int,
+               world: int, max_steps: int):
+    import deepspeed
+
+    opt = torch.optim.AdamW(optimizer_groups(model, groups, stage), lr=stage.optimizer.lr,
+                            betas=tuple(stage.optimizer.betas), eps=stage.optimizer.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage, max_steps))
+    ds_cfg = deepspeed_config(cfg, micro_batch, grad_accum, world, stage.optimizer.grad_clip)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                           config=ds_cfg)
+    return engine, ds_cfg

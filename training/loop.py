@@ -1,0 +1,169 @@
+"""One stage: build the components from their configs, train, checkpoint, export. No stage-specific code."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data.encode import Encoder
+from data.loader import IndexedLoader, Layout
+from data.shapes import ShapesConfig
+from stages import StageConfig, build_objective
+from training import models
+from training.checkpoint import Checkpointer
+from training.engine import EngineConfig, initialize
+from training.metrics import LoggerConfig, Metrics
+
+log = logging.getLogger("training")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 20
+    micro_batch_size: int = 2
+    grad_accum: int = 1
+    save_every: int = 10  # also saved at the last step; 0 = only at the last step
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+
+@dataclass
+class JobConfig:
+    model: models.ModelConfig = field(default_factory=models.ModelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    data: ShapesConfig = field(default_factory=ShapesConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output_dir: str = "runs/default"
+
+
+def _sum(values: list[float]) -> list[float]:
+    """All-reduce (sum) a few floats in float64 so the logged totals do not depend on the world size."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _gather_sources(per_source: dict) -> dict:
+    parts = [per_source]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, per_source)
+    total: dict = {}
+    for part in parts:
+        for k, (s, n) in part.items():
+            t = total.setdefault(k, [0.0, 0.0])
+            t[0], t[1] = t[0] + s, t[1] + n
+    return {f"loss/{k}": s / n for k, (s, n) in sorted(total.items()) if n > 0}
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _full_state_dict(engine, zero_stage: int) -> dict:
+    """Full weights on every rank; under ZeRO-3 the shards are gathered first."""
+    module = engine.module
+    if zero_stage < 3:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | None:
+    out = Path(job.output_dir)
+    if (out / "DONE").is_file():
+        log.info("%s/DONE exists: this stage already finished; nothing to do", out)
+        return json.loads((out / "DONE").read_text())
+    tr, stage = job.trainer, job.stage
+    torch.manual_seed(tr.seed + rank)
+    bundle = models.build(job.model)
+    groups = models.param_groups(bundle.model, bundle.family)
+    models.apply_trainable(bundle.model, groups, stage.trainable)
+    objective = build_objective(stage.objective, stage.loss_reduction)  # fails before any compute
+    layout = Layout(rank=rank, world=world, micro_batch=tr.micro_batch_size, grad_accum=tr.grad_accum,
+                    seq_len=stage.seq_len)
+    loader = IndexedLoader(job.data, Encoder(bundle.tokenizer, bundle.image_processor), layout,
+                           pad_id=bundle.tokenizer.pad_token_id)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(resolved_yaml)
+    if tr.max_steps == 0:  # export the starting weights unchanged; no engine needed
+        if rank == 0:
+            models.export_hf(bundle, bundle.model.state_dict(), out / "hf")
+        return _finish(out, rank, {"steps": 0, "final_loss": None})
+
+    engine, ds_cfg = initialize(bundle.model, groups, stage, job.engine, tr.micro_batch_size, tr.grad_accum,
+                                world, tr.max_steps)
+    ckpt = Checkpointer(out / "checkpoints", rank, tr.keep_checkpoints)
+    metrics = Metrics(job.logger, out, rank, tr.max_steps, config={"yaml": resolved_yaml})
+    start = 0
+    tag = ckpt.latest_tag()
+    if tag is not None:
+        state = ckpt.load(engine, tag)
+        start = state["step"]
+        loader.load_state_dict(state["data"])
+        metrics.truncate_after(start)
+        log.info("resumed from %s at step %d", out / "checkpoints" / tag, start)
+
+    loss = None
+    tokens_seen = 0.0
+    for step in range(start, tr.max_steps):
+        t0 = time.time()
+        # learning rates this step uses; "lr" is the stage's base lr (group lr / its multiplier)
+        lrs = {f"lr/{g['name']}": g["lr"] for g in engine.optimizer.param_groups}
+        g0 = engine.optimizer.param_groups[0]
+        base_lr = g0["lr"] / float(stage.lr_mult.get(g0["group"], 1.0))
+        micro = loader.next_step()
+        for mb in micro:
+            mb["weights"] = objective.weights(mb)
+        t_data = time.time() - t0
+        # the global weight sum over all ranks and micro-batches: the gradient is then split-independent
+        (weight_sum,) = _sum([float(sum(mb["weights"].sum() for mb in micro))])
+        loss_sum, per_source = 0.0, {}
+        for mb in micro:
+            ls, stats = objective.loss_sum(engine, _to(mb, engine.device))
+            # DeepSpeed averages gradients over ranks: scale by world so the reduced gradient is the sum
+            engine.backward(ls * (world / weight_sum), scale_wrt_gas=False)
+            engine.step()
+            loss_sum += float(ls.detach())
+            for k, (s, n) in stats["per_source"].items():
+                acc = per_source.setdefault(k, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + s, acc[1] + n
+        tok = sum(float(mb["attention_mask"].sum()) for mb in micro)
+        sup = sum(float((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
+        loss_sum, tok, sup = _sum([loss_sum, tok, sup])
+        loss = loss_sum / weight_sum
+        tokens_seen += tok
+        dt = time.time() - t0
+        row = {"step": step + 1, "loss": loss, "lr": base_lr, "tokens": tok,
+               "supervised_tokens": sup, "tokens_per_s": tok / dt, "step_time_s": dt,
+               "data_wait_frac": t_data / dt, "grad_norm": float(engine.get_global_grad_norm() or 0.0)}
+        row.update(lrs)
+        row.update(_gather_sources(per_source))
+        metrics.log(row, start)
+        if (tr.save_every and (step + 1) % tr.save_every == 0) or step + 1 == tr.max_steps:
+            ckpt.save(engine, step + 1, {"step": step + 1, "data": loader.state_dict()})
+    metrics.close()
+    state_dict = _full_state_dict(engine, job.engine.zero_stage)
+    if rank == 0:
+        models.export_hf(bundle, state_dict, out / "hf")
+    return _finish(out, rank, {"steps": tr.max_steps, "final_loss": loss, "tokens": tokens_seen})
+
+
+def _finish(out: Path, rank: int, summary: dict) -> dict:
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        summary["hf"] = str(out / "hf")
+        (out / "DONE").write_text(json.dumps(summary, indent=1) + "\n")  # written last of all
+    return summary

@@ -1,0 +1,214 @@
+"""Qwen-VL model family over the HF transformers classes: build, parameter groups, freezing, export.
+
+Stages name parameter *groups* (vision, merger, llm), never parameter names. The groups are computed here
+from each family's module tree, so a stage file works unchanged for every family and a parameter that
+belongs to no group (a new module in a future transformers release) is an error, not silently frozen.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
+
+ASSETS = Path(__file__).parent / "assets"
+GROUPS = ("vision", "merger", "llm")
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between Qwen2-VL, Qwen2.5-VL and Qwen3-VL, as data."""
+
+    name: str
+    model_cls: type
+    config_cls: type
+    patch_size: int
+    image_mean: list
+    image_std: list
+    chat_template: str  # file under assets/chat_templates
+    # module path prefixes of each group; the longest matching prefix wins
+    group_prefixes: dict
+    tiny_text: dict
+    tiny_vision: dict
+
+    @property
+    def model_type(self) -> str:
+        return self.config_cls.model_type
+
+
+_LLM = ["model.language_model", "lm_head"]
+_TINY_TEXT = dict(
+    hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+    num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+)
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_vl": Family(
+        name="qwen2_vl", model_cls=Qwen2VLForConditionalGeneration, config_cls=Qwen2VLConfig,
+        patch_size=14, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, chat_template="qwen2_vl.jinja",
+        group_prefixes={"vision": ["model.visual"], "merger": ["model.visual.merger"], "llm": _LLM},
+        tiny_text=dict(_TINY_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                    "mrope_section": [4, 6, 6]}),
+        tiny_vision=dict(depth=4, embed_dim=64, hidden_size=192, mlp_ratio=2, num_heads=4,
+                         patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+    ),
+    "qwen2_5_vl": Family(
+        name="qwen2_5_vl", model_cls=Qwen2_5_VLForConditionalGeneration, config_cls=Qwen2_5_VLConfig,
+        patch_size=14, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, chat_template="qwen2_vl.jinja",
+        group_prefixes={"vision": ["model.visual"], "merger": ["model.visual.merger"], "llm": _LLM},
+        tiny_text=dict(_TINY_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                    "mrope_section": [4, 6, 6]}),
+        # window 56 px = 4x4 patches, so a 112 px image has 4 windows; blocks 1 and 3 use full attention
+        tiny_vision=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=192,
+                         patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                         fullatt_block_indexes=[1, 3], tokens_per_second=2),
+    ),
+    "qwen3_vl": Family(
+        name="qwen3_vl", model_cls=Qwen3VLForConditionalGeneration, config_cls=Qwen3VLConfig,
+        patch_size=16, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], chat_template="qwen3_vl.jinja",
+        group_prefixes={"vision": ["model.visual"],
+                        "merger": ["model.visual.merger", "model.visual.deepstack_merger_list"],
+                        "llm": _LLM},
+        tiny_text=dict(_TINY_TEXT, head_dim=32,
+                       rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                        "mrope_section": [6, 5, 5], "mrope_interleaved": True}),
+        tiny_vision=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=192,
+                         patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                         num_position_embeddings=256, deepstack_visual_indexes=[1, 2, 3]),
+    ),
+}
+
+
+@dataclass
+class ModelConfig:
+    """`model=` config group. `path` set: load a real HF checkpoint; unset: random init of the tiny preset."""
+
+    name: str = "tiny_qwen3_vl"
+    family: str = "qwen3_vl"
+    path: Optional[str] = None
+    init_seed: int = 0
+    dtype: str = "float32"  # parameters as loaded; the engine config decides bf16 training
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    min_pixels: int = 56 * 56
+    max_pixels: int = 128 * 128
+    extra: dict = field(default_factory=dict)  # extra kwargs for from_pretrained
+
+
+@dataclass
+class Bundle:
+    """A model with the tokenizer and image processor that belong to it."""
+
+    family: Family
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: Qwen2VLImageProcessorPil
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"model.family={name!r} is unknown; choose one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def tiny_tokenizer(family: Family) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(ASSETS / "tiny_tokenizer"))
+    tok.chat_template = (ASSETS / "chat_templates" / family.chat_template).read_text()
+    return tok
+
+
+def tiny_config(family: Family, tokenizer: PreTrainedTokenizerBase):
+    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    special = dict(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text = dict(family.tiny_text, vocab_size=len(tokenizer), **ids, **special)
+    return family.config_cls(text_config=text, vision_config=dict(family.tiny_vision),
+                             tie_word_embeddings=False, **ids, **special)
+
+
+def _check_hf_dir(path: Path, family: Family) -> None:
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"model.path={str(path)!r} is not a Hugging Face model directory (no config.json there). "
+            f"Point model.path at a local copy of a {family.name} checkpoint, or at a previous stage's hf/ export.")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type != family.model_type:
+        hint = next((f"model={n}" for n, f in FAMILIES.items() if f.model_type == model_type), "another family")
+        raise ValueError(
+            f"model.path={str(path)!r} holds a {model_type!r} checkpoint but model.family is {family.name!r} "
+            f"(expects {family.model_type!r}); use {hint} or point model.path at a {family.name} checkpoint.")
+
+
+def build(cfg: ModelConfig) -> Bundle:
+    """The tiny preset from its config (seeded) or a real checkpoint from `cfg.path`."""
+    family = get_family(cfg.family)
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.path is None:
+        tokenizer = tiny_tokenizer(family)
+        # fork_rng: the init seed must not disturb the training RNG stream (or depend on it)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            model = family.model_cls._from_config(tiny_config(family, tokenizer),
+                                                  attn_implementation=cfg.attn_implementation, dtype=dtype)
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=family.patch_size, temporal_patch_size=2, merge_size=2, image_mean=family.image_mean,
+            image_std=family.image_std, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    else:
+        path = Path(cfg.path)
+        _check_hf_dir(path, family)
+        model = family.model_cls.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                                 **cfg.extra)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = (ASSETS / "chat_templates" / family.chat_template).read_text()
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Bundle(family, model, tokenizer, image_processor)
+
+
+def param_groups(model: torch.nn.Module, family: Family) -> dict[str, list[str]]:
+    """Parameter names per group; every parameter lands in exactly one group or this raises."""
+    prefixes = sorted(((p, g) for g, ps in family.group_prefixes.items() for p in ps), key=lambda x: -len(x[0]))
+    groups: dict[str, list[str]] = {g: [] for g in GROUPS}
+    for name, _ in model.named_parameters():
+        group = next((g for p, g in prefixes if name == p or name.startswith(p + ".")), None)
+        if group is None:
+            raise ValueError(f"parameter {name!r} of {family.name} belongs to no group; "
+                             f"extend FAMILIES[{family.name!r}].group_prefixes in training/models.py")
+        groups[group].append(name)
+    return groups
+
+
+def apply_trainable(model: torch.nn.Module, groups: dict[str, list[str]], trainable: list[str]) -> None:
+    """Freezing comes from the stage's group list only."""
+    unknown = sorted(set(trainable) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"stage.trainable names unknown group(s) {unknown}; groups are {list(GROUPS)}")
+    on = {n for g in trainable for n in groups[g]}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in on)
+
+
+def export_hf(bundle: Bundle, state_dict: dict, out: Path) -> None:
+    """Writes an HF directory (config, safetensors, tokenizer with chat template, image processor)."""
+    out.mkdir(parents=True, exist_ok=True)
+    bundle.model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    bundle.tokenizer.save_pretrained(out)
+    bundle.image_processor.save_pretrained(out)
