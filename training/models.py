@@ -209,6 +209,7 @@ def apply_trainable(model: torch.nn.Module, groups: dict[str, list[str]], traina
 def export_hf(bundle: Bundle, state_dict: dict, out: Path) -> None:
     """Writes an HF directory (config, safetensors, tokenizer with chat template, image processor)."""
     out.mkdir(parents=True, exist_ok=True)
-    bundle.model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    # a copy: save_pretrained renames checkpoint keys in the dict it is given
+    bundle.model.save_pretrained(out, state_dict=dict(state_dict), safe_serialization=True)
     bundle.tokenizer.save_pretrained(out)
     bundle.image_processor.save_pretrained(out)

@@ -1,0 +1,60 @@
+"""Shared helpers: compose configs like the CLI does and run stages in-process (one gloo rank)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_SILENT", "true")
+REPO = Path(__file__).resolve().parent.parent
+CONF = str(REPO / "conf")
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def run_stage(tmp: Path, overrides: list[str]) -> dict:
+    """Runs one stage in this process, exactly as `python -m training.train` would after composing."""
+    from training.train import run_config
+
+    return run_config(compose(["logger=none", f"output_dir={tmp}", *overrides]))
+
+
+def cli(args: list[str], cwd=REPO, timeout=600, launcher=None, **kw) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable, "-m"]) + ["training.train", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def load_hf(path: Path) -> dict:
+    """The exported weights as transformers loads them (keyed by module parameter names)."""
+    import json
+
+    from training.models import FAMILIES
+
+    model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+    cls = next(f.model_cls for f in FAMILIES.values() if f.model_type == model_type)
+    return dict(cls.from_pretrained(str(path)).named_parameters())
+
+
+@pytest.fixture(scope="session")
+def initial_exports(tmp_path_factory):
+    """Each tiny family's starting weights, exported by `trainer.max_steps=0` (built lazily, once)."""
+    cache: dict[str, dict] = {}
+
+    def get(model: str) -> dict:
+        if model not in cache:
+            out = tmp_path_factory.mktemp(f"init_{model}")
+            run_stage(out, [f"model={model}", "trainer.max_steps=0"])
+            cache[model] = load_hf(out / "hf")
+        return cache[model]
+
+    return get
