@@ -29,9 +29,17 @@ def run_stage(tmp: Path, overrides: list[str]) -> dict:
     return run_config(compose(["logger=none", f"output_dir={tmp}", *overrides]))
 
 
-def cli(args: list[str], cwd=REPO, timeout=600, launcher=None, **kw) -> subprocess.CompletedProcess:
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env() -> dict:
+    """This process's environment without the rendezvous variables its in-process runs set."""
+    return {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+
+
+def cli(args: list[str], cwd=REPO, timeout=600, launcher=None) -> subprocess.CompletedProcess:
     cmd = (launcher or [sys.executable, "-m"]) + ["training.train", *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=clean_env())
 
 
 def load_hf(path: Path) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,16 +80,68 @@ def _full_state_dict(engine, zero_stage: int) -> dict:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+class _StopOnSignal:
+    """SIGTERM/SIGUSR1 (preemption, SLURM's --signal) ask for a checkpoint at the end of the current step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+@dataclass
+class Run:
+    """Everything one stage run holds after set-up."""
+
+    job: JobConfig
+    out: Path
+    rank: int
+    world: int
+    bundle: models.Bundle
+    loader: IndexedLoader
+    objective: object
+    engine: object = None
+    ckpt: Checkpointer | None = None
+    metrics: Metrics | None = None
+    start: int = 0
+
+
 def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | None:
     out = Path(job.output_dir)
     if (out / "DONE").is_file():
         log.info("%s/DONE exists: this stage already finished; nothing to do", out)
         return json.loads((out / "DONE").read_text())
+    r = _setup(job, resolved_yaml, out, rank, world)
+    if job.trainer.max_steps == 0:  # export the starting weights unchanged; no engine needed
+        if rank == 0:
+            models.export_hf(r.bundle, r.bundle.model.state_dict(), out / "hf")
+        return _finish(out, rank, {"steps": 0, "final_loss": None})
+    _start_engine(r, resolved_yaml)
+    with _StopOnSignal() as stop:
+        summary = _train(r, stop)
+    r.metrics.close()
+    if summary.get("interrupted"):
+        return summary
+    state_dict = _full_state_dict(r.engine, job.engine.zero_stage)
+    if rank == 0:
+        models.export_hf(r.bundle, state_dict, out / "hf")
+    return _finish(out, rank, summary)
+
+
+def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int) -> Run:
     tr, stage = job.trainer, job.stage
     torch.manual_seed(tr.seed + rank)
     bundle = models.build(job.model)
-    groups = models.param_groups(bundle.model, bundle.family)
-    models.apply_trainable(bundle.model, groups, stage.trainable)
+    models.apply_trainable(bundle.model, models.param_groups(bundle.model, bundle.family), stage.trainable)
     objective = build_objective(stage.objective, stage.loss_reduction)  # fails before any compute
     layout = Layout(rank=rank, world=world, micro_batch=tr.micro_batch_size, grad_accum=tr.grad_accum,
                     seq_len=stage.seq_len)
@@ -97,41 +150,45 @@ def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | Non
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(resolved_yaml)
-    if tr.max_steps == 0:  # export the starting weights unchanged; no engine needed
-        if rank == 0:
-            models.export_hf(bundle, bundle.model.state_dict(), out / "hf")
-        return _finish(out, rank, {"steps": 0, "final_loss": None})
+    return Run(job, out, rank, world, bundle, loader, objective)
 
-    engine, ds_cfg = initialize(bundle.model, groups, stage, job.engine, tr.micro_batch_size, tr.grad_accum,
-                                world, tr.max_steps)
-    ckpt = Checkpointer(out / "checkpoints", rank, tr.keep_checkpoints)
-    metrics = Metrics(job.logger, out, rank, tr.max_steps, config={"yaml": resolved_yaml})
-    start = 0
-    tag = ckpt.latest_tag()
+
+def _start_engine(r: Run, resolved_yaml: str) -> None:
+    """DeepSpeed engine, metrics sinks, and the state of the latest checkpoint if there is one."""
+    job, tr = r.job, r.job.trainer
+    groups = models.param_groups(r.bundle.model, r.bundle.family)
+    r.engine, _ = initialize(r.bundle.model, groups, job.stage, job.engine, tr.micro_batch_size, tr.grad_accum,
+                             r.world, tr.max_steps)
+    r.ckpt = Checkpointer(r.out / "checkpoints", r.rank, tr.keep_checkpoints)
+    r.metrics = Metrics(job.logger, r.out, r.rank, tr.max_steps, config={"yaml": resolved_yaml})
+    tag = r.ckpt.latest_tag()
     if tag is not None:
-        state = ckpt.load(engine, tag)
-        start = state["step"]
-        loader.load_state_dict(state["data"])
-        metrics.truncate_after(start)
-        log.info("resumed from %s at step %d", out / "checkpoints" / tag, start)
+        state = r.ckpt.load(r.engine, tag)
+        r.start = state["step"]
+        r.loader.load_state_dict(state["data"])
+        r.metrics.truncate_after(r.start)
+        log.info("resumed from %s at step %d", r.out / "checkpoints" / tag, r.start)
 
-    loss = None
-    tokens_seen = 0.0
-    for step in range(start, tr.max_steps):
+
+def _train(r: Run, stop: _StopOnSignal) -> dict:
+    """The loop: micro-batches of a step, global weight sum, forward/backward, step, metrics, checkpoint."""
+    tr, stage, engine, world = r.job.trainer, r.job.stage, r.engine, r.world
+    loss, tokens_seen = None, 0.0
+    for step in range(r.start, tr.max_steps):
         t0 = time.time()
         # learning rates this step uses; "lr" is the stage's base lr (group lr / its multiplier)
         lrs = {f"lr/{g['name']}": g["lr"] for g in engine.optimizer.param_groups}
         g0 = engine.optimizer.param_groups[0]
         base_lr = g0["lr"] / float(stage.lr_mult.get(g0["group"], 1.0))
-        micro = loader.next_step()
+        micro = r.loader.next_step()
         for mb in micro:
-            mb["weights"] = objective.weights(mb)
+            mb["weights"] = r.objective.weights(mb)
         t_data = time.time() - t0
         # the global weight sum over all ranks and micro-batches: the gradient is then split-independent
         (weight_sum,) = _sum([float(sum(mb["weights"].sum() for mb in micro))])
         loss_sum, per_source = 0.0, {}
         for mb in micro:
-            ls, stats = objective.loss_sum(engine, _to(mb, engine.device))
+            ls, stats = r.objective.loss_sum(engine, _to(mb, engine.device))
             # DeepSpeed averages gradients over ranks: scale by world so the reduced gradient is the sum
             engine.backward(ls * (world / weight_sum), scale_wrt_gas=False)
             engine.step()
@@ -141,7 +198,8 @@ def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | Non
                 acc[0], acc[1] = acc[0] + s, acc[1] + n
         tok = sum(float(mb["attention_mask"].sum()) for mb in micro)
         sup = sum(float((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
-        loss_sum, tok, sup = _sum([loss_sum, tok, sup])
+        # the stop flag rides on this all-reduce, so every rank sees a signal any rank got
+        loss_sum, tok, sup, stopping = _sum([loss_sum, tok, sup, float(stop.signum is not None)])
         loss = loss_sum / weight_sum
         tokens_seen += tok
         dt = time.time() - t0
@@ -150,14 +208,14 @@ def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | Non
                "data_wait_frac": t_data / dt, "grad_norm": float(engine.get_global_grad_norm() or 0.0)}
         row.update(lrs)
         row.update(_gather_sources(per_source))
-        metrics.log(row, start)
-        if (tr.save_every and (step + 1) % tr.save_every == 0) or step + 1 == tr.max_steps:
-            ckpt.save(engine, step + 1, {"step": step + 1, "data": loader.state_dict()})
-    metrics.close()
-    state_dict = _full_state_dict(engine, job.engine.zero_stage)
-    if rank == 0:
-        models.export_hf(bundle, state_dict, out / "hf")
-    return _finish(out, rank, {"steps": tr.max_steps, "final_loss": loss, "tokens": tokens_seen})
+        r.metrics.log(row, r.start)
+        if (tr.save_every and (step + 1) % tr.save_every == 0) or step + 1 == tr.max_steps or stopping:
+            r.ckpt.save(engine, step + 1, {"step": step + 1, "data": r.loader.state_dict()})
+        if stopping:
+            log.warning("stopping on a signal: checkpoint written at step %d; re-run the same command to resume",
+                        step + 1)
+            return {"interrupted": True, "step": step + 1}
+    return {"steps": tr.max_steps, "final_loss": loss, "tokens": tokens_seen}
 
 
 def _finish(out: Path, rank: int, summary: dict) -> dict:

@@ -72,10 +72,12 @@ def run_config(cfg: DictConfig) -> dict | None:
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
-        run_config(cfg)
+        summary = run_config(cfg)
     except (ValueError, NotImplementedError) as e:
         log.error("%s", e)
         sys.exit(2)
+    if summary and summary.get("interrupted"):
+        sys.exit(143)  # checkpointed on a signal, not done: launchers requeue or re-run
 
 
 if __name__ == "__main__":

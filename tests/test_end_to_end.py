@@ -1,0 +1,151 @@
+"""Whole stages through the real CLI, DeepSpeed on CPU, torchrun with 2 gloo ranks, kill + resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, clean_env, cli, load_hf, run_stage
+from training.models import ModelConfig, build
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_complete_run(out: Path, steps: int):
+    for name in ("config.yaml", "metrics.jsonl", "checkpoints/latest", "hf/config.json", "hf/model.safetensors",
+                 "hf/tokenizer.json", "hf/preprocessor_config.json", "DONE"):
+        assert (out / name).exists(), name
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for key in ("loss", "lr", "tokens", "tokens_per_s"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{steps:08d}" and (out / "checkpoints" / latest).is_dir()
+    # DONE is written last of all
+    done_t = (out / "DONE").stat().st_mtime
+    assert all(p.stat().st_mtime <= done_t for p in out.rglob("*") if p.is_file())
+    return rows
+
+
+def test_cli_stage_trains_writes_outputs_and_export_loads_unchanged(tmp_path):
+    out = tmp_path / "run"
+    r = cli(["stage=s1_multimodal", "model=tiny_qwen3_vl", "data=shapes", "engine=zero2", "trainer.max_steps=20",
+             f"output_dir={out}", "logger=none"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _assert_complete_run(out, 20)
+    assert sum(r["loss"] for r in rows[-5:]) / 5 < rows[0]["loss"] - 0.5  # it learns
+    assert "step 20/20" in (out / "train.log").read_text()  # the console progress line
+    summary = json.loads((out / "DONE").read_text())
+    assert summary["steps"] == 20 and abs(summary["final_loss"] - rows[-1]["loss"]) < 1e-12
+    # the export loads with plain transformers and is the trained model, not the initial one
+    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(out / "hf")
+    init = build(ModelConfig()).model.state_dict()
+    assert any(not torch.equal(v, init[k]) for k, v in model.state_dict().items())
+    assert AutoTokenizer.from_pretrained(out / "hf").chat_template
+
+
+@pytest.mark.parametrize("engine", ["zero1", "zero3"])
+def test_other_zero_stages_train_and_export_full_weights(engine, tmp_path):
+    run_stage(tmp_path, [f"engine={engine}", "trainer.max_steps=3", "model=tiny_qwen2_5_vl"])
+    _assert_complete_run(tmp_path, 3)
+    w = load_hf(tmp_path / "hf")
+    init = dict(build(ModelConfig(family="qwen2_5_vl")).model.named_parameters())
+    assert all(w[k].shape == init[k].shape for k in init)  # ZeRO-3 shards gathered, not empty [0] tensors
+    assert any(not torch.equal(w[k], init[k]) for k in init)
+
+
+def test_max_steps_zero_exports_the_initial_model_unchanged(tmp_path):
+    run_stage(tmp_path, ["trainer.max_steps=0", "model=tiny_qwen2_vl"])
+    assert (tmp_path / "DONE").is_file() and (tmp_path / "config.yaml").is_file()
+    w = load_hf(tmp_path / "hf")
+    init = dict(build(ModelConfig(family="qwen2_vl")).model.named_parameters())
+    assert w.keys() == init.keys() and all(torch.equal(w[k], init[k]) for k in init)
+
+
+def test_a_finished_stage_is_not_run_again(tmp_path):
+    run_stage(tmp_path, ["trainer.max_steps=1"])
+    before = (tmp_path / "metrics.jsonl").read_text()
+    summary = run_stage(tmp_path, ["trainer.max_steps=1"])
+    assert summary["steps"] == 1 and (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_torchrun_two_ranks_matches_one_rank_with_the_same_global_batch(tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    args = ["trainer.max_steps=4", "logger=none", "engine=zero2"]
+    r = cli(args + [f"output_dir={two}", "trainer.micro_batch_size=2"],
+            launcher=["torchrun", "--standalone", "--nproc-per-node", "2", "-m"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_complete_run(two, 4)
+    assert {p.name for p in (two / "checkpoints" / "step_00000004").glob("trainer_rank*.json")} == {
+        "trainer_rank0.json", "trainer_rank1.json"}
+    run_stage(one, args + ["trainer.micro_batch_size=4"])
+    l2, l1 = [r["loss"] for r in _rows(two)], [r["loss"] for r in _rows(one)]
+    assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5, (l1, l2)
+
+
+def test_killed_run_resumes_from_latest_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "training.train", "trainer.max_steps=60", "trainer.save_every=5",
+            "trainer.keep_checkpoints=100", f"output_dir={out}", "logger=none", "model=tiny_qwen2_vl"]
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "DONE").exists(), "run finished before it could be killed"
+    saved = int(latest.read_text().strip().split("_")[1])
+    killed_rows = len(_rows(out))
+    assert saved >= 5 and killed_rows >= saved
+
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=clean_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {saved}" in r.stderr + (out / "train.log").read_text()
+    rows = _assert_complete_run(out, 60)  # steps logged after the checkpoint by the killed run were dropped
+    # the resumed run continues the same trajectory as an uninterrupted one
+    ref = tmp_path / "ref"
+    run_stage(ref, ["trainer.max_steps=60", "trainer.save_every=0", "model=tiny_qwen2_vl"])
+    ref_rows = _rows(ref)
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(rows, ref_rows)) < 1e-6
+
+
+def test_wandb_logs_offline_under_the_output_dir(tmp_path):
+    run_stage(tmp_path, ["logger=wandb", "trainer.max_steps=2"])
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "training.train", "trainer.max_steps=100000", "trainer.save_every=0",
+            f"output_dir={out}", "logger=none", "model=tiny_qwen2_vl"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=clean_env())
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert not (out / "DONE").exists()
+    steps = [r["step"] for r in _rows(out)]
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{steps[-1]:08d}"
+    r = cli([a for a in args[3:] if not a.startswith("trainer.max_steps")] + [f"trainer.max_steps={steps[-1] + 2}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["step"] for x in _rows(out)] == list(range(1, steps[-1] + 3))
