@@ -67,10 +67,13 @@ def sample(cfg: ShapesConfig, index: int) -> tuple[dict, dict]:
                f"shape{'s' if len(objects) > 1 else ''}."
         record = {"content": [{"type": "image", "image": "0.png"}, {"type": "text", "text": text}]}
     elif task == "vqa":
-        colour, shape, _ = rng.choice(objects)
-        if rng.random() < 0.5:
+        # ask for a colour only of a shape kind that occurs once, so every question has one right answer
+        kinds = [s for _, s, _ in objects]
+        unique = [(c, s) for c, s, _ in objects if kinds.count(s) == 1]
+        if not unique or rng.random() < 0.5:
             q, a = "How many shapes are there?", str(len(objects))
         else:
+            colour, shape = rng.choice(unique)
             q, a = f"What colour is the {shape}?", colour
         record = {"messages": [
             {"role": "user", "content": [{"type": "image", "image": "0.png"}, {"type": "text", "text": q}]},

@@ -149,3 +149,20 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes(tmp_path):
     r = cli([a for a in args[3:] if not a.startswith("trainer.max_steps")] + [f"trainer.max_steps={steps[-1] + 2}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert [x["step"] for x in _rows(out)] == list(range(1, steps[-1] + 3))
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_resume_reads_checkpoints_without_pickle(engine, tmp_path, monkeypatch):
+    run_stage(tmp_path, [f"engine={engine}", "trainer.max_steps=2", "trainer.save_every=1"])
+    (tmp_path / "DONE").unlink()  # pretend the run died after its last checkpoint
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    summary = run_stage(tmp_path, [f"engine={engine}", "trainer.max_steps=3", "trainer.save_every=1"])
+    assert summary["steps"] == 3 and [r["step"] for r in _rows(tmp_path)] == [1, 2, 3]
+    assert calls and all(w is True for w in calls), calls

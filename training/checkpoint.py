@@ -3,7 +3,8 @@
 Layout: checkpoints/step_00000010/{DeepSpeed files, trainer_rank{r}.json, rng_rank{r}.safetensors} and
 checkpoints/latest naming the newest complete one. `latest` is replaced (tmp + rename) by rank 0 only
 after every rank has finished writing, so a crash mid-save leaves the previous checkpoint in charge.
-Our own state is JSON and safetensors: nothing of ours is unpickled on resume.
+Our own state is JSON and safetensors; DeepSpeed's .pt shards are read with torch.load(weights_only=True)
+and an allow-list of the few DeepSpeed classes they contain, so resuming never runs arbitrary pickle code.
 """
 from __future__ import annotations
 
@@ -16,6 +17,20 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+
+def _safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def _weights_only_load(path: str, map_location=None):
+    """Replaces DeepSpeed's checkpoint-engine load, which uses torch.load(weights_only=False)."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _tag(step: int) -> str:
@@ -59,6 +74,7 @@ class Checkpointer:
 
     def load(self, engine, tag: str) -> dict:
         """Restores engine state and this rank's RNG; returns this rank's trainer state."""
+        engine.checkpoint_engine.load = _weights_only_load
         path, _ = engine.load_checkpoint(str(self.root), tag=tag)
         if path is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {self.root / tag}")
