@@ -77,3 +77,12 @@ def test_cfg_job_prints_the_resolved_config():
     r = cli(["--cfg", "job", "stage=sft", "model=tiny_qwen2_5_vl", "output_dir=/x/y"])
     assert r.returncode == 0, r.stderr
     assert "name: sft" in r.stdout and "family: qwen2_5_vl" in r.stdout and "output_dir: /x/y" in r.stdout
+
+
+@pytest.mark.parametrize("override, key", [("trainer.micro_batch_size=0", "micro_batch_size"),
+                                           ("trainer.grad_accum=0", "grad_accum"),
+                                           ("trainer.max_steps=-1", "max_steps")])
+def test_impossible_trainer_settings_fail_before_any_work(override, key, tmp_path):
+    r = cli([override, f"output_dir={tmp_path}", "logger=none"])
+    assert r.returncode == 2 and f"trainer.{key}=" in r.stderr + r.stdout
+    assert not (tmp_path / "config.yaml").exists()

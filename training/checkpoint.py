@@ -28,7 +28,7 @@ def _safe_globals() -> list:
 
 
 def _weights_only_load(path: str, map_location=None):
-    """Replaces DeepSpeed's checkpoint-engine load, which uses torch.load(weights_only=False)."""
+    """Replaces DeepSpeed's checkpoint-engine load, which would unpickle arbitrary objects."""
     with torch.serialization.safe_globals(_safe_globals()):
         return torch.load(path, map_location=map_location, weights_only=True)
 

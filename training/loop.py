@@ -5,6 +5,7 @@ import json
 import logging
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,24 +45,31 @@ class JobConfig:
     output_dir: str = "runs/default"
 
 
-def _sum(values: list[float]) -> list[float]:
+def _sum(values: list[float], device) -> list[float]:
     """All-reduce (sum) a few floats in float64 so the logged totals do not depend on the world size."""
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
 
 
+def _add_sources(into: dict, part: dict) -> dict:
+    """Adds {source: [ce_sum, tokens]} of `part` into `into`."""
+    for k, (s, n) in part.items():
+        acc = into.setdefault(k, [0.0, 0.0])
+        acc[0], acc[1] = acc[0] + s, acc[1] + n
+    return into
+
+
 def _gather_sources(per_source: dict) -> dict:
+    """Per-source token-mean CE over all ranks (the sources seen may differ between ranks)."""
     parts = [per_source]
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, per_source)
     total: dict = {}
     for part in parts:
-        for k, (s, n) in part.items():
-            t = total.setdefault(k, [0.0, 0.0])
-            t[0], t[1] = t[0] + s, t[1] + n
+        _add_sources(total, part)
     return {f"loss/{k}": s / n for k, (s, n) in sorted(total.items()) if n > 0}
 
 
@@ -71,12 +79,12 @@ def _to(batch: dict, device) -> dict:
 
 def _full_state_dict(engine, zero_stage: int) -> dict:
     """Full weights on every rank; under ZeRO-3 the shards are gathered first."""
-    module = engine.module
-    if zero_stage < 3:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+    module = engine.module
+    gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+              if zero_stage == 3 else nullcontext())
+    with gather:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
@@ -139,6 +147,11 @@ def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | Non
 
 def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int) -> Run:
     tr, stage = job.trainer, job.stage
+    for key in ("micro_batch_size", "grad_accum"):
+        if getattr(tr, key) < 1:
+            raise ValueError(f"trainer.{key}={getattr(tr, key)} must be at least 1")
+    if tr.max_steps < 0:
+        raise ValueError(f"trainer.max_steps={tr.max_steps} must be >= 0 (0 exports the starting model)")
     torch.manual_seed(tr.seed + rank)
     bundle = models.build(job.model)
     models.apply_trainable(bundle.model, models.param_groups(bundle.model, bundle.family), stage.trainable)
@@ -185,7 +198,7 @@ def _train(r: Run, stop: _StopOnSignal) -> dict:
             mb["weights"] = r.objective.weights(mb)
         t_data = time.time() - t0
         # the global weight sum over all ranks and micro-batches: the gradient is then split-independent
-        (weight_sum,) = _sum([float(sum(mb["weights"].sum() for mb in micro))])
+        (weight_sum,) = _sum([float(sum(mb["weights"].sum() for mb in micro))], engine.device)
         loss_sum, per_source = 0.0, {}
         for mb in micro:
             ls, stats = r.objective.loss_sum(engine, _to(mb, engine.device))
@@ -193,13 +206,11 @@ def _train(r: Run, stop: _StopOnSignal) -> dict:
             engine.backward(ls * (world / weight_sum), scale_wrt_gas=False)
             engine.step()
             loss_sum += float(ls.detach())
-            for k, (s, n) in stats["per_source"].items():
-                acc = per_source.setdefault(k, [0.0, 0.0])
-                acc[0], acc[1] = acc[0] + s, acc[1] + n
+            _add_sources(per_source, stats["per_source"])
         tok = sum(float(mb["attention_mask"].sum()) for mb in micro)
         sup = sum(float((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
         # the stop flag rides on this all-reduce, so every rank sees a signal any rank got
-        loss_sum, tok, sup, stopping = _sum([loss_sum, tok, sup, float(stop.signum is not None)])
+        loss_sum, tok, sup, stopping = _sum([loss_sum, tok, sup, float(stop.signum is not None)], engine.device)
         loss = loss_sum / weight_sum
         tokens_seen += tok
         dt = time.time() - t0
