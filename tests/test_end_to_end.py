@@ -166,3 +166,20 @@ def test_resume_reads_checkpoints_without_pickle(engine, tmp_path, monkeypatch):
     summary = run_stage(tmp_path, [f"engine={engine}", "trainer.max_steps=3", "trainer.save_every=1"])
     assert summary["steps"] == 3 and [r["step"] for r in _rows(tmp_path)] == [1, 2, 3]
     assert calls and all(w is True for w in calls), calls
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_in_charge(tmp_path):
+    run_stage(tmp_path, ["trainer.max_steps=2", "trainer.save_every=1"])
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000001", "step_00000002"]
+    # what a crash in the middle of saving step 3 leaves behind: a partial .tmp directory
+    (tmp_path / "DONE").unlink()
+    partial = ckpts / "step_00000003.tmp"
+    partial.mkdir()
+    (partial / "trainer_rank0.json").write_text("{trunc")
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    summary = run_stage(tmp_path, ["trainer.max_steps=4", "trainer.save_every=1"])
+    assert summary["steps"] == 4 and [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]
+    assert (ckpts / "latest").read_text().strip() == "step_00000004"
+    assert not list(ckpts.glob("*.tmp")) and (ckpts / "step_00000003" / "trainer_rank0.json").is_file()
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000003", "step_00000004"]  # keep 2

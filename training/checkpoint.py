@@ -1,8 +1,9 @@
 """Resumable checkpoints: DeepSpeed's model/optimizer/scheduler shards plus our per-rank trainer state.
 
 Layout: checkpoints/step_00000010/{DeepSpeed files, trainer_rank{r}.json, rng_rank{r}.safetensors} and
-checkpoints/latest naming the newest complete one. `latest` is replaced (tmp + rename) by rank 0 only
-after every rank has finished writing, so a crash mid-save leaves the previous checkpoint in charge.
+checkpoints/latest naming the newest complete one. Every rank writes into step_XXXXXXXX.tmp; after all
+ranks finished, rank 0 renames it to step_XXXXXXXX and then replaces `latest` (tmp + rename), so a crash
+mid-save leaves only a .tmp directory behind and the previous checkpoint in charge.
 Our own state is JSON and safetensors; DeepSpeed's .pt shards are read with torch.load(weights_only=True)
 and an allow-list of the few DeepSpeed classes they contain, so resuming never runs arbitrary pickle code.
 """
@@ -53,21 +54,33 @@ class Checkpointer:
 
     def save(self, engine, step: int, trainer_state: dict) -> Path:
         tag = _tag(step)
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
-        d = self.root / tag
-        (d / f"trainer_rank{self.rank}.json").write_text(json.dumps(trainer_state, indent=1))
-        save_file({"torch": torch.get_rng_state()}, str(d / f"rng_rank{self.rank}.safetensors"))
-        if dist.is_initialized():
-            dist.barrier()
+        work = self.root / f"{tag}.tmp"
+        if self.rank == 0 and work.exists():  # left by a crash during an earlier save of this step
+            shutil.rmtree(work)
+        self._barrier()
+        engine.save_checkpoint(str(self.root), tag=work.name, save_latest=False)
+        (work / f"trainer_rank{self.rank}.json").write_text(json.dumps(trainer_state, indent=1))
+        save_file({"torch": torch.get_rng_state()}, str(work / f"rng_rank{self.rank}.safetensors"))
+        self._barrier()
+        final = self.root / tag
         if self.rank == 0:
+            if final.exists():  # renamed by a run that crashed before moving `latest`: never the latest
+                shutil.rmtree(final)
+            os.replace(work, final)
             tmp = self.root / "latest.tmp"
             tmp.write_text(tag + "\n")
             os.replace(tmp, self.root / "latest")
             self._prune(tag)
-        return d
+        self._barrier()
+        return final
+
+    @staticmethod
+    def _barrier() -> None:
+        if dist.is_initialized():
+            dist.barrier()
 
     def _prune(self, newest: str) -> None:
-        tags = sorted(p.name for p in self.root.glob("step_*") if p.is_dir())
+        tags = sorted(p.name for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in tags[: max(0, len(tags) - self.keep)]:
             if old != newest:
                 shutil.rmtree(self.root / old, ignore_errors=True)
