@@ -77,13 +77,13 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _full_state_dict(engine, zero_stage: int) -> dict:
-    """Full weights on every rank; under ZeRO-3 the shards are gathered first."""
+def _full_state_dict(engine) -> dict:
+    """Full weights on every rank; partitioned (ZeRO-3) weights are gathered first."""
     import deepspeed
 
     module = engine.module
     gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-              if zero_stage == 3 else nullcontext())
+              if engine.zero_optimization_partition_weights() else nullcontext())
     with gather:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
@@ -139,7 +139,7 @@ def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | Non
     r.metrics.close()
     if summary.get("interrupted"):
         return summary
-    state_dict = _full_state_dict(r.engine, job.engine.zero_stage)
+    state_dict = _full_state_dict(r.engine)
     if rank == 0:
         models.export_hf(r.bundle, state_dict, out / "hf")
     return _finish(out, rank, summary)
