@@ -42,6 +42,13 @@ def cli(args: list[str], cwd=REPO, timeout=600, launcher=None) -> subprocess.Com
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=clean_env())
 
 
+def metrics_rows(out: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    import json
+
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
 def load_hf(path: Path) -> dict:
     """The exported weights as transformers loads them (keyed by module parameter names)."""
     import json

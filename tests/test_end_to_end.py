@@ -10,21 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, clean_env, cli, load_hf, run_stage
+from conftest import REPO, clean_env, cli, load_hf, metrics_rows, run_stage
 from training.models import ModelConfig, build
 
 pytestmark = pytest.mark.slow
-
-
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _assert_complete_run(out: Path, steps: int):
     for name in ("config.yaml", "metrics.jsonl", "checkpoints/latest", "hf/config.json", "hf/model.safetensors",
                  "hf/tokenizer.json", "hf/preprocessor_config.json", "DONE"):
         assert (out / name).exists(), name
-    rows = _rows(out)
+    rows = metrics_rows(out)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for key in ("loss", "lr", "tokens", "tokens_per_s"):
         assert all(isinstance(r[key], float) for r in rows), key
@@ -90,7 +86,7 @@ def test_torchrun_two_ranks_matches_one_rank_with_the_same_global_batch(tmp_path
     assert {p.name for p in (two / "checkpoints" / "step_00000004").glob("trainer_rank*.json")} == {
         "trainer_rank0.json", "trainer_rank1.json"}
     run_stage(one, args + ["trainer.micro_batch_size=4"])
-    l2, l1 = [r["loss"] for r in _rows(two)], [r["loss"] for r in _rows(one)]
+    l2, l1 = [r["loss"] for r in metrics_rows(two)], [r["loss"] for r in metrics_rows(one)]
     assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5, (l1, l2)
 
 
@@ -109,7 +105,7 @@ def test_killed_run_resumes_from_latest_checkpoint(tmp_path):
     proc.wait()
     assert not (out / "DONE").exists(), "run finished before it could be killed"
     saved = int(latest.read_text().strip().split("_")[1])
-    killed_rows = len(_rows(out))
+    killed_rows = len(metrics_rows(out))
     assert saved >= 5 and killed_rows >= saved
 
     r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=clean_env())
@@ -119,7 +115,7 @@ def test_killed_run_resumes_from_latest_checkpoint(tmp_path):
     # the resumed run continues the same trajectory as an uninterrupted one
     ref = tmp_path / "ref"
     run_stage(ref, ["trainer.max_steps=60", "trainer.save_every=0", "model=tiny_qwen2_vl"])
-    ref_rows = _rows(ref)
+    ref_rows = metrics_rows(ref)
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(rows, ref_rows)) < 1e-6
 
 
@@ -144,11 +140,11 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-3000:]
     assert not (out / "DONE").exists()
-    steps = [r["step"] for r in _rows(out)]
+    steps = [r["step"] for r in metrics_rows(out)]
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{steps[-1]:08d}"
     r = cli([a for a in args[3:] if not a.startswith("trainer.max_steps")] + [f"trainer.max_steps={steps[-1] + 2}"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert [x["step"] for x in _rows(out)] == list(range(1, steps[-1] + 3))
+    assert [x["step"] for x in metrics_rows(out)] == list(range(1, steps[-1] + 3))
 
 
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
@@ -164,7 +160,7 @@ def test_resume_reads_checkpoints_without_pickle(engine, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "load", spy)
     summary = run_stage(tmp_path, [f"engine={engine}", "trainer.max_steps=3", "trainer.save_every=1"])
-    assert summary["steps"] == 3 and [r["step"] for r in _rows(tmp_path)] == [1, 2, 3]
+    assert summary["steps"] == 3 and [r["step"] for r in metrics_rows(tmp_path)] == [1, 2, 3]
     assert calls and all(w is True for w in calls), calls
 
 
@@ -179,7 +175,7 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_in_charge(tmp_path
     (partial / "trainer_rank0.json").write_text("{trunc")
     assert (ckpts / "latest").read_text().strip() == "step_00000002"
     summary = run_stage(tmp_path, ["trainer.max_steps=4", "trainer.save_every=1"])
-    assert summary["steps"] == 4 and [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]
+    assert summary["steps"] == 4 and [r["step"] for r in metrics_rows(tmp_path)] == [1, 2, 3, 4]
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
     assert not list(ckpts.glob("*.tmp")) and (ckpts / "step_00000003" / "trainer_rank0.json").is_file()
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000003", "step_00000004"]  # keep 2

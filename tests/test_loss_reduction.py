@@ -1,11 +1,9 @@
 """Loss reductions: per-token weights follow the definitions, and the trained weights do not depend on how the
 global batch is split into micro-batches and accumulation steps (2-rank splits: test_end_to_end)."""
-import json
-
 import pytest
 import torch
 
-from conftest import load_hf, run_stage
+from conftest import load_hf, metrics_rows, run_stage
 from data.encode import IGNORE
 from stages.lm import token_weights
 
@@ -39,7 +37,7 @@ def test_micro_batch_and_accumulation_split_does_not_change_training(reduction, 
         out = tmp_path / f"{mbs}x{ga}"
         run_stage(out, [f"stage.loss_reduction={reduction}", "trainer.max_steps=3", "trainer.save_every=0",
                         f"trainer.micro_batch_size={mbs}", f"trainer.grad_accum={ga}", "model=tiny_qwen2_5_vl"])
-        losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+        losses = [row["loss"] for row in metrics_rows(out)]
         runs[(mbs, ga)] = (losses, load_hf(out / "hf"))
     ref_losses, ref_w = runs[(4, 1)]
     for key, (losses, w) in runs.items():

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.encode import Encoder
+from data.encode import IGNORE, Encoder
 from data.loader import IndexedLoader, Layout
 from data.shapes import ShapesConfig
 from stages import StageConfig, build_objective
@@ -53,12 +53,11 @@ def _sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def _add_sources(into: dict, part: dict) -> dict:
+def _add_sources(into: dict, part: dict) -> None:
     """Adds {source: [ce_sum, tokens]} of `part` into `into`."""
     for k, (s, n) in part.items():
         acc = into.setdefault(k, [0.0, 0.0])
         acc[0], acc[1] = acc[0] + s, acc[1] + n
-    return into
 
 
 def _gather_sources(per_source: dict) -> dict:
@@ -115,6 +114,7 @@ class Run:
     rank: int
     world: int
     bundle: models.Bundle
+    groups: dict  # parameter names per group (vision, merger, llm)
     loader: IndexedLoader
     objective: object
     engine: object = None
@@ -154,7 +154,8 @@ def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int)
         raise ValueError(f"trainer.max_steps={tr.max_steps} must be >= 0 (0 exports the starting model)")
     torch.manual_seed(tr.seed + rank)
     bundle = models.build(job.model)
-    models.apply_trainable(bundle.model, models.param_groups(bundle.model, bundle.family), stage.trainable)
+    groups = models.param_groups(bundle.model, bundle.family)
+    models.apply_trainable(bundle.model, groups, stage.trainable)
     objective = build_objective(stage.objective, stage.loss_reduction)  # fails before any compute
     layout = Layout(rank=rank, world=world, micro_batch=tr.micro_batch_size, grad_accum=tr.grad_accum,
                     seq_len=stage.seq_len)
@@ -163,14 +164,13 @@ def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(resolved_yaml)
-    return Run(job, out, rank, world, bundle, loader, objective)
+    return Run(job, out, rank, world, bundle, groups, loader, objective)
 
 
 def _start_engine(r: Run, resolved_yaml: str) -> None:
     """DeepSpeed engine, metrics sinks, and the state of the latest checkpoint if there is one."""
     job, tr = r.job, r.job.trainer
-    groups = models.param_groups(r.bundle.model, r.bundle.family)
-    r.engine, _ = initialize(r.bundle.model, groups, job.stage, job.engine, tr.micro_batch_size, tr.grad_accum,
+    r.engine, _ = initialize(r.bundle.model, r.groups, job.stage, job.engine, tr.micro_batch_size, tr.grad_accum,
                              r.world, tr.max_steps)
     r.ckpt = Checkpointer(r.out / "checkpoints", r.rank, tr.keep_checkpoints)
     r.metrics = Metrics(job.logger, r.out, r.rank, tr.max_steps, config={"yaml": resolved_yaml})
@@ -208,7 +208,7 @@ def _train(r: Run, stop: _StopOnSignal) -> dict:
             loss_sum += float(ls.detach())
             _add_sources(per_source, stats["per_source"])
         tok = sum(float(mb["attention_mask"].sum()) for mb in micro)
-        sup = sum(float((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
+        sup = sum(float((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
         # the stop flag rides on this all-reduce, so every rank sees a signal any rank got
         loss_sum, tok, sup, stopping = _sum([loss_sum, tok, sup, float(stop.signum is not None)], engine.device)
         loss = loss_sum / weight_sum
