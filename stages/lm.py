@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from data.encode import IGNORE
+from stages import forward
 
 REDUCTIONS = ("token", "sample", "sqrt")
 
@@ -52,21 +53,20 @@ class LMObjective:
 
     def loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Σ w·ℓ over the micro-batch (to be divided by the global weight sum) plus per-source CE sums."""
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
-                                        "mm_token_type_ids") if k in batch}
-        logits = model(**inputs, use_cache=False).logits[:, :-1]
+        logits, zero = forward.logits(model, batch)
         target = batch["labels"][:, 1:]
-        ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
+        ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
                              reduction="none").view_as(target)
-        w = batch["weights"]
-        sup = (target != IGNORE)
-        per_source: dict[str, list[float]] = {}
+        sup = target != IGNORE
+        sid = batch["sample_ids"][:, 1:]
         ce_d = ce.detach()
-        for row, src in enumerate(batch["sources"]):
-            s = per_source.setdefault(src, [0.0, 0.0])
-            s[0] += float(ce_d[row][sup[row]].sum())
-            s[1] += float(sup[row].sum())
-        return (ce * w).sum(), {"per_source": per_source}
+        sums: dict[str, list[float]] = {}
+        for i, src in enumerate(batch["sources"]):  # sample id i comes from source sources[i]
+            m = sup & (sid == i)
+            s = sums.setdefault(f"loss/{src}", [0.0, 0.0])
+            s[0] += float(ce_d[m].sum())
+            s[1] += float(m.sum())
+        return (ce * batch["weights"]).sum() + zero, {"sums": sums}
 
 
 def build(cfg: Config, reduction: str) -> LMObjective:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import time
 from contextlib import nullcontext
@@ -16,7 +17,7 @@ from data.encode import IGNORE, Encoder
 from data.loader import IndexedLoader, Layout
 from data.shapes import ShapesConfig
 from stages import StageConfig, build_objective
-from training import models
+from training import flops, models
 from training.checkpoint import Checkpointer
 from training.engine import EngineConfig, initialize
 from training.metrics import LoggerConfig, Metrics
@@ -32,6 +33,7 @@ class TrainerConfig:
     save_every: int = 10  # also saved at the last step; 0 = only at the last step
     keep_checkpoints: int = 2
     seed: int = 0
+    max_bad_steps: int = 3  # this many non-finite steps in a row abort the run (each one is skipped)
 
 
 @dataclass
@@ -53,23 +55,23 @@ def _sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def _add_sources(into: dict, part: dict) -> None:
-    """Adds {source: [ce_sum, tokens]} of `part` into `into`."""
+def _add_sums(into: dict, part: dict) -> None:
+    """Adds {metric: [sum, count]} of `part` into `into`."""
     for k, (s, n) in part.items():
         acc = into.setdefault(k, [0.0, 0.0])
         acc[0], acc[1] = acc[0] + s, acc[1] + n
 
 
-def _gather_sources(per_source: dict) -> dict:
-    """Per-source token-mean CE over all ranks (the sources seen may differ between ranks)."""
-    parts = [per_source]
+def _gather_sums(sums: dict) -> dict:
+    """sum/count of each objective metric over all ranks (e.g. loss per source; keys may differ by rank)."""
+    parts = [sums]
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, per_source)
+        dist.all_gather_object(parts, sums)
     total: dict = {}
     for part in parts:
-        _add_sources(total, part)
-    return {f"loss/{k}": s / n for k, (s, n) in sorted(total.items()) if n > 0}
+        _add_sums(total, part)
+    return {k: s / n for k, (s, n) in sorted(total.items()) if n > 0}
 
 
 def _to(batch: dict, device) -> dict:
@@ -120,7 +122,10 @@ class Run:
     engine: object = None
     ckpt: Checkpointer | None = None
     metrics: Metrics | None = None
+    flops: object = None  # training.flops.FlopModel
+    peak_flops: float | None = None
     start: int = 0
+    skipped_before: int = 0
 
 
 def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | None:
@@ -174,59 +179,124 @@ def _start_engine(r: Run, resolved_yaml: str) -> None:
                              r.world, tr.max_steps)
     r.ckpt = Checkpointer(r.out / "checkpoints", r.rank, tr.keep_checkpoints)
     r.metrics = Metrics(job.logger, r.out, r.rank, tr.max_steps, config={"yaml": resolved_yaml})
+    r.flops = flops.build(r.bundle.model, job.stage.trainable)
+    r.peak_flops = flops.peak_flops(job.engine.dtype)
+    if hasattr(r.objective, "setup"):  # e.g. DPO's reference model
+        r.objective.setup(r)
     tag = r.ckpt.latest_tag()
     if tag is not None:
         state = r.ckpt.load(r.engine, tag)
-        r.start = state["step"]
+        r.start, r.skipped_before = state["step"], state.get("skipped_steps", 0)
         r.loader.load_state_dict(state["data"])
+        if hasattr(r.objective, "load_state_dict"):
+            r.objective.load_state_dict(state.get("objective", {}))
         r.metrics.truncate_after(r.start)
         log.info("resumed from %s at step %d", r.out / "checkpoints" / tag, r.start)
 
 
 def _train(r: Run, stop: _StopOnSignal) -> dict:
-    """The loop: micro-batches of a step, global weight sum, forward/backward, step, metrics, checkpoint."""
-    tr, stage, engine, world = r.job.trainer, r.job.stage, r.engine, r.world
-    loss, tokens_seen = None, 0.0
+    """The loop: one optimizer step per iteration, metrics, checkpoints, the bad-step guard."""
+    tr = r.job.trainer
+    loss, tokens_seen, bad_in_row, skipped = None, 0.0, 0, 0
     for step in range(r.start, tr.max_steps):
-        t0 = time.time()
-        # learning rates this step uses; "lr" is the stage's base lr (group lr / its multiplier)
-        lrs = {f"lr/{g['name']}": g["lr"] for g in engine.optimizer.param_groups}
-        g0 = engine.optimizer.param_groups[0]
-        base_lr = g0["lr"] / float(stage.lr_mult.get(g0["group"], 1.0))
-        micro = r.loader.next_step()
-        for mb in micro:
-            mb["weights"] = r.objective.weights(mb)
-        t_data = time.time() - t0
-        # the global weight sum over all ranks and micro-batches: the gradient is then split-independent
-        (weight_sum,) = _sum([float(sum(mb["weights"].sum() for mb in micro))], engine.device)
-        loss_sum, per_source = 0.0, {}
-        for mb in micro:
-            ls, stats = r.objective.loss_sum(engine, _to(mb, engine.device))
-            # DeepSpeed averages gradients over ranks: scale by world so the reduced gradient is the sum
-            engine.backward(ls * (world / weight_sum), scale_wrt_gas=False)
-            engine.step()
-            loss_sum += float(ls.detach())
-            _add_sources(per_source, stats["per_source"])
-        tok = sum(float(mb["attention_mask"].sum()) for mb in micro)
-        sup = sum(float((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
-        # the stop flag rides on this all-reduce, so every rank sees a signal any rank got
-        loss_sum, tok, sup, stopping = _sum([loss_sum, tok, sup, float(stop.signum is not None)], engine.device)
-        loss = loss_sum / weight_sum
-        tokens_seen += tok
-        dt = time.time() - t0
-        row = {"step": step + 1, "loss": loss, "lr": base_lr, "tokens": tok,
-               "supervised_tokens": sup, "tokens_per_s": tok / dt, "step_time_s": dt,
-               "data_wait_frac": t_data / dt, "grad_norm": float(engine.get_global_grad_norm() or 0.0)}
-        row.update(lrs)
-        row.update(_gather_sources(per_source))
+        row, stopping = _step(r, step, stop)
+        tokens_seen += row["tokens"]
+        if row["skipped"]:
+            skipped += 1
+            bad_in_row += 1
+            log.warning("step %d skipped (%s); %d in a row", step + 1, row["skipped"], bad_in_row)
+            if row["skipped"] == "non-finite" and bad_in_row >= tr.max_bad_steps:
+                raise RuntimeError(
+                    f"{bad_in_row} optimizer steps in a row had a non-finite loss or gradient (last: step "
+                    f"{step + 1}); stopping. The last good checkpoint in {r.out / 'checkpoints'} is kept; lower "
+                    f"the learning rate or inspect the data, then re-run (or raise trainer.max_bad_steps)")
+        else:
+            bad_in_row, loss = 0, row["loss"]
+        row["skipped_steps"] = skipped + r.skipped_before
         r.metrics.log(row, r.start)
         if (tr.save_every and (step + 1) % tr.save_every == 0) or step + 1 == tr.max_steps or stopping:
-            r.ckpt.save(engine, step + 1, {"step": step + 1, "data": r.loader.state_dict()})
+            r.ckpt.save(r.engine, step + 1, {"step": step + 1, "data": r.loader.state_dict(),
+                                             "skipped_steps": row["skipped_steps"],
+                                             "objective": _objective_state(r.objective)})
         if stopping:
             log.warning("stopping on a signal: checkpoint written at step %d; re-run the same command to resume",
                         step + 1)
             return {"interrupted": True, "step": step + 1}
-    return {"steps": tr.max_steps, "final_loss": loss, "tokens": tokens_seen}
+    return {"steps": tr.max_steps, "final_loss": loss, "tokens": tokens_seen, "skipped_steps": skipped}
+
+
+def _objective_state(objective) -> dict:
+    return objective.state_dict() if hasattr(objective, "state_dict") else {}
+
+
+def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
+    """One optimizer step: the step's micro-batches, the global weight sum, forward/backward, step."""
+    stage, engine, world, obj = r.job.stage, r.engine, r.world, r.objective
+    t0 = time.time()
+    # learning rates this step uses; "lr" is the stage's base lr (group lr / its multiplier)
+    lrs = {f"lr/{g['name']}": g["lr"] for g in engine.optimizer.param_groups}
+    g0 = engine.optimizer.param_groups[0]
+    base_lr = g0["lr"] / float(stage.lr_mult.get(g0["group"], 1.0))
+    micro = r.loader.next_step()
+    t_data = time.time() - t0
+    if hasattr(obj, "prepare"):  # RL: rollouts replace the prompts
+        micro = obj.prepare(engine, micro)
+    for mb in micro:
+        mb["weights"] = obj.weights(mb)
+    # the global weight sum over all ranks and micro-batches: the gradient is then split-independent
+    (weight_sum,) = _sum([float(sum(mb["weights"].sum() for mb in micro))], engine.device)
+    loss_sum, sums, skipped = 0.0, {}, None
+    skipped_before = engine.skipped_steps
+    if weight_sum > 0:
+        for mb in micro:
+            ls, stats = obj.loss_sum(engine, _to(mb, engine.device))
+            # DeepSpeed averages gradients over ranks: scale by world so the reduced gradient is the sum
+            engine.backward(ls * (world / weight_sum), scale_wrt_gas=False)
+            engine.step()
+            loss_sum += float(ls.detach())
+            _add_sums(sums, stats.get("sums", {}))
+    else:  # every rank sees the same global sum, so every rank skips together; no collective is left half-done
+        skipped = "no supervised tokens in the global batch"
+    tok = sum(float((mb["sample_ids"] >= 0).sum()) for mb in micro)
+    sup = sum(float((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
+    n_samples = sum(len(mb["sources"]) for mb in micro)
+    flops = sum(r.flops.micro_batch(mb) for mb in micro)
+    # the stop flag rides on this all-reduce, so every rank sees a signal any rank got
+    loss_sum, tok, sup, n_samples, flops, stopping = _sum(
+        [loss_sum, tok, sup, n_samples, flops, float(stop.signum is not None)], engine.device)
+    loss = loss_sum / weight_sum if weight_sum > 0 else None
+    if skipped is None and (engine.skipped_steps > skipped_before or not math.isfinite(loss)):
+        if engine.skipped_steps == skipped_before:
+            raise RuntimeError(
+                f"step {step + 1}: non-finite loss but DeepSpeed applied the update (it checks gradients only "
+                f"when clipping is on or in bf16); set stage.optimizer.grad_clip > 0. The last good checkpoint in "
+                f"{r.out / 'checkpoints'} is kept")
+        skipped, loss = "non-finite", None
+    dt = time.time() - t0
+    row = {"step": step + 1, "loss": loss, "lr": base_lr, "tokens": tok, "samples": n_samples,
+           "supervised_tokens": sup, "tokens_per_s": tok / dt, "samples_per_s": n_samples / dt,
+           "step_time_s": dt, "data_wait_frac": t_data / dt, "flops_per_s": flops / world / dt,
+           "grad_norm": _finite_or_none(engine.get_global_grad_norm()) if not skipped else None,
+           "peak_mem_gb": _peak_mem_gb(), "skipped": skipped}
+    if r.peak_flops:
+        row["mfu"] = flops / world / dt / r.peak_flops
+    row.update(lrs)
+    row.update(_gather_sums(sums))
+    return row, bool(stopping)
+
+
+def _finite_or_none(x) -> float | None:
+    x = float(x) if x is not None else None
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _peak_mem_gb() -> float:
+    """Accelerator peak allocated memory, or this process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _finish(out: Path, rank: int, summary: dict) -> dict:
