@@ -1,16 +1,205 @@
-"""The dpo objective: configured and validated here; the loss lands with the preference/RL issue."""
+"""Direct preference optimisation and its variants (sigmoid/cDPO, ipo, hinge, robust, sigmoid_norm, RPO term).
+
+A pair arrives as two samples of one micro-batch (meta kind chosen/rejected, same group, labels on the reply
+only). log π(y|x) is the sum of the reply's token log-probs; ipo and sigmoid_norm divide the log-ratios by the
+reply length, as trl does (and the IPO authors confirmed). Each pair weighs 1: `weights` gives 1 per pair and
+the loop divides the summed pair losses by the pair count of the whole global batch, so the gradient does not
+depend on the split over ranks and micro-batches. The loss formulas live in `pair_losses`, a pure function,
+checked against trl's DPOTrainer in tests/test_dpo.py.
+"""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stages.rollout import per_sample, token_logps
+
+LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
+REFERENCES = ("model", "precomputed")
 
 
 @dataclass
 class Config:
-    pass
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust | sigmoid_norm
+    label_smoothing: float = 0.0  # sigmoid: cDPO; robust: the assumed flip rate; both need [0, 0.5)
+    rpo_alpha: float = 0.0  # > 0 adds alpha * NLL(chosen)/|y_w| per pair (RPO)
+    reference: str = "model"  # model: frozen copy of the starting weights | precomputed: meta["ref_logp"]
+
+    def check(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"stage.objective.loss={self.loss!r} is not a DPO loss; choose one of {list(LOSSES)}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"stage.objective.reference={self.reference!r}; choose one of {list(REFERENCES)}")
+        if self.beta <= 0:
+            raise ValueError(f"stage.objective.beta={self.beta} must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"stage.objective.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):
+            raise ValueError(f"stage.objective.label_smoothing applies to loss sigmoid (cDPO) or robust, "
+                             f"not {self.loss!r}; set it to 0")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"stage.objective.rpo_alpha={self.rpo_alpha} must be >= 0")
 
 
-def build(cfg: Config, reduction: str):
-    raise NotImplementedError(
-        "stage.objective.name=dpo is not implemented yet (it lands with the DPO/SAPO issue). The stage's "
-        "trainable set, optimizer and schedule already work: run it with stage.objective.name=lm to train "
-        "those parameters on a language-modelling loss.")
+def pair_losses(cfg: Config, chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                ref_rejected: torch.Tensor, chosen_len: torch.Tensor, rejected_len: torch.Tensor) -> torch.Tensor:
+    """Per-pair preference loss from summed reply log-probs (policy and reference) and reply lengths."""
+    beta, eps = cfg.beta, cfg.label_smoothing
+    cr, rr = chosen - ref_chosen, rejected - ref_rejected
+    if cfg.loss in ("ipo", "sigmoid_norm"):  # per-token log-ratios
+        delta = cr / chosen_len.clamp(min=1) - rr / rejected_len.clamp(min=1)
+    else:
+        delta = cr - rr
+    if cfg.loss == "sigmoid":  # eps > 0: conservative DPO (labels flipped with probability eps)
+        return -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+    if cfg.loss == "sigmoid_norm":
+        return -F.logsigmoid(beta * delta)
+    if cfg.loss == "hinge":
+        return torch.relu(1 - beta * delta)
+    if cfg.loss == "ipo":
+        return (delta - 1 / (2 * beta)) ** 2
+    # robust DPO: an unbiased estimate of the clean loss under flip rate eps
+    return (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
+
+
+def pairs(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen ids, rejected ids) of the micro-batch's pairs, ordered by group."""
+    meta = batch.get("meta")
+    if meta is None:
+        raise ValueError("the dpo objective needs micro-batches with per-sample `meta` (kind chosen/rejected and "
+                         "group, data/README.md); use a preference data source with the packer's micro-batches")
+    by_group: dict = {}
+    for sid, m in enumerate(meta):
+        if m.get("kind") in ("chosen", "rejected"):
+            by_group.setdefault(m["group"], {})[m["kind"]] = sid
+    bad = [g for g, d in by_group.items() if len(d) != 2]
+    if bad or not by_group:
+        keys = [meta[next(iter(by_group[g].values()))].get("key") for g in bad]
+        raise ValueError(f"dpo micro-batch: samples {keys or '(none)'} lack their chosen/rejected partner; the "
+                         f"packer must keep a preference group in one micro-batch")
+    groups = sorted(by_group)
+    return (torch.tensor([by_group[g]["chosen"] for g in groups]),
+            torch.tensor([by_group[g]["rejected"] for g in groups]))
+
+
+class DPOObjective:
+    def __init__(self, cfg: Config):
+        cfg.check()
+        self.cfg = cfg
+        self.ref = None
+
+    # -- set-up -----------------------------------------------------------------------------------------------
+    def setup(self, run) -> None:
+        """The reference: the starting weights rebuilt from the model config (exact on resume too), frozen,
+        sharded like the policy under ZeRO-3 (a DeepSpeed engine without optimizer), else a plain module."""
+        if self.cfg.reference == "model":
+            self.ref = build_reference(run)
+
+    # -- protocol ---------------------------------------------------------------------------------------------
+    def prepare(self, engine, micro: list[dict]) -> list[dict]:
+        return micro
+
+    def weights(self, batch: dict) -> torch.Tensor:
+        return torch.ones(len(pairs(batch)[0]))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def _ref_logps(self, batch: dict, ids: torch.Tensor) -> torch.Tensor:
+        if self.cfg.reference == "precomputed":
+            missing = [batch["meta"][i].get("key") for i in ids.tolist() if "ref_logp" not in batch["meta"][i]]
+            if missing:
+                raise ValueError(f"stage.objective.reference=precomputed but samples {missing} carry no ref_logp; "
+                                 f"run the reference pass over the data first or use reference=model")
+            return torch.tensor([float(batch["meta"][i]["ref_logp"]) for i in ids.tolist()])
+        if self.ref is None:
+            raise ValueError("the dpo objective has no reference model: the loop must call objective.setup(run) "
+                             "after the engine exists")
+        with torch.no_grad():
+            logps, _ = token_logps(self.ref, batch)
+            return per_sample(logps, batch)[0]
+
+    def loss_sum(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Σ over the micro-batch's pairs of weight × (preference loss + RPO term), and the pair metrics."""
+        c, r = pairs(batch)
+        logps, ent = token_logps(engine, batch, entropy=True)
+        sums, counts = per_sample(logps, batch)
+        ref = self._ref_logps(batch, torch.cat([c, r])).to(sums.device)
+        ref_all = torch.zeros_like(sums)
+        ref_all[torch.cat([c, r]).to(sums.device)] = ref
+        c, r = c.to(sums.device), r.to(sums.device)
+        losses = pair_losses(self.cfg, sums[c], sums[r], ref_all[c], ref_all[r], counts[c], counts[r])
+        total = losses
+        if self.cfg.rpo_alpha:
+            nll = -sums[c] / counts[c].clamp(min=1)
+            total = losses + self.cfg.rpo_alpha * nll
+        w = batch["weights"] if "weights" in batch else self.weights(batch)
+        w = w.to(total.device, total.dtype)
+        d = lambda x: x.detach()  # noqa: E731
+        rc = self.cfg.beta * d(sums[c] - ref_all[c])
+        rr = self.cfg.beta * d(sums[r] - ref_all[r])
+        n = float(len(c))
+        stats = {
+            "dpo/loss": [float(d(losses).sum()), n], "rewards/chosen": [float(rc.sum()), n],
+            "rewards/rejected": [float(rr.sum()), n], "rewards/margin": [float((rc - rr).sum()), n],
+            "rewards/accuracy": [float((rc > rr).float().sum()), n],
+            "logps/chosen": [float(d(sums[c]).sum()), n], "logps/rejected": [float(d(sums[r]).sum()), n],
+            "entropy": [float(ent.sum()), float(counts.sum())],
+        }
+        if self.cfg.rpo_alpha:
+            stats["rpo/nll"] = [float(d(nll).sum()), n]
+        per_source: dict[str, list[float]] = {}
+        sources = batch.get("sources") or ["default"] * len(batch["meta"])
+        for k, ci in enumerate(c.tolist()):
+            acc = per_source.setdefault(sources[ci], [0.0, 0.0])
+            acc[0] += float(d(total[k]))
+            acc[1] += 1.0
+        return (total * w).sum(), {"per_source": per_source, "sums": stats}
+
+    def evaluate(self, engine, batch: dict) -> dict:
+        """Held-out metrics of one micro-batch (no gradient): the same sums as training."""
+        with torch.no_grad():
+            return self.loss_sum(engine, batch)[1]
+
+
+def build_reference(run):
+    """A frozen copy of the stage's starting weights, placed like the policy."""
+    import deepspeed
+
+    from training import models
+    from training.engine import deepspeed_config
+
+    ref = models.build(run.job.model).model
+    ref.requires_grad_(False)
+    ref.eval()
+    engine = run.engine
+    if engine.zero_optimization_partition_weights():
+        tr = run.job.trainer
+        eng_cfg = copy.deepcopy(run.job.engine)
+        eng_cfg.offload_optimizer = False
+        cfg = deepspeed_config(eng_cfg, tr.micro_batch_size, tr.grad_accum, run.world, 0.0)
+        ref_engine, *_ = deepspeed.initialize(model=ref, config=cfg)
+        ref_engine.eval()
+        return ref_engine.module
+    dtype = next(p.dtype for p in engine.module.parameters())
+    return ref.to(device=engine.device, dtype=dtype)
+
+
+def reference_logps(module, batch: dict) -> dict[str, float]:
+    """{sample key: summed reply log-prob} of a micro-batch: the precomputed-reference pass writes these beside
+    the data (meta["ref_logp"]), computed exactly as the in-process reference would."""
+    with torch.no_grad():
+        logps, _ = token_logps(module, batch)
+        sums, _ = per_sample(logps, batch)
+    return {batch["meta"][i]["key"]: float(sums[i]) for i in range(len(batch["meta"]))}
+
+
+def build(cfg: Config, reduction: str) -> DPOObjective:
+    return DPOObjective(cfg)

@@ -1,0 +1,154 @@
+"""Forward passes and rollouts shared by the preference and RL objectives.
+
+`token_logps` is the one place log-probabilities of targets are taken (policy, reference, rollout policy), so
+DPO, SAPO and the precomputed-reference pass agree to the bit. The rollout helpers turn a micro-batch of RL
+prompt samples into per-prompt pieces, sample completions with the policy's KV cache, and assemble
+prompt+completion sequences back into micro-batches (one sequence per row, right-padded, 2D mask: the model
+computes its own M-RoPE ids, so no packer is needed for the few thousand tokens of a rollout row).
+"""
+from __future__ import annotations
+
+import torch
+
+from data.encode import IGNORE
+
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw",
+              "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")
+VISUAL = (("pixel_values", "image_grid_thw", 1), ("pixel_values_videos", "video_grid_thw", 2))
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}
+
+
+def token_logps(model, batch: dict, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(labels[:, t+1] | ...) at every position t ([B, L-1], 0 where unsupervised) and, if asked, the
+    detached entropy of the next-token distribution there."""
+    logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1].float()
+    target = batch["labels"][:, 1:]
+    sup = target != IGNORE
+    lse = torch.logsumexp(logits, -1)
+    picked = logits.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logps = torch.where(sup, picked - lse, torch.zeros_like(lse))
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            p = torch.softmax(logits, -1)
+            ent = torch.where(sup, lse - (p * logits).sum(-1), torch.zeros_like(lse))
+    return logps, ent
+
+
+def per_sample(values: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of `values` ([B, L-1], aligned with the shifted targets) and supervised counts per sample id."""
+    sid = batch["sample_ids"][:, 1:]
+    sup = (batch["labels"][:, 1:] != IGNORE) & (sid >= 0)
+    n = int(batch["sample_ids"].max()) + 1
+    idx = sid[sup]
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, idx, values[sup])
+    counts = torch.bincount(idx, minlength=n).to(values.dtype)
+    return sums, counts
+
+
+def split_samples(batch: dict, merge: int = 2) -> list[dict]:
+    """The micro-batch's samples, each alone: tokens, its own images/videos, and its meta (sample-id order).
+
+    Visual tensors are concatenated in the order samples appear (row-major); each sample takes as many
+    grids as its pad tokens need (t*h*w/merge^2 tokens per grid)."""
+    sids, ids, mm = batch["sample_ids"], batch["input_ids"], batch["mm_token_type_ids"]
+    order = []  # sample ids in row-major order of first appearance
+    for row in sids.tolist():
+        for s in row:
+            if s >= 0 and (not order or order[-1] != s):
+                order.append(s)
+    out = {}
+    cursor = {k: [0, 0] for k, _, _ in VISUAL}  # (grid index, pixel row) per modality
+    for s in order:
+        where = sids == s
+        piece = {"input_ids": ids[where], "mm_token_type_ids": mm[where]}
+        for pix_key, grid_key, kind in VISUAL:
+            need = int((piece["mm_token_type_ids"] == kind).sum())
+            if not need:
+                continue
+            g0, p0 = cursor[pix_key]
+            g, got = g0, 0
+            while got < need:
+                got += int(batch[grid_key][g].prod()) // merge**2
+                g += 1
+            if got != need:
+                raise ValueError(f"sample {s}: {need} visual pad tokens but its grids give {got}")
+            grids = batch[grid_key][g0:g]
+            rows = int(grids.prod(-1).sum())
+            piece[grid_key], piece[pix_key] = grids, batch[pix_key][p0:p0 + rows]
+            if grid_key == "video_grid_thw" and "second_per_grid_ts" in batch:
+                piece["second_per_grid_ts"] = batch["second_per_grid_ts"][g0:g]
+            cursor[pix_key] = [g, p0 + rows]
+        meta = batch.get("meta")
+        piece["meta"] = dict(meta[s]) if meta is not None else {}
+        piece["source"] = batch["sources"][s] if s < len(batch.get("sources", [])) else "default"
+        out[s] = piece
+    return [out[s] for s in sorted(out)]
+
+
+def _cat_visual(pieces: list[dict], batch: dict) -> None:
+    for pix_key, grid_key, _ in VISUAL:
+        have = [p for p in pieces if grid_key in p]
+        if have:
+            batch[pix_key] = torch.cat([p[pix_key] for p in have])
+            batch[grid_key] = torch.cat([p[grid_key] for p in have])
+            if grid_key == "video_grid_thw" and all("second_per_grid_ts" in p for p in have):
+                batch["second_per_grid_ts"] = torch.cat([p["second_per_grid_ts"] for p in have])
+
+
+@torch.no_grad()
+def generate(module, prompts: list[dict], n: int, pad_id: int, stop_ids: list[int], temperature: float,
+             top_p: float, max_new_tokens: int, synced: bool) -> list[list[int]]:
+    """n sampled completions per prompt (prompt-major), each cut after its first stop token.
+
+    One left-padded batch, HF generate with its KV cache. `synced` keeps every rank stepping until all are
+    done, which ZeRO-3 needs (each forward all-gathers the partitioned weights)."""
+    device = next(module.parameters()).device
+    P = max(len(p["input_ids"]) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    mm = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        k = len(p["input_ids"])
+        ids[i, P - k:], mask[i, P - k:], mm[i, P - k:] = p["input_ids"], 1, p["mm_token_type_ids"]
+    batch = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm}
+    _cat_visual(prompts, batch)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    was_training = module.training
+    module.eval()
+    try:
+        seqs = module.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p,
+                               max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=stop_ids,
+                               pad_token_id=pad_id, synced_gpus=synced, use_cache=True)
+    finally:
+        module.train(was_training)
+    out = []
+    for row in seqs[:, P:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        out.append(row[:cut])
+    return out
+
+
+def collate_sequences(prompts: list[dict], completions: list[list[int]], pad_id: int) -> dict:
+    """prompt+completion rows (right-padded) with labels on the completion only; meta per row."""
+    rows = [torch.cat([p["input_ids"], torch.tensor(c, dtype=torch.long)]) for p, c in zip(prompts, completions)]
+    B, L = len(rows), max(len(r) for r in rows)
+    batch = {
+        "input_ids": torch.full((B, L), pad_id, dtype=torch.long),
+        "labels": torch.full((B, L), IGNORE, dtype=torch.long),
+        "attention_mask": torch.zeros((B, L), dtype=torch.long),
+        "mm_token_type_ids": torch.zeros((B, L), dtype=torch.long),
+        "sample_ids": torch.full((B, L), -1, dtype=torch.long),
+    }
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        k, n = len(p["input_ids"]), len(r)
+        batch["input_ids"][i, :n], batch["attention_mask"][i, :n], batch["sample_ids"][i, :n] = r, 1, i
+        batch["labels"][i, k:n] = r[k:]
+        batch["mm_token_type_ids"][i, :k] = p["mm_token_type_ids"]
+    _cat_visual(prompts, batch)
+    batch["sources"] = [p["source"] for p in prompts]
+    batch["meta"] = [dict(p["meta"]) for p in prompts]
+    return batch
