@@ -153,15 +153,14 @@ class DPOObjective:
             "logps/chosen": [float(d(sums[c]).sum()), n], "logps/rejected": [float(d(sums[r]).sum()), n],
             "entropy": [float(ent.sum()), float(counts.sum())],
         }
-        if self.cfg.rpo_alpha:
-            stats["rpo/nll"] = [float(d(nll).sum()), n]
-        per_source: dict[str, list[float]] = {}
         sources = batch.get("sources") or ["default"] * len(batch["meta"])
-        for k, ci in enumerate(c.tolist()):
-            acc = per_source.setdefault(sources[ci], [0.0, 0.0])
+        for k, ci in enumerate(c.tolist()):  # per-source loss per pair, named like the lm objective's
+            acc = stats.setdefault(f"loss/{sources[ci]}", [0.0, 0.0])
             acc[0] += float(d(total[k]))
             acc[1] += 1.0
-        return (total * w).sum(), {"per_source": per_source, "sums": stats}
+        if self.cfg.rpo_alpha:
+            stats["rpo/nll"] = [float(d(nll).sum()), n]
+        return (total * w).sum(), {"sums": stats}
 
     def evaluate(self, engine, batch: dict) -> dict:
         """Held-out metrics of one micro-batch (no gradient): the same sums as training."""

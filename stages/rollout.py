@@ -11,31 +11,32 @@ from __future__ import annotations
 import torch
 
 from data.encode import IGNORE
+from stages import forward
 
-MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw",
-              "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")
 VISUAL = (("pixel_values", "image_grid_thw", 1), ("pixel_values_videos", "video_grid_thw", 2))
-
-
-def model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in MODEL_KEYS if k in batch}
 
 
 def token_logps(model, batch: dict, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(labels[:, t+1] | ...) at every position t ([B, L-1], 0 where unsupervised) and, if asked, the
-    detached entropy of the next-token distribution there."""
-    logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1].float()
+    detached entropy of the next-token distribution there. The forward is stages.forward's (same modules on
+    every rank); its zero term is folded into the log-probs so the dummy ViT pass joins the backward."""
+    logits, zero = forward.logits(model, batch)
+    logits = logits[:, :-1].float()
     target = batch["labels"][:, 1:]
     sup = target != IGNORE
     lse = torch.logsumexp(logits, -1)
     picked = logits.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    logps = torch.where(sup, picked - lse, torch.zeros_like(lse))
+    logps = torch.where(sup, picked - lse, torch.zeros_like(lse)) + zero
     ent = None
     if entropy:
         with torch.no_grad():
             p = torch.softmax(logits, -1)
             ent = torch.where(sup, lse - (p * logits).sum(-1), torch.zeros_like(lse))
     return logps, ent
+
+
+def on(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def per_sample(values: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +103,7 @@ def _cat_visual(pieces: list[dict], batch: dict) -> None:
 @torch.no_grad()
 def generate(module, prompts: list[dict], n: int, pad_id: int, stop_ids: list[int], temperature: float,
              top_p: float, max_new_tokens: int, synced: bool) -> list[list[int]]:
-    """n sampled completions per prompt (prompt-major), each cut after its first stop token.
+    """n sampled completions per prompt (prompt-major; temperature 0: greedy), each cut after its first stop token.
 
     One left-padded batch, HF generate with its KV cache. `synced` keeps every rank stepping until all are
     done, which ZeRO-3 needs (each forward all-gathers the partitioned weights)."""
@@ -117,12 +118,13 @@ def generate(module, prompts: list[dict], n: int, pad_id: int, stop_ids: list[in
     batch = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm}
     _cat_visual(prompts, batch)
     batch = {k: v.to(device) for k, v in batch.items()}
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     was_training = module.training
     module.eval()
     try:
-        seqs = module.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p,
-                               max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=stop_ids,
-                               pad_token_id=pad_id, synced_gpus=synced, use_cache=True)
+        seqs = module.generate(**batch, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                               eos_token_id=stop_ids, pad_token_id=pad_id, synced_gpus=synced, use_cache=True)
     finally:
         module.train(was_training)
     out = []

@@ -1,16 +1,279 @@
-"""The sapo objective: configured and validated here; the loss lands with the preference/RL issue."""
+"""RL from verifiable rewards: SAPO (Qwen3-VL), with GRPO and GSPO as `stage.objective.loss` variants.
+
+Per optimizer step the loop hands over the step's prompt samples (`prepare`). When the rollout buffer is
+empty, the policy samples G completions per prompt (its own weights, KV cache), the completions are scored
+by stages/rewards.py, advantages are group-relative, groups whose rewards are all equal are dropped (no
+signal), and the log-probs of the rollout policy (and of the reference, for the k3 KL) are taken once. The
+rollout batch is then split into `mini_batches` optimizer steps, so from the second mini-batch on the policy
+is off the rollout policy and the gate/clip acts. Prompts that arrive while the buffer still holds mini-batches
+are kept for the next rollout, so every prompt is used once; the steady state is one rollout of
+`mini_batches` steps' prompts every `mini_batches` steps.
+
+Loss aggregation is the seq-mean of token-means (SAPO paper, trl's grpo/sapo): `weights` gives 1 per sequence
+and the loop divides by the global sequence count of the mini-batch. The loss formulas are `policy_loss`, a
+pure function checked against trl's GRPOTrainer in tests/test_sapo.py.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from data.encode import IGNORE
+from stages import rollout
+from stages.rewards import Rewards
+
+LOSSES = ("sapo", "grpo", "gspo")
 
 
 @dataclass
 class Config:
-    pass
+    loss: str = "sapo"  # sapo | grpo | gspo
+    num_generations: int = 8  # G rollouts per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    mini_batches: int = 2  # optimizer steps per rollout batch (>= 2: the off-policy gate then acts)
+    tau_pos: float = 1.0  # SAPO gate temperature for positive advantages
+    tau_neg: float = 1.05  # ... and for the others (tau_neg > tau_pos damps negative-advantage updates)
+    eps_low: float = 0.2  # GRPO/GSPO clip range [1 - eps_low, 1 + eps_high]
+    eps_high: float = 0.28
+    kl_beta: float = 0.0  # > 0: add kl_beta * k3 KL to a frozen reference (the starting weights)
+    kl_ratio_correction: bool = False  # weigh k3 by the ratio (DeepSeek-V3.2's unbiased KL gradient; trl's default)
+    scale_rewards: bool = True  # divide by the group's std (false: Dr.GRPO)
+    adv_eps: float = 1.0e-6
+    drop_equal_groups: bool = True  # groups with all-equal rewards carry no signal
+    default_reward: Optional[str] = None  # used for prompts whose record names no reward
+    pass_threshold: float = 1.0  # a rollout with reward >= this counts as passed
+
+    def check(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"stage.objective.loss={self.loss!r} is not an RL loss; choose one of {list(LOSSES)}")
+        if self.num_generations < 2:
+            raise ValueError(f"stage.objective.num_generations={self.num_generations}: group-relative advantages "
+                             f"need at least 2 rollouts per prompt")
+        if self.mini_batches < 1:
+            raise ValueError(f"stage.objective.mini_batches={self.mini_batches} must be >= 1 (2+ so the gate acts)")
+        for key in ("temperature", "top_p", "max_new_tokens", "tau_pos", "tau_neg"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"stage.objective.{key}={getattr(self, key)} must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"stage.objective.top_p={self.top_p} must be in (0, 1]")
+        if self.eps_low < 0 or self.eps_high < 0 or self.eps_low >= 1:
+            raise ValueError(f"stage.objective.eps_low/eps_high ({self.eps_low}, {self.eps_high}) must be >= 0 "
+                             f"with eps_low < 1")
+        if self.kl_beta < 0:
+            raise ValueError(f"stage.objective.kl_beta={self.kl_beta} must be >= 0")
 
 
-def build(cfg: Config, reduction: str):
-    raise NotImplementedError(
-        "stage.objective.name=sapo is not implemented yet (it lands with the DPO/SAPO issue). The stage's "
-        "trainable set, optimizer and schedule already work: run it with stage.objective.name=lm to train "
-        "those parameters on a language-modelling loss.")
+# -- pure math ---------------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, scale: bool = True,
+                     eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(advantage, group std, all-equal flag) per rollout: (R - mean_g)/(std_g + eps), std unbiased (verl)."""
+    adv = torch.zeros_like(rewards)
+    std = torch.zeros_like(rewards)
+    equal = torch.zeros_like(rewards, dtype=torch.bool)
+    for g in groups.unique():
+        m = groups == g
+        r = rewards[m]
+        s = r.std() if r.numel() > 1 else torch.ones((), dtype=r.dtype)
+        adv[m] = (r - r.mean()) / (s + eps) if scale else r - r.mean()
+        std[m] = s
+        equal[m] = bool((r == r[0]).all())
+    return adv, std, equal
+
+
+def policy_loss(cfg: Config, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, ref_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Per-sequence loss [B] (token-mean of the per-token loss) and detached token statistics.
+
+    sapo: -sigma(tau (r - 1)) 4/tau A, tau = tau_pos if A > 0 else tau_neg, no clipping.
+    grpo: -min(r A, clip(r, 1-eps_low, 1+eps_high) A), r per token. gspo: the same with the sequence ratio
+    s = exp(mean_t log r). Optional + kl_beta * k3, k3 = exp(ref - logp) - (ref - logp) - 1 (times r with
+    kl_ratio_correction)."""
+    mask = mask.to(logps.dtype)
+    adv = advantages.to(logps.dtype).unsqueeze(1)
+    n = mask.sum(-1).clamp(min=1.0)
+    log_ratio = (logps - old_logps).clamp(-20.0, 20.0)  # verl's guard; inactive for any sane ratio
+    if cfg.loss == "gspo":
+        log_ratio = ((log_ratio * mask).sum(-1) / n).clamp(max=10.0).unsqueeze(1)  # verl clamps log s <= 10
+    ratio = torch.exp(log_ratio)
+    stats = {}
+    if cfg.loss == "sapo":
+        tau = torch.where(adv > 0, cfg.tau_pos, cfg.tau_neg)
+        gate = torch.sigmoid(tau * (ratio - 1))
+        per_token = -gate * 4 / tau * adv
+        stats["gate"] = (4 * gate * (1 - gate)).detach()  # the gradient weight: 1 on-policy, < 1 off it
+    else:
+        clipped = torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
+        per_token = -torch.min(ratio * adv, clipped * adv)
+        stats["clip_frac"] = (((ratio < 1 - cfg.eps_low) & (adv < 0)) |
+                              ((ratio > 1 + cfg.eps_high) & (adv > 0))).to(logps.dtype).detach()
+    stats["ratio"] = ratio.detach()
+    if cfg.kl_beta and ref_logps is not None:
+        d = ref_logps - logps
+        kl = torch.exp(d) - d - 1
+        if cfg.kl_ratio_correction:
+            kl = kl * ratio
+        per_token = per_token + cfg.kl_beta * kl
+        stats["kl"] = kl.detach()
+    per_seq = (per_token * mask).sum(-1) / n
+    return per_seq, {k: v.expand_as(mask) * mask for k, v in stats.items()}
+
+
+# -- objective ---------------------------------------------------------------------------------------------------
+def _add(sums: dict, key: str, total: float, count: float) -> None:
+    acc = sums.setdefault(key, [0.0, 0.0])
+    acc[0] += total
+    acc[1] += count
+
+
+class RLObjective:
+    def __init__(self, cfg: Config):
+        cfg.check()
+        self.cfg = cfg
+        self.rewards = Rewards(cfg.default_reward)
+        self.ref = None
+        self.tokenizer = None
+        self.synced = False
+        self._queue: list[list[dict]] = []  # mini-batches of the current rollout, each = one step's micro-batches
+        self._stash: list[dict] = []  # prompts that arrived while the queue was full
+        self.counters = {"rollouts": 0, "groups": 0, "dropped_groups": 0}
+
+    def setup(self, run) -> None:
+        """Tokenizer (stop/pad ids, decoding), ZeRO-3 generation sync, and the reference if kl_beta > 0."""
+        self.tokenizer = run.bundle.tokenizer
+        self.synced = bool(run.engine.zero_optimization_partition_weights()) and run.world > 1
+        if self.cfg.kl_beta > 0:
+            from stages.dpo import build_reference
+
+            self.ref = build_reference(run)
+
+    def _ids(self) -> tuple[int, list[int]]:
+        if self.tokenizer is None:
+            raise ValueError("the RL objective has no tokenizer: the loop must call objective.setup(run) first")
+        tok = self.tokenizer
+        stops = [t for t in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if t is not None]
+        return tok.pad_token_id, sorted(set(stops))
+
+    # -- rollouts ---------------------------------------------------------------------------------------------
+    def _prompts(self, micro: list[dict]) -> list[dict]:
+        out = []
+        for mb in micro:
+            if mb.get("meta") is None:
+                raise ValueError("the RL objective needs micro-batches with per-sample `meta` (kind 'prompt', answer, "
+                                 "reward; data/README.md): use an RL data source")
+            for piece in rollout.split_samples(mb):
+                if piece["meta"].get("kind") != "prompt":
+                    raise ValueError(f"RL stage got sample {piece['meta'].get('key')} of kind "
+                                     f"{piece['meta'].get('kind')!r}; its records must be RL prompts (answer+reward)")
+                self.rewards.check(piece["meta"])  # a bad reward name fails before any generation
+                out.append(piece)
+        return out
+
+    def prepare(self, engine, micro: list[dict]) -> list[dict]:
+        """The micro-batches to train on this step: the next mini-batch of the current rollout."""
+        prompts = self._prompts(micro)
+        if self._queue:
+            self._stash.extend(prompts)
+            return self._queue.pop(0)
+        prompts, self._stash = self._stash + prompts, []
+        if not prompts:
+            raise ValueError("an RL step received no prompt samples on this rank")
+        self._queue = self.rollout(engine, prompts, len(micro))
+        return self._queue.pop(0)
+
+    @torch.no_grad()
+    def rollout(self, engine, prompts: list[dict], n_micro: int) -> list[list[dict]]:
+        """G completions per prompt, rewards, advantages, rollout-policy (and reference) log-probs, split into
+        `mini_batches` lists of `n_micro` micro-batches (every rank the same count; empty slots get a
+        zero-weight copy of a rollout so every rank runs the same forwards)."""
+        cfg = self.cfg
+        pad, stops = self._ids()
+        G = cfg.num_generations
+        comps = rollout.generate(getattr(engine, "module", engine), prompts, G, pad, stops, cfg.temperature,
+                                 cfg.top_p, cfg.max_new_tokens, self.synced)
+        owners = [prompts[i // G] for i in range(len(comps))]
+        texts = self.tokenizer.batch_decode(comps, skip_special_tokens=False)
+        rewards = torch.tensor([self.rewards(t, p["meta"]) for t, p in zip(texts, owners)], dtype=torch.float64)
+        groups = torch.arange(len(prompts)).repeat_interleave(G)
+        adv, std, equal = group_advantages(rewards, groups, cfg.scale_rewards, cfg.adv_eps)
+        keep = ~equal if cfg.drop_equal_groups else torch.ones_like(equal)
+        n_groups, n_dropped = len(prompts), int(equal[::G].sum()) if cfg.drop_equal_groups else 0
+        self.counters["rollouts"] += 1
+        self.counters["groups"] += n_groups
+        self.counters["dropped_groups"] += n_dropped
+        sums: dict = {}
+        N = float(len(comps))
+        _add(sums, "reward/mean", float(rewards.sum()), N)
+        _add(sums, "reward/group_std", float(std[::G].sum()), n_groups)
+        _add(sums, "reward/pass_rate", float((rewards >= cfg.pass_threshold).sum()), N)
+        _add(sums, "rollout/response_length", float(sum(len(c) for c in comps)), N)
+        _add(sums, "rollout/truncated", float(sum(1 for c in comps if c[-1] not in stops)), N)
+        _add(sums, "rollout/dropped_groups", float(n_dropped), n_groups)
+        kept = keep.nonzero().flatten().tolist()
+        slots: list[list[int]] = [[] for _ in range(cfg.mini_batches * n_micro)]
+        for j, i in enumerate(kept):
+            slots[j % len(slots)].append(i)
+        micro = []
+        for s, idx in enumerate(slots):
+            weight = 1.0 if idx else 0.0
+            idx = idx or [0]  # a zero-weight stand-in keeps this rank's forwards in step with the others
+            mb = rollout.collate_sequences([owners[i] for i in idx], [comps[i] for i in idx], pad)
+            mb["advantages"] = adv[idx].float() * weight
+            mb["rl_weight"] = torch.full((len(idx),), weight)
+            dev = rollout.on(mb, engine.device)
+            mb["old_logps"] = rollout.token_logps(engine, dev)[0].cpu()
+            if self.ref is not None:
+                mb["ref_logps"] = rollout.token_logps(self.ref, dev)[0].cpu()
+            micro.append(mb)
+        micro[0]["rollout_sums"] = sums
+        return [micro[m * n_micro:(m + 1) * n_micro] for m in range(cfg.mini_batches)]
+
+    # -- protocol ---------------------------------------------------------------------------------------------
+    def weights(self, batch: dict) -> torch.Tensor:
+        return batch["rl_weight"]
+
+    def loss_sum(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
+        logps, ent = rollout.token_logps(engine, batch, entropy=True)
+        mask = batch["labels"][:, 1:] != IGNORE
+        per_seq, st = policy_loss(self.cfg, logps, batch["old_logps"], batch["advantages"], mask,
+                                  batch.get("ref_logps"))
+        w = batch["weights"] if "weights" in batch else self.weights(batch)
+        w = w.to(per_seq.device, per_seq.dtype)
+        sums = {k: list(v) for k, v in batch.get("rollout_sums", {}).items()}
+        live = mask & (w > 0).unsqueeze(1)
+        n_tok = float(live.sum())
+        for k, v in st.items():
+            _add(sums, f"policy/{k}", float((v * live).sum()), n_tok)
+        _add(sums, "entropy", float((ent * live).sum()), n_tok)
+        for i, src in enumerate(batch["sources"]):
+            if w[i] > 0:
+                _add(sums, f"loss/{src}", float(per_seq[i].detach()), 1.0)
+        return (per_seq * w).sum(), {"sums": sums}
+
+    @torch.no_grad()
+    def evaluate(self, engine, micro: list[dict], greedy: bool = True) -> dict:
+        """Held-out reward of one completion per prompt (greedy by default), no training: {metric: [sum, n]}."""
+        pad, stops = self._ids()
+        prompts = self._prompts(micro)
+        temp = 0.0 if greedy else self.cfg.temperature
+        comps = rollout.generate(getattr(engine, "module", engine), prompts, 1, pad, stops, temp, self.cfg.top_p,
+                                 self.cfg.max_new_tokens, self.synced)
+        texts = self.tokenizer.batch_decode(comps, skip_special_tokens=False)
+        r = [self.rewards(t, p["meta"]) for t, p in zip(texts, prompts)]
+        return {"eval/reward": [float(sum(r)), float(len(r))],
+                "eval/pass_rate": [float(sum(x >= self.cfg.pass_threshold for x in r)), float(len(r))]}
+
+    def state_dict(self) -> dict:
+        """Counters only: the rollout buffer is dropped on resume and the next step rolls out afresh."""
+        return dict(self.counters)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counters.update({k: int(v) for k, v in state.items() if k in self.counters})
+        self._queue, self._stash = [], []
+
+
+def build(cfg: Config, reduction: str) -> RLObjective:
+    return RLObjective(cfg)
