@@ -65,10 +65,21 @@ def iou(a: list[float], b: list[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def _box(text: str) -> list[float] | None:
+    """The first [x1, y1, x2, y2] list (Qwen2.5/3-VL JSON), else the first four free-standing numbers (Qwen2-VL's
+    (x1,y1),(x2,y2)); digits inside names such as bbox_2d do not count."""
+    for inner in re.findall(r"\[([^\[\]]*)\]", text):
+        nums = _NUMBER.findall(inner)
+        if len(nums) >= 4:
+            return [float(x) for x in nums[:4]]
+    nums = re.findall(r"(?<![A-Za-z_\d.])" + _NUMBER.pattern, text)
+    return [float(x) for x in nums[:4]] if len(nums) >= 4 else None
+
+
 def box_iou(completion: str, answer: Any, threshold: float = 0.5, **_) -> float:
-    """1 if the first four numbers of the completion form a box [x1,y1,x2,y2] with IoU >= threshold."""
-    nums = [float(x) for x in _NUMBER.findall(clean(completion))[:4]]
-    if len(nums) < 4:
+    """1 if the completion's box [x1,y1,x2,y2] has IoU >= threshold with the answer box."""
+    nums = _box(clean(completion))
+    if nums is None:
         return 0.0
     return float(iou(nums, [float(x) for x in answer]) >= threshold)
 
