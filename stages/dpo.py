@@ -112,13 +112,16 @@ class DPOObjective:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def _ref_logps(self, batch: dict, ids: torch.Tensor) -> torch.Tensor:
+    def _ref_logps(self, batch: dict, ids: torch.Tensor, n: int) -> torch.Tensor:
+        """Summed reference log-probs of all n samples (entries outside `ids` unused)."""
         if self.cfg.reference == "precomputed":
             missing = [batch["meta"][i].get("key") for i in ids.tolist() if "ref_logp" not in batch["meta"][i]]
             if missing:
                 raise ValueError(f"stage.objective.reference=precomputed but samples {missing} carry no ref_logp; "
                                  f"run the reference pass over the data first or use reference=model")
-            return torch.tensor([float(batch["meta"][i]["ref_logp"]) for i in ids.tolist()])
+            out = torch.zeros(n, dtype=torch.float32)
+            out[ids] = torch.tensor([float(batch["meta"][i]["ref_logp"]) for i in ids.tolist()])
+            return out
         if self.ref is None:
             raise ValueError("the dpo objective has no reference model: the loop must call objective.setup(run) "
                              "after the engine exists")
@@ -131,9 +134,7 @@ class DPOObjective:
         c, r = pairs(batch)
         logps, ent = token_logps(engine, batch, entropy=True)
         sums, counts = per_sample(logps, batch)
-        ref = self._ref_logps(batch, torch.cat([c, r])).to(sums.device)
-        ref_all = torch.zeros_like(sums)
-        ref_all[torch.cat([c, r]).to(sums.device)] = ref
+        ref_all = self._ref_logps(batch, torch.cat([c, r]), len(sums)).to(sums.device, sums.dtype)
         c, r = c.to(sums.device), r.to(sums.device)
         losses = pair_losses(self.cfg, sums[c], sums[r], ref_all[c], ref_all[r], counts[c], counts[r])
         total = losses

@@ -108,3 +108,149 @@ def test_config_errors_name_the_key():
                      ({"label_smoothing": 0.1, "loss": "ipo"}, "label_smoothing")):
         with pytest.raises(ValueError, match=f"stage.objective.{key}"):
             DPOObjective(Config(**bad))
+
+
+# -- the objective on a tiny real model ------------------------------------------------------------------------
+def tiny(family: str, seed: int = 0):
+    from training import models
+
+    return models.build(models.ModelConfig(name=f"tiny_{family}", family=family, init_seed=seed))
+
+
+def chat_sample(bundle, question: str, reply: str | None, image: bool, **meta) -> dict:
+    """One sample as the encoder makes it: chat tokens, labels on the reply (+ <|im_end|>), an optional image
+    of a 1x4x4 patch grid (4 merged tokens) with random pixels."""
+    tok = bundle.tokenizer
+    vis = "<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>" if image else ""
+    prompt = tok.encode(f"<|im_start|>user\n{vis}{question}<|im_end|>\n<|im_start|>assistant\n",
+                        add_special_tokens=False)
+    answer = tok.encode(f"{reply}<|im_end|>", add_special_tokens=False) if reply is not None else []
+    ids = torch.tensor(prompt + answer)
+    labels = torch.full_like(ids, -100)
+    labels[len(prompt):] = ids[len(prompt):]
+    s = {"input_ids": ids, "labels": labels,
+         "mm_token_type_ids": (ids == tok.convert_tokens_to_ids("<|image_pad|>")).long(), "meta": meta}
+    if image:
+        fam = bundle.family
+        g = torch.Generator().manual_seed(len(question) + len(reply or ""))
+        s["pixel_values"] = torch.randn(16, 3 * 2 * fam.patch_size ** 2, generator=g)
+        s["image_grid_thw"] = torch.tensor([[1, 4, 4]])
+    return s
+
+
+def pack(model, rows: list[list[dict]], pad_id: int) -> dict:
+    """The data/README.md micro-batch: samples packed in rows, each with its own get_rope_index ids (HF's, run
+    on the sample alone), block-diagonal causal mask; padding attends to itself."""
+    B = len(rows)
+    L = max(sum(len(s["input_ids"]) for s in r) for r in rows) + 2
+    batch = {"input_ids": torch.full((B, L), pad_id), "labels": torch.full((B, L), -100),
+             "mm_token_type_ids": torch.zeros(B, L, dtype=torch.long), "sample_ids": torch.full((B, L), -1),
+             "position_ids": torch.zeros(3, B, L, dtype=torch.long),
+             "attention_mask": torch.eye(L, dtype=torch.bool).repeat(B, 1, 1, 1)}
+    samples = []
+    for b, row in enumerate(rows):
+        at = 0
+        for s in row:
+            n = len(s["input_ids"])
+            pos, _ = model.model.get_rope_index(s["input_ids"][None], s["mm_token_type_ids"][None],
+                                                image_grid_thw=s.get("image_grid_thw"))
+            sl = slice(at, at + n)
+            batch["input_ids"][b, sl], batch["labels"][b, sl] = s["input_ids"], s["labels"]
+            batch["mm_token_type_ids"][b, sl], batch["sample_ids"][b, sl] = s["mm_token_type_ids"], len(samples)
+            batch["position_ids"][:, b, sl] = pos[:, 0]
+            batch["attention_mask"][b, 0, sl, sl] = torch.ones(n, n, dtype=torch.bool).tril()
+            samples.append(s)
+            at += n
+    for key in ("pixel_values", "image_grid_thw"):
+        if any(key in s for s in samples):
+            batch[key] = torch.cat([s[key] for s in samples if key in s])
+    batch["sources"] = [s["meta"].get("source", "default") for s in samples]
+    batch["meta"] = [dict(s["meta"]) for s in samples]
+    return batch
+
+
+def alone_logp(model, s: dict) -> tuple[torch.Tensor, int]:
+    """Summed reply log-prob of one sample run by itself through the HF model (no packing, no mask)."""
+    kw = {k: s[k] for k in ("pixel_values", "image_grid_thw") if k in s}
+    logits = model(input_ids=s["input_ids"][None], mm_token_type_ids=s["mm_token_type_ids"][None], **kw).logits
+    lp = torch.log_softmax(logits[0, :-1].float(), -1)
+    tgt = s["labels"][1:]
+    sup = tgt != -100
+    return lp[sup].gather(-1, tgt[sup][:, None]).sum(), int(sup.sum())
+
+
+def dpo_pairs(bundle):
+    pairs = [("What colour is the circle?", "red", "a large blue square", True, "shapes"),
+             ("How many shapes are there?", "three", "2", False, "text")]
+    out = []
+    for g, (q, good, bad, image, src) in enumerate(pairs):
+        out.append([chat_sample(bundle, q, good, image, kind="chosen", group=g, key=f"p{g}", source=src),
+                    chat_sample(bundle, q, bad, image, kind="rejected", group=g, key=f"p{g}", source=src)])
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_packed_pairs_loss_equals_formula_on_replies_run_alone(family):
+    policy, ref = tiny(family), tiny(family, seed=1).model
+    ref.requires_grad_(False)
+    rows = dpo_pairs(policy)
+    batch = pack(policy.model, rows, policy.tokenizer.pad_token_id)
+    cfg = Config(loss="sigmoid", beta=0.1, rpo_alpha=0.3)
+    obj = DPOObjective(cfg)
+    obj.ref = ref
+    ls, stats = obj.loss_sum(policy.model, dict(batch, weights=obj.weights(batch)))
+    want, acc = 0.0, 0.0
+    with torch.no_grad():
+        for c, r in rows:
+            (pc, nc), (pr, nr) = alone_logp(policy.model, c), alone_logp(policy.model, r)
+            (rc, _), (rr, _) = alone_logp(ref, c), alone_logp(ref, r)
+            pl = pair_losses(cfg, pc, pr, rc, rr, torch.tensor(nc), torch.tensor(nr))
+            want += float(pl + cfg.rpo_alpha * (-pc / nc))
+            acc += float((pc - rc) > (pr - rr))
+    assert abs(float(ls) - want) < 1e-4 * max(1.0, abs(want)), (float(ls), want)
+    s = stats["sums"]
+    assert s["rewards/accuracy"] == [acc, 2.0]
+    assert set(k for k in s if k.startswith("loss/")) == {"loss/shapes", "loss/text"}
+    ls.backward()
+    assert all(p.grad is None for p in ref.parameters())
+    grads = [p.grad for n, p in policy.model.named_parameters() if "language_model" in n]
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+
+
+def test_reference_equal_to_policy_gives_log2_and_half_margin_zero():
+    """At the start of DPO (policy = reference) every sigmoid pair loss is log 2 and every margin 0."""
+    policy = tiny("qwen2_5_vl")
+    batch = pack(policy.model, dpo_pairs(policy), policy.tokenizer.pad_token_id)
+    obj = DPOObjective(Config())
+    obj.ref = tiny("qwen2_5_vl").model
+    ls, stats = obj.loss_sum(policy.model, batch)
+    assert abs(float(ls) - 2 * float(torch.log(torch.tensor(2.0)))) < 1e-5
+    assert abs(stats["sums"]["rewards/margin"][0]) < 1e-5
+
+
+def test_precomputed_reference_reads_meta_and_names_missing_samples():
+    from stages.dpo import reference_logps
+
+    policy, ref = tiny("qwen2_vl"), tiny("qwen2_vl", seed=1).model
+    batch = pack(policy.model, dpo_pairs(policy), policy.tokenizer.pad_token_id)
+    for m in batch["meta"]:
+        m["key"] = f"{m['key']}-{m['kind']}"
+    table = reference_logps(ref, batch)  # what the reference pass writes beside the data
+    live = DPOObjective(Config())
+    live.ref = ref
+    want, _ = live.loss_sum(policy.model, batch)
+    pre = DPOObjective(Config(reference="precomputed"))
+    with pytest.raises(ValueError, match="p0-chosen"):
+        pre.loss_sum(policy.model, batch)
+    for m in batch["meta"]:
+        m["ref_logp"] = table[m["key"]]
+    got, _ = pre.loss_sum(policy.model, batch)
+    assert abs(float(got) - float(want)) < 1e-5
+
+
+def test_a_pair_split_over_micro_batches_is_an_error():
+    policy = tiny("qwen2_vl")
+    rows = dpo_pairs(policy)
+    batch = pack(policy.model, [[rows[0][0], rows[1][0], rows[1][1]]], policy.tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="p0"):
+        DPOObjective(Config()).weights(batch)
