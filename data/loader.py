@@ -56,7 +56,9 @@ class IndexedLoader:
 
     def _encode(self, index: int) -> dict:
         record, media = shapes.sample(self.cfg, index)
-        enc = self.encoder.encode(record, media)
+        raw = dict(key=f"{self.cfg.name}-{index}", source=record.get("source", self.cfg.name), record=record,
+                   media=media)
+        (enc,) = self.encoder.encode(raw)
         if len(enc["input_ids"]) > self.layout.seq_len:
             raise ValueError(f"shapes sample {index} has {len(enc['input_ids'])} tokens, more than "
                              f"stage.seq_len={self.layout.seq_len}; raise stage.seq_len or lower model.max_pixels")
