@@ -6,8 +6,8 @@ import importlib.util
 import io
 import math
 import random
+import typing
 from pathlib import Path
-from typing import Optional, Tuple
 
 import numpy as np
 import pytest
@@ -27,7 +27,7 @@ QWEN_VL_UTILS = Path(importlib.util.find_spec("qwen_vl_utils").submodule_search_
 def load_functions(path: Path, names: set, extra: dict) -> dict:
     """Top-level functions of a source file, without running its imports (qwen-vl-utils imports torchvision)."""
     tree = ast.parse(path.read_text())
-    ns = dict(extra)
+    ns = {**{k: getattr(typing, k) for k in ("Any", "Dict", "List", "Optional", "Tuple", "Union")}, **extra}
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name in names:
             exec(compile(ast.Module([node], []), str(path), "exec"), ns)
@@ -40,7 +40,7 @@ def load_functions(path: Path, names: set, extra: dict) -> dict:
 
 
 QVU = load_functions(QWEN_VL_UTILS, {"smart_resize", "round_by_factor", "ceil_by_factor", "floor_by_factor"},
-                     {"math": math, "Optional": Optional, "Tuple": Tuple})
+                     {"math": math})
 
 
 def _sizes(n=3000, seed=0):
