@@ -102,11 +102,12 @@ def _cat_visual(pieces: list[dict], batch: dict) -> None:
 
 @torch.no_grad()
 def generate(module, prompts: list[dict], n: int, pad_id: int, stop_ids: list[int], temperature: float,
-             top_p: float, max_new_tokens: int, synced: bool) -> list[list[int]]:
+             top_p: float, max_new_tokens: int, synced: bool, banned: list[int] = ()) -> list[list[int]]:
     """n sampled completions per prompt (prompt-major; temperature 0: greedy), each cut after its first stop token.
 
     One left-padded batch, HF generate with its KV cache. `synced` keeps every rank stepping until all are
-    done, which ZeRO-3 needs (each forward all-gathers the partitioned weights)."""
+    done, which ZeRO-3 needs (each forward all-gathers the partitioned weights). `banned` tokens (the vision
+    placeholders) are never sampled: one in a completion would ask the model for an image it does not have."""
     device = next(module.parameters()).device
     P = max(len(p["input_ids"]) for p in prompts)
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
@@ -124,7 +125,8 @@ def generate(module, prompts: list[dict], n: int, pad_id: int, stop_ids: list[in
     module.eval()
     try:
         seqs = module.generate(**batch, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                               eos_token_id=stop_ids, pad_token_id=pad_id, synced_gpus=synced, use_cache=True)
+                               eos_token_id=stop_ids, pad_token_id=pad_id, synced_gpus=synced, use_cache=True,
+                               suppress_tokens=list(banned) or None)
     finally:
         module.train(was_training)
     out = []

@@ -150,12 +150,15 @@ class RLObjective:
 
             self.ref = build_reference(run)
 
-    def _ids(self) -> tuple[int, list[int]]:
+    def _ids(self) -> tuple[int, list[int], list[int]]:
+        """pad id, stop ids, and the vision placeholder ids a completion must never contain."""
         if self.tokenizer is None:
             raise ValueError("the RL objective has no tokenizer: the loop must call objective.setup(run) first")
         tok = self.tokenizer
         stops = [t for t in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if t is not None]
-        return tok.pad_token_id, sorted(set(stops))
+        banned = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                         "<|vision_end|>")]
+        return tok.pad_token_id, sorted(set(stops)), [t for t in banned if t is not None]
 
     # -- rollouts ---------------------------------------------------------------------------------------------
     def _prompts(self, micro: list[dict]) -> list[dict]:
@@ -190,10 +193,10 @@ class RLObjective:
         `mini_batches` lists of `n_micro` micro-batches (every rank the same count; empty slots get a
         zero-weight copy of a rollout so every rank runs the same forwards)."""
         cfg = self.cfg
-        pad, stops = self._ids()
+        pad, stops, banned = self._ids()
         G = cfg.num_generations
         comps = rollout.generate(getattr(engine, "module", engine), prompts, G, pad, stops, cfg.temperature,
-                                 cfg.top_p, cfg.max_new_tokens, self.synced)
+                                 cfg.top_p, cfg.max_new_tokens, self.synced, banned)
         owners = [prompts[i // G] for i in range(len(comps))]
         texts = self.tokenizer.batch_decode(comps, skip_special_tokens=False)
         rewards = torch.tensor([self.rewards(t, p["meta"]) for t, p in zip(texts, owners)], dtype=torch.float64)
@@ -256,11 +259,11 @@ class RLObjective:
     @torch.no_grad()
     def evaluate(self, engine, micro: list[dict], greedy: bool = True) -> dict:
         """Held-out reward of one completion per prompt (greedy by default), no training: {metric: [sum, n]}."""
-        pad, stops = self._ids()
+        pad, stops, banned = self._ids()
         prompts = self._prompts(micro)
         temp = 0.0 if greedy else self.cfg.temperature
         comps = rollout.generate(getattr(engine, "module", engine), prompts, 1, pad, stops, temp, self.cfg.top_p,
-                                 self.cfg.max_new_tokens, self.synced)
+                                 self.cfg.max_new_tokens, self.synced, banned)
         texts = self.tokenizer.batch_decode(comps, skip_special_tokens=False)
         r = [self.rewards(t, p["meta"]) for t, p in zip(texts, prompts)]
         return {"eval/reward": [float(sum(r)), float(len(r))],

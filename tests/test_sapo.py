@@ -112,3 +112,97 @@ def test_config_errors_name_the_key():
                      ({"kl_beta": -1.0}, "kl_beta")):
         with pytest.raises(ValueError, match=f"stage.objective.{key}"):
             RLObjective(Config(**bad))
+
+
+# -- the objective on a tiny real model ------------------------------------------------------------------------
+def odd_length(completion: str, answer, **_) -> float:
+    """A user reward (named 'test_sapo:odd_length' in the records) that varies within a group."""
+    return float(len(completion) % 2)
+
+
+def _prompts(bundle, reward="test_sapo:odd_length"):
+    from test_dpo import chat_sample
+
+    return [chat_sample(bundle, "How many shapes are there?", None, True, kind="prompt", group=0, key="q0",
+                        answer="3", reward=reward, source="rl_count"),
+            chat_sample(bundle, "Name a colour.", None, False, kind="prompt", group=1, key="q1", answer="red",
+                        reward=reward, source="rl_colour")]
+
+
+def _objective(bundle, **kw):
+    obj = RLObjective(Config(num_generations=4, max_new_tokens=6, mini_batches=2, **kw))
+    obj.tokenizer = bundle.tokenizer  # what setup(run) takes from run.bundle
+    return obj
+
+
+def test_rollout_on_policy_loss_then_off_policy_gate_and_prompt_stash():
+    from test_dpo import pack, tiny
+
+    torch.manual_seed(0)
+    b = tiny("qwen2_5_vl")
+    pad = b.tokenizer.pad_token_id
+    prompts = _prompts(b)
+    micro = [pack(b.model, [[p] for p in prompts], pad)]
+    obj = _objective(b, drop_equal_groups=False)
+    step = obj.prepare(b.model, micro)
+    assert len(step) == 1 and len(obj._queue) == 1  # one micro-batch per step, one mini-batch left
+    mb = step[0]
+    assert mb["input_ids"].shape[0] == 4  # 2 prompts x 4 rollouts over 2 mini-batches
+    for i, m in enumerate(mb["meta"]):  # each row starts with its own prompt; labels only after it
+        p = prompts[int(m["key"][1])]["input_ids"]
+        assert torch.equal(mb["input_ids"][i, :len(p)], p)
+        assert (mb["labels"][i, :len(p)] == -100).all() and (mb["labels"][i, len(p):] != -100).any()
+    n_img = sum(m["key"] == "q0" for m in mb["meta"])
+    assert mb["image_grid_thw"].shape[0] == n_img and mb["pixel_values"].shape[0] == 16 * n_img
+    assert torch.equal(mb["pixel_values"][:16], prompts[0]["pixel_values"])
+
+    # on-policy (first mini-batch): ratio 1, gate weight 1, loss = sum_i -(2/tau_i) A_i
+    w = obj.weights(mb)
+    ls, stats = obj.loss_sum(b.model, dict(mb, weights=w))
+    adv = mb["advantages"]
+    tau = torch.where(adv > 0, 1.0, 1.05)
+    assert abs(float(ls) - float((-2 / tau * adv).sum())) < 1e-5
+    s = stats["sums"]
+    assert abs(s["policy/gate"][0] - s["policy/gate"][1]) < 1e-4 and s["reward/mean"][1] == 8
+    ls.backward()
+    opt = torch.optim.SGD([p for p in b.model.parameters() if p.grad is not None], lr=1.0)
+    opt.step()
+    opt.zero_grad()
+
+    # second mini-batch: the prompts that arrive now are kept for the next rollout; the policy has moved
+    step = obj.prepare(b.model, micro)
+    assert not obj._queue and len(obj._stash) == 2
+    ls, stats = obj.loss_sum(b.model, dict(step[0], weights=obj.weights(step[0])))
+    gate, n = stats["sums"]["policy/gate"]
+    assert gate / n < 0.999 and torch.isfinite(ls)
+    # next rollout: stashed + new prompts, 16 rollouts over 2 mini-batches
+    step = obj.prepare(b.model, micro)
+    assert step[0]["input_ids"].shape[0] == 8 and len(obj._queue) == 1 and not obj._stash
+    assert obj.state_dict()["rollouts"] == 2
+
+
+def test_all_equal_groups_are_dropped_and_counted_with_zero_weight_stand_ins():
+    from test_dpo import pack, tiny
+
+    torch.manual_seed(0)
+    b = tiny("qwen2_vl")
+    obj = _objective(b)
+    micro = [pack(b.model, [[p] for p in _prompts(b, reward="exact_match")], b.tokenizer.pad_token_id)] * 2
+    step = obj.prepare(b.model, micro)  # a random model never says "3" or "red": every group all-zero
+    assert len(step) == 2  # as many micro-batches as the loop gave (grad accumulation)
+    assert all(float(obj.weights(mb).sum()) == 0 for mb in step)
+    assert step[0]["rollout_sums"]["rollout/dropped_groups"] == [4.0, 4.0]
+    assert obj.state_dict()["dropped_groups"] == 4
+    ls, _ = obj.loss_sum(b.model, dict(step[0], weights=obj.weights(step[0])))
+    assert float(ls) == 0.0
+    held_out = obj.evaluate(b.model, micro[:1])  # greedy, one completion per prompt, no training
+    assert held_out["eval/reward"] == [0.0, 2.0] and held_out["eval/pass_rate"][1] == 2.0
+
+
+def test_unknown_reward_fails_before_generation():
+    from test_dpo import pack, tiny
+
+    b = tiny("qwen2_vl")
+    micro = [pack(b.model, [[p] for p in _prompts(b, reward="exact")], b.tokenizer.pad_token_id)]
+    with pytest.raises(ValueError, match="'exact'"):
+        _objective(b).prepare(b.model, micro)
