@@ -212,3 +212,22 @@ def test_default_cache_generates(tmp_path):
     """The default config's cache (all tasks, train split) is generated and complete (time it with --durations)."""
     cache = shapes.ensure_cache(shapes.ShapesConfig(tasks=list(shapes.ALL_TASKS)), str(tmp_path))
     assert all(len(p) == 8 for p in cache.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_every_task_encodes_with_the_project_encoder(tmp_path, family):
+    """The records follow the encoder's contract: each task encodes, supervised tokens where the task has them."""
+    from data.encode import EncoderConfig, build_encoder
+    from training.models import ModelConfig, build
+
+    enc = build_encoder(EncoderConfig(), build(ModelConfig(name=f"tiny_{family}", family=family)))
+    cfg = _cfg(train_samples=4, samples_per_shard=4)
+    for task, paths in shapes.ensure_cache(cfg, str(tmp_path)).items():
+        for raw in _samples(paths):
+            out = enc.encode({**raw, "source": f"shapes_{task}"})
+            assert len(out) == (2 if task == "preference" else 1)
+            supervised = sum(int((o["labels"] != -100).sum()) for o in out)
+            assert (supervised == 0) == (task == "rl"), (task, raw["key"])
+            if task == "video":
+                assert "pixel_values_videos" in out[0] and int(out[0]["video_grid_thw"][0, 0]) >= 2
