@@ -312,18 +312,33 @@ def block_causal_mask(cu_seqlens: torch.Tensor, B: int, L: int) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
-def varlen_inputs(batch: dict) -> dict:
-    """Model kwargs for attn_implementation flash_attention_2/3 (GPU): rows flattened to one sequence,
-    sample boundaries as cu_seq_lens; no attention_mask (its presence would make HF unpad by it instead).
-    Row 0 of the 4-row position ids is the text position (restarting per segment), which HF 5.23 also
-    accepts as the packing signal; cu_seq_lens are passed explicitly so nothing is inferred."""
+def packed_position_ids(batch: dict) -> torch.Tensor:
+    """LongTensor[4, B, L]: a text row (0.. restarting at every segment) above the 3 M-RoPE rows.
+
+    transformers 5.23 (all three families) reads row 0 of a 4-row input as `text_position_ids`: with
+    `attention_mask=None` and no cache (`use_cache=False`) `create_causal_mask` finds the segments from it
+    (`find_packed_sequence_indices`) and builds the block-causal mask itself; with flash attention and batch 1
+    `_is_packed_sequence` turns it into cu_seqlens. With the default use_cache=True a DynamicCache exists and
+    the packed detection is skipped, so samples leak (the DESIGN.md measurement); our 4D mask has no such trap.
+    """
     B, L = batch["input_ids"].shape
-    text = torch.cat([torch.arange(int(n)) for n in (batch["cu_seqlens"][1:] - batch["cu_seqlens"][:-1])])
+    seg = batch["cu_seqlens"]
+    text = torch.cat([torch.arange(int(n)) for n in seg[1:] - seg[:-1]]).view(1, B, L)
+    return torch.cat([text, batch["position_ids"]])
+
+
+def varlen_inputs(batch: dict) -> dict:
+    """Model kwargs for attn_implementation flash_attention_2/3 (GPU): rows flattened to one [1, B*L] sequence
+    (every row starts a segment, so labels can be flattened too), boundaries given explicitly as
+    `cu_seq_lens_q/k` + `max_length_q/k` (HF passes them through **kwargs to `_flash_attention_forward`,
+    which calls `flash_attn_varlen_func`), no attention_mask (its presence would make HF unpad by it instead).
+    The 4-row position ids carry the same boundaries for HF's own inference."""
+    B, L = batch["input_ids"].shape
     out = dict(input_ids=batch["input_ids"].reshape(1, B * L),
                mm_token_type_ids=batch["mm_token_type_ids"].reshape(1, B * L),
-               position_ids=torch.cat([text.view(1, 1, -1), batch["position_ids"].reshape(3, 1, B * L)]),
+               position_ids=packed_position_ids(batch).reshape(4, 1, B * L),
                cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
-               max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"])
+               max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"], use_cache=False)
     out.update({k: batch[k] for k in (*_MEDIA_KEYS, "second_per_grid_ts") if k in batch})
     return out
 

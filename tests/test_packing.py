@@ -12,8 +12,8 @@ from PIL import Image
 
 from data import shapes
 from data.encode import IGNORE, EncoderConfig, build_encoder
-from data.pack import (FirstFit, PackConfig, Packer, block_causal_mask, collate, fill_ratio, padded_fill,
-                       raw_from_json, raw_to_json, varlen_inputs)
+from data.pack import (FirstFit, PackConfig, Packer, block_causal_mask, collate, fill_ratio, packed_position_ids,
+                       padded_fill, raw_from_json, raw_to_json, varlen_inputs)
 from data.rope import RopeSpec, attach, token_types
 from training.models import FAMILIES, ModelConfig, build
 
@@ -167,9 +167,24 @@ def test_varlen_flattening_keeps_the_losses(bundle, packed):
     B, L = batch["input_ids"].shape
     kw = varlen_inputs(batch)
     assert kw["position_ids"].shape == (4, 1, B * L) and kw["cu_seq_lens_q"].dtype == torch.int32
+    reference = packed_losses(bundle, batch)
     mask = block_causal_mask(kw["cu_seq_lens_q"], 1, B * L)
-    flat = packed_losses(bundle, batch, **kw, attention_mask=mask)
-    assert torch.allclose(flat, packed_losses(bundle, batch), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(packed_losses(bundle, batch, **kw, attention_mask=mask), reference, rtol=1e-5, atol=1e-4)
+    # no mask at all: HF must find the same boundaries from the flattened text row
+    assert torch.allclose(packed_losses(bundle, batch, **kw, attention_mask=None), reference, rtol=1e-5, atol=1e-4)
+
+
+def test_hf_native_four_row_positions_isolate_only_without_cache(bundle, packed):
+    """HF 5.23 builds the packed mask from a text row itself, but only with use_cache=False; pinned here so a
+    transformers upgrade that changes it is noticed (the trainer passes the 4D mask, not this)."""
+    samples, rows, cfg, batch = packed
+    by_key = {s["key"]: s for s in samples}
+    alone = torch.tensor([alone_loss(bundle, by_key[m["key"]]) for m in batch["meta"]])
+    pos4 = packed_position_ids(batch)
+    native = packed_losses(bundle, batch, attention_mask=None, position_ids=pos4, use_cache=False)
+    assert torch.allclose(native, alone, rtol=1e-5, atol=1e-4)
+    cached = packed_losses(bundle, batch, attention_mask=None, position_ids=pos4, use_cache=True)
+    assert (cached - alone).abs().max() > 1e-2
 
 
 # ---------------------------------------------------------------- packer logic on synthetic samples
