@@ -117,7 +117,7 @@ class ShardSource:
         self.epoch, self.shard_pos, self.sample_index, self.offset, self.members = 0, 0, 0, 0, 0
         self.read_epoch = 0
         self._plan()
-        self._tar = self._file = None
+        self._tar = self._file = self._key = None
 
     # ---- which shards this slot reads -------------------------------------------------------------
     def _plan(self) -> None:
@@ -155,7 +155,7 @@ class ShardSource:
                 self._read_members += ti.isreg()
 
     def _close(self) -> None:
-        tar, f, self._tar, self._file = self._tar, self._file, None, None
+        tar, f, self._tar, self._file, self._key = self._tar, self._file, None, None, None
         for obj in (tar, f):
             try:
                 if obj is not None:
@@ -234,9 +234,10 @@ class ShardSource:
                     if ended:
                         break
             except (tarfile.TarError, EOFError, OSError) as e:
+                last_key = self._key  # the sample being read when the shard broke
                 self._advance()
                 raise BadSample("truncated_tar" if opened else "unreadable_shard",
-                                key=f"{url}:{getattr(self, '_key', None) or '?'}", detail=str(e)) from None
+                                key=f"{url}:{last_key or '?'}", detail=str(e)) from None
             if self._tar is not None:
                 self._advance()
         raise ValueError(f"data.sources[{self.name}]: slot rank={self.rank} worker={self.worker} found no sample "

@@ -192,6 +192,18 @@ def test_pickle_members_are_refused_unread(tmp_path):
     assert not os.path.exists(marker)
 
 
+def test_failing_pipe_is_an_unreadable_shard_and_the_source_goes_on(tmp_path):
+    (path,) = make_shards(tmp_path, 1, 2)
+    src = SourceConfig(name="t", urls=["pipe:exit 3", path], shuffle_shards=False).build()
+    out = []
+    for _ in range(6):
+        try:
+            out.append(next(src)["key"])
+        except BadSample as e:
+            out.append((e.reason, e.key))
+    assert out == [("unreadable_shard", "pipe:exit 3:?"), "s0_0", "s0_1"] * 2
+
+
 def test_missing_and_bad_json(tmp_path):
     path = str(tmp_path / "j.tar")
     write_tar(path, [("a", {"0.jpg": b"x"}), ("b", {"json": b"{not json"}), ("c", {"json": b"[1, 2]"}),
