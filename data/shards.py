@@ -115,7 +115,7 @@ class ShardSource:
         self.buffer: list[dict] = []
         # position: epoch, index into this slot's shard list of the epoch, and where in that shard
         self.epoch, self.shard_pos, self.sample_index, self.offset, self.members = 0, 0, 0, 0, 0
-        self.read_epoch = 0
+        self.read_epoch = 0  # epoch of the last sample read from a shard (before the shuffle buffer)
         self._plan()
         self._tar = self._file = self._key = None
 
