@@ -131,8 +131,9 @@ def test_random_sizes_aspects_and_modes_are_bitwise_equal(family):
         _assert_same(hf, ours, [img])
 
 
-def test_torch_resize_is_within_two_grey_levels():
-    """The opt-in faster resize: torch's antialiased bicubic vs PIL's, measured in normalised units."""
+def test_torch_resize_is_close_but_not_bitwise():
+    """The opt-in faster resize: torch's antialiased bicubic vs PIL's, in normalised units. On these photos at
+    their own sizes it stays within 2 grey levels; bench.py's downscaled mix reaches ~6 at worst."""
     hf = _hf("qwen2_vl", min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
     ours = ImageProcessor(VisionConfig.from_hf(hf, resize="torch"))
     worst = 0.0

@@ -1,0 +1,99 @@
+"""Data benchmark (`python -m data.bench`): a script, not a test; prints ratios against named baselines.
+
+Section 1, vision: our torch image processor (data/vision.py) vs the HF processor path
+(`Qwen2VLImageProcessorPil`, what training/models.py builds) on the same decoded images with the same min/max
+pixels, for each family; outputs are checked bitwise equal before timing. The mix has 1280x720 photos, other
+photo sizes and multi-image samples. One thread for both (numpy's HF path is single-threaded); best of
+`--repeats` passes, alternating the two paths so machine load hits both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import skimage.data
+import torch
+from PIL import Image
+from transformers import Qwen2VLImageProcessorPil
+
+from data.vision import ImageProcessor, VisionConfig
+from training.models import FAMILIES
+
+# (width, height, images per sample, samples of this kind)
+MIX = [(1280, 720, 1, 6), (720, 1280, 1, 2), (1024, 768, 1, 3), (640, 480, 1, 4), (448, 448, 1, 2),
+       (333, 500, 1, 2), (800, 600, 2, 2), (1920, 1080, 1, 1)]
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat")
+
+
+def sample_mix() -> list[list[Image.Image]]:
+    """Samples (lists of images): real photographs resized to the mix's sizes."""
+    photos = [Image.fromarray(getattr(skimage.data, n)()) for n in PHOTOS]
+    out, k = [], 0
+    for w, h, per, count in MIX:
+        for _ in range(count):
+            out.append([photos[(k + j) % len(photos)].resize((w, h), Image.Resampling.BICUBIC) for j in range(per)])
+            k += 1
+    return out
+
+
+def _time(fn, samples) -> float:
+    t = time.perf_counter()
+    for s in samples:
+        fn(s)
+    return time.perf_counter() - t
+
+
+def vision(repeats: int, min_pixels: int, max_pixels: int) -> None:
+    samples = sample_mix()
+    n_img = sum(len(s) for s in samples)
+    print(f"== vision: {len(samples)} samples, {n_img} images, min_pixels={min_pixels} max_pixels={max_pixels}, "
+          f"torch threads={torch.get_num_threads()}")
+    print(f"{'family':<11} {'path':<26} {'samples/s':>10} {'vis tok/s':>11} {'vs HF':>7}  check")
+    for name, fam in FAMILIES.items():
+        hf = Qwen2VLImageProcessorPil(patch_size=fam.patch_size, temporal_patch_size=2, merge_size=2,
+                                      image_mean=fam.image_mean, image_std=fam.image_std,
+                                      min_pixels=min_pixels, max_pixels=max_pixels)
+        paths = {"HF Qwen2VLImageProcessorPil": lambda s: hf(images=s, return_tensors="pt")}
+        checks = {}
+        for resize in ("pil", "torch"):
+            ours = ImageProcessor(VisionConfig.from_hf(hf, resize=resize))
+            paths[f"ours (resize={resize})"] = ours
+            worst, grids_equal = 0.0, True
+            for s in samples:
+                a, b = hf(images=s, return_tensors="pt"), ours(s)
+                grids_equal &= torch.equal(a["image_grid_thw"], b["image_grid_thw"])
+                worst = max(worst, (a["pixel_values"] - b["pixel_values"]).abs().max().item())
+            checks[f"ours (resize={resize})"] = ("bitwise equal" if worst == 0 and grids_equal else
+                                                 f"grids {'equal' if grids_equal else 'DIFFER'}, max|diff| {worst:.4f}")
+        tokens = sum(int(hf(images=s, return_tensors="pt")["image_grid_thw"].prod(-1).sum()) // 4 for s in samples)
+        best = {p: float("inf") for p in paths}
+        for _ in range(repeats):
+            for p, fn in paths.items():
+                best[p] = min(best[p], _time(fn, samples))
+        base = best["HF Qwen2VLImageProcessorPil"]
+        for p in paths:
+            print(f"{name:<11} {p:<26} {len(samples) / best[p]:>10.1f} {tokens / best[p]:>11.0f} "
+                  f"{base / best[p]:>6.2f}x  {checks.get(p, 'baseline')}")
+
+
+def packing(args) -> None:
+    """Packing fill (%) at seq_len 8192 vs pad-to-longest batching: to be added with data/pack.py."""
+    print("== packing: not measured here yet (data/pack.py adds this section)")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for our path")
+    ap.add_argument("--min-pixels", type=int, default=56 * 56)
+    ap.add_argument("--max-pixels", type=int, default=28 * 28 * 1280, help="HF default (1280 tokens for patch 14)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    np.random.seed(0)
+    vision(args.repeats, args.min_pixels, args.max_pixels)
+    packing(args)
+
+
+if __name__ == "__main__":
+    main()
