@@ -45,6 +45,7 @@ from data.encode import IGNORE
 
 _MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 _REQUIRED = ("input_ids", "labels", "position_ids")
+_STATE_KEYS = ("seq_len", "buffer_size", "overlong")
 
 
 @dataclass
@@ -195,13 +196,15 @@ class Packer:
                                      f"it; the encode step must keep the RawSample under sample['raw']")
                 units.append({"raw": raw_to_json(unit[0]["raw"]), "length": _length(unit)})
             rows.append(units)
-        return {"seq_len": self.cfg.seq_len, "rows": rows, "stats": copy.deepcopy(self.stats)}
+        return {**{k: getattr(self.cfg, k) for k in _STATE_KEYS}, "rows": rows, "stats": copy.deepcopy(self.stats)}
 
     def load_state_dict(self, state: dict, encode: Callable[[dict], list[dict]]) -> None:
         """Re-encodes the buffered raw samples; `encode` must be the function whose output add() was given."""
-        if state["seq_len"] != self.cfg.seq_len:
-            raise ValueError(f"packer state was written with seq_len={state['seq_len']} but this run has "
-                             f"pack.seq_len={self.cfg.seq_len}; resume with the same seq_len or start a new output_dir")
+        for k in _STATE_KEYS:  # they decide which rows form; resuming with others would not be exact
+            if state[k] != getattr(self.cfg, k):
+                raise ValueError(f"packer state was written with {k}={state[k]!r} but this run has "
+                                 f"pack.{k}={getattr(self.cfg, k)!r}; resume with the same value or start a new "
+                                 f"output_dir")
         fit = FirstFit(self.cfg.seq_len, self.cfg.buffer_size)
         for saved in state["rows"]:
             row = []

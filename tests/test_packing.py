@@ -350,7 +350,9 @@ def test_restore_refuses_other_seq_len_and_changed_encoder(qwen2_bundle):
         p.add(encode(raw))
     state = p.state_dict()
     with pytest.raises(ValueError, match="seq_len=96"):
-        PackConfig(seq_len=64).build().load_state_dict(state, encode)
+        PackConfig(seq_len=64, buffer_size=50).build().load_state_dict(state, encode)
+    with pytest.raises(ValueError, match="buffer_size=50"):
+        PackConfig(seq_len=96, buffer_size=8).build().load_state_dict(state, encode)
 
     def longer(raw):
         return [dict(s, input_ids=torch.cat([s["input_ids"], s["input_ids"][:1]])) for s in encode(raw)]
