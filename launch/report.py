@@ -1,0 +1,208 @@
+"""DIR/report.md after a chain: per step its loss and lr curves, objective metrics (DPO/SAPO when they ran),
+and held-out metrics of the step's starting model and of its export (training/evaluate.py).
+
+`python -m launch.report DIR` writes the report of a finished (or partly finished) chain, e.g. after SLURM.
+Held-out results are cached per model in DIR/eval_cache.json, so a step's start reuses its predecessor's end.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+STANDARD = {"step", "loss", "lr", "tokens", "tokens_per_s", "supervised_tokens", "step_time_s", "data_wait_frac",
+            "grad_norm"}
+OBJECTIVE_TITLES = {"dpo": "Preference optimisation (DPO)", "sapo": "Reinforcement learning (SAPO)"}
+
+
+def _rows(d: Path) -> list[dict]:
+    f = d / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    return [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+
+
+def _step_cfg(d: Path) -> dict:
+    f = d / "config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(f), resolve=True) if f.is_file() else {}
+
+
+def _model_cfg(section: dict, path: str | None):
+    from training.models import ModelConfig
+
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), section))
+    cfg.path = path
+    return cfg
+
+
+def _cached_eval(cache_file: Path, model_cfg, settings) -> dict:
+    """Held-out metrics of one model, computed once per (model, samples, seed)."""
+    from training.evaluate import EvalConfig, evaluate
+
+    key = f"{model_cfg.path or 'init:' + model_cfg.name + ':' + str(model_cfg.init_seed)}|{settings.samples}|{settings.seed}"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    if key not in cache:
+        cache[key] = evaluate(model_cfg, EvalConfig(samples=settings.samples, seed=settings.seed))
+        cache_file.write_text(json.dumps(cache, indent=1) + "\n")
+    return cache[key]
+
+
+def step_eval(step, settings) -> dict | None:
+    """{"start": metrics of the model the step started from, "end": metrics of its hf/ export}."""
+    cfg = _step_cfg(step.out)
+    if not cfg or not (step.out / "hf" / "config.json").is_file():
+        return None
+    cache = step.out.parent / "eval_cache.json"
+    model = cfg["model"]
+    return {"start": _cached_eval(cache, _model_cfg(model, model.get("path")), settings),
+            "end": _cached_eval(cache, _model_cfg(model, str(step.out / "hf")), settings)}
+
+
+def _plot_step(rows: list[dict], png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["step"] for r in rows]
+    sources = sorted({k for r in rows for k in r if k.startswith("loss/")})
+    extra = sorted({k for r in rows for k, v in r.items()
+                    if k not in STANDARD and not k.startswith(("lr/", "loss/")) and isinstance(v, (int, float))})
+    n = 2 + bool(extra)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2))
+    ax = axes[0]
+    ax.plot(x, [r["loss"] for r in rows], label="loss", lw=1.5)
+    for k in sources:
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=0.8, alpha=0.8)
+    ax.set_xlabel("step"), ax.set_title("training loss"), ax.legend(fontsize=7)
+    ax = axes[1]
+    ax.plot(x, [r["lr"] for r in rows])
+    ax.set_xlabel("step"), ax.set_title("learning rate"), ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if extra:
+        ax = axes[2]
+        for k in extra:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1)
+        ax.set_xlabel("step"), ax.set_title("objective metrics"), ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def _plot_chain(names: list[str], evals: list[dict | None], png: Path) -> None:
+    """Held-out caption loss and VQA accuracy at every boundary of the chain (start, then after each step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(n, e) for n, e in zip(names, evals) if e]
+    if not pts:
+        return
+    labels = ["start"] + [n for n, _ in pts]
+    ms = [pts[0][1]["start"]] + [e["end"] for _, e in pts]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].plot(labels, [m["caption_loss"] for m in ms], marker="o")
+    axes[0].set_title("held-out caption loss")
+    axes[1].plot(labels, [m["vqa_accuracy"] for m in ms], marker="o", label="VQA accuracy")
+    axes[1].plot(labels, [m["vqa_chance"] for m in ms], ls="--", color="grey", label="chance")
+    axes[1].set_ylim(0, 1), axes[1].set_title("held-out VQA answer accuracy"), axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def _fmt(v, spec=".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def write_report(out: Path, p=None, steps=None, stopped: str | None = None, evaluate: bool = True) -> Path:
+    """Writes out/report.md and out/plots/*.png from the step directories (and pipeline.json)."""
+    from launch.pipeline import EvalSettings
+
+    out = Path(out)
+    manifest = json.loads((out / "pipeline.json").read_text()) if (out / "pipeline.json").is_file() else {}
+    name = p.name if p is not None else manifest.get("name", out.name)
+    stopped = stopped if stopped is not None else manifest.get("stopped")
+    entries = [(s.name, s.out) for s in steps] if steps is not None else \
+        [(s["name"], Path(s["dir"])) for s in manifest.get("steps", [])]
+    settings = p.eval if p is not None else EvalSettings()
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+
+    class _S:  # the bits of a Step that step_eval needs
+        def __init__(self, name, d):
+            self.name, self.out = name, d
+
+    ran, evals = [], []
+    for step_name, d in entries:
+        rows = _rows(d)
+        if not (d / "DONE").is_file() and not rows:
+            continue
+        ran.append((step_name, d, rows, _step_cfg(d)))
+        evals.append(step_eval(_S(step_name, d), settings) if evaluate else None)
+
+    lines = [f"# Pipeline `{name}`", "", f"Output: `{out}`", ""]
+    if stopped:
+        lines += [f"> **Stopped early:** {stopped}", ""]
+    lines += ["| step | stage | trains | objective | steps | first loss | last loss | held-out caption loss "
+              "(start → end) | held-out VQA accuracy (start → end, chance) |", "|---|---|---|---|---|---|---|---|---|"]
+    for (step_name, d, rows, cfg), ev in zip(ran, evals):
+        st = cfg.get("stage", {})
+        first, last = (rows[0]["loss"], rows[-1]["loss"]) if rows else (None, None)
+        done = "" if (d / "DONE").is_file() else " (unfinished)"
+        cap = f"{_fmt(ev['start']['caption_loss'])} → {_fmt(ev['end']['caption_loss'])}" if ev else "–"
+        acc = (f"{_fmt(ev['start']['vqa_accuracy'], '.2f')} → {_fmt(ev['end']['vqa_accuracy'], '.2f')} "
+               f"({_fmt(ev['end']['vqa_chance'], '.2f')})") if ev else "–"
+        lines.append(f"| {step_name}{done} | {st.get('name', '?')} | {', '.join(st.get('trainable', []))} | "
+                     f"{st.get('objective', {}).get('name', '?')} | {rows[-1]['step'] if rows else 0} | "
+                     f"{_fmt(first)} | {_fmt(last)} | {cap} | {acc} |")
+    lines.append("")
+    if any(evals):
+        _plot_chain([r[0] for r in ran], evals, plots / "held_out.png")
+        lines += ["## Held-out metrics along the chain", "",
+                  f"Shapes samples with seed {settings.seed} ({settings.samples} per task), never seen in training: "
+                  "mean token cross-entropy of captions, and exact-match greedy answers to colour/count questions.",
+                  "", "![held-out](plots/held_out.png)", ""]
+    for (step_name, d, rows, cfg), ev in zip(ran, evals):
+        objective = cfg.get("stage", {}).get("objective", {}).get("name", "lm")
+        lines += [f"## {step_name}" + (f": {OBJECTIVE_TITLES[objective]}" if objective in OBJECTIVE_TITLES else ""),
+                  ""]
+        if rows:
+            png = plots / f"{step_name}.png"
+            _plot_step(rows, png, f"{step_name} ({cfg.get('stage', {}).get('name', '')})")
+            secs = sum(r.get("step_time_s", 0.0) for r in rows)
+            lines += [f"{len(rows)} steps, {sum(r.get('tokens', 0) for r in rows):.0f} tokens, "
+                      f"{secs:.1f} s of training steps. Log: `{d / 'console.log'}`", "",
+                      f"![{step_name}](plots/{png.name})", ""]
+        if ev:
+            lines += ["| held-out | start | end |", "|---|---|---|"]
+            for k in ("caption_loss", "vqa_accuracy", "vqa_accuracy_colour", "vqa_accuracy_count", "vqa_chance"):
+                lines.append(f"| {k} | {_fmt(ev['start'].get(k))} | {_fmt(ev['end'].get(k))} |")
+            ex = ev["end"].get("vqa_examples", [])
+            if ex:
+                lines += ["", "Answers of the exported model: " + "; ".join(
+                    f"*{e['question']}* → `{e['said']}` (truth `{e['answer']}`)" for e in ex)]
+            lines.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m launch.report DIR   (a pipeline output_dir)", file=sys.stderr)
+        return 2
+    print(write_report(Path(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
