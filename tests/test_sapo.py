@@ -206,3 +206,77 @@ def test_unknown_reward_fails_before_generation():
     micro = [pack(b.model, [[p] for p in _prompts(b, reward="exact")], b.tokenizer.pad_token_id)]
     with pytest.raises(ValueError, match="'exact'"):
         _objective(b).prepare(b.model, micro)
+
+
+TWO_RANKS = r'''
+import json, os, sys, types
+sys.path[:0] = [REPO, REPO + "/tests"]
+import torch
+from training.train import init_distributed
+from training import models
+from training.loop import JobConfig
+from training.engine import EngineConfig, initialize
+from stages import StageConfig
+from stages.dpo import DPOObjective, Config as DC
+from stages.sapo import RLObjective, Config as SC
+from test_dpo import dpo_pairs, pack
+from test_sapo import _prompts
+rank, world = init_distributed()
+zs = int(sys.argv[1])
+job = JobConfig()
+job.model = models.ModelConfig(name="tiny_qwen2_5_vl", family="qwen2_5_vl")
+job.engine = EngineConfig(name=f"zero{zs}", zero_stage=zs)
+job.stage = StageConfig(name="rl", trainable=["merger", "llm"])
+job.trainer.micro_batch_size, job.trainer.grad_accum = 1, 1
+b = models.build(job.model)
+groups = models.param_groups(b.model, b.family)
+models.apply_trainable(b.model, groups, job.stage.trainable)
+helper = models.build(job.model)  # batches need get_rope_index, not the (partitioned) weights
+dmb = pack(helper.model, dpo_pairs(helper), helper.tokenizer.pad_token_id)
+rmb = pack(helper.model, [[p] for p in _prompts(helper)], helper.tokenizer.pad_token_id)
+engine, _ = initialize(b.model, groups, job.stage, job.engine, 1, 1, world, 10)
+run = types.SimpleNamespace(job=job, bundle=b, engine=engine, rank=rank, world=world, groups=groups)
+out = {}
+dpo = DPOObjective(DC()); dpo.setup(run)
+out["ref_partitioned"] = sum(hasattr(p, "ds_id") for p in dpo.ref.parameters())
+dmb["weights"] = dpo.weights(dmb)
+ls, _ = dpo.loss_sum(engine, dmb)
+out["dpo"] = float(ls)
+engine.backward(ls); engine.step()
+torch.manual_seed(rank)
+# ranks decode different numbers of steps (as completions of different lengths do): under ZeRO-3 every decode
+# step all-gathers weights, so generation must keep the finished rank stepping (synced_gpus) or it hangs
+rl = RLObjective(SC(num_generations=4, max_new_tokens=4 + 3 * rank, kl_beta=0.04, drop_equal_groups=False))
+rl.setup(run)
+mb = rl.prepare(engine, [rmb])[0]
+mb["weights"] = rl.weights(mb)
+ls, st = rl.loss_sum(engine, mb)
+engine.backward(ls); engine.step()
+out["rl"], out["kl"] = float(ls), st["sums"]["policy/kl"]
+out["lengths"] = mb["attention_mask"].sum(-1).tolist()
+open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w").write(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_ranks_reference_and_rollouts_under_zero(zero, tmp_path):
+    """2 gloo ranks: the reference is sharded like the policy under ZeRO-3, DPO starts at 2 log 2 per 2 pairs,
+    ranks sampling different completions still generate in step (synced_gpus) and train."""
+    import json
+    import math
+    import subprocess
+
+    from conftest import REPO, clean_env
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(f"REPO = {str(REPO)!r}\n" + TWO_RANKS)
+    p = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", str(script), str(zero), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, env=clean_env())
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in rows:
+        assert abs(r["dpo"] - 2 * math.log(2)) < 1e-5
+        assert (r["ref_partitioned"] > 0) == (zero == 3)
+        assert math.isfinite(r["rl"]) and r["kl"][0] > 0
+    assert rows[0]["lengths"] != rows[1]["lengths"]
