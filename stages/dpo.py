@@ -163,10 +163,15 @@ class DPOObjective:
             stats["rpo/nll"] = [float(d(nll).sum()), n]
         return (total * w).sum(), {"sums": stats}
 
-    def evaluate(self, engine, batch: dict) -> dict:
-        """Held-out metrics of one micro-batch (no gradient): the same sums as training."""
+    def evaluate(self, engine, micro: list[dict]) -> dict:
+        """Held-out {metric: [sum, count]} over a step's micro-batches (no gradient): the training sums."""
+        out: dict = {}
         with torch.no_grad():
-            return self.loss_sum(engine, batch)[1]
+            for batch in micro:
+                for k, (s, n) in self.loss_sum(engine, batch)[1]["sums"].items():
+                    acc = out.setdefault(k, [0.0, 0.0])
+                    acc[0], acc[1] = acc[0] + s, acc[1] + n
+        return out
 
 
 def build_reference(run):

@@ -226,6 +226,8 @@ def test_reference_equal_to_policy_gives_log2_and_half_margin_zero():
     ls, stats = obj.loss_sum(policy.model, batch)
     assert abs(float(ls) - 2 * float(torch.log(torch.tensor(2.0)))) < 1e-5
     assert abs(stats["sums"]["rewards/margin"][0]) < 1e-5
+    held_out = obj.evaluate(policy.model, [batch, batch])  # no gradient, sums over the micro-batches
+    assert held_out["rewards/accuracy"][1] == 4.0 and abs(held_out["dpo/loss"][0] - 4 * 0.6931472) < 1e-5
 
 
 def test_precomputed_reference_reads_meta_and_names_missing_samples():
