@@ -102,6 +102,10 @@ def pipeline_config(node: DictConfig) -> PipelineConfig:
     """The `pipeline` node as a dataclass; unknown keys and steps without a stage fail with their names."""
     raw = OmegaConf.to_container(node, resolve=True)
     raw["start"] = raw.pop("from", None)
+    if raw.get("init_path") == "???":
+        raise ValueError(f"pipeline={raw.get('name')} starts from a checkpoint: set pipeline.init_path=<a local "
+                         f"{raw.get('model')}-format HF directory> (e.g. a released checkpoint, or your own assembly "
+                         f"of the LLM and ViT)")
     steps = raw.pop("steps", {}) or {}
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PipelineConfig), raw))

@@ -12,8 +12,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-STANDARD = {"step", "loss", "lr", "tokens", "tokens_per_s", "supervised_tokens", "step_time_s", "data_wait_frac",
-            "grad_norm"}
+OBJECTIVE_PREFIXES = ("dpo/", "rpo/", "rewards/", "reward/", "sapo/", "grpo/", "gspo/", "policy/")
+OBJECTIVE_KEYS = {"kl", "clip_frac", "ratio", "gate"}
+
+
+def _objective_keys(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """The DPO/SAPO metrics in the rows: (rates in [0, 1] such as preference accuracy, everything else)."""
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))
+                   and (k.startswith(OBJECTIVE_PREFIXES) or k in OBJECTIVE_KEYS)})
+    rates = [k for k in keys if k.endswith(("accuracy", "pass_rate", "clip_frac"))]
+    return rates, [k for k in keys if k not in rates]
 OBJECTIVE_TITLES = {"dpo": "Preference optimisation (DPO)", "sapo": "Reinforcement learning (SAPO)"}
 
 
@@ -68,9 +76,8 @@ def _plot_step(rows: list[dict], png: Path, title: str) -> None:
 
     x = [r["step"] for r in rows]
     sources = sorted({k for r in rows for k in r if k.startswith("loss/")})
-    extra = sorted({k for r in rows for k, v in r.items()
-                    if k not in STANDARD and not k.startswith(("lr/", "loss/")) and isinstance(v, (int, float))})
-    n = 2 + bool(extra)
+    panels = [p for p in _objective_keys(rows) if p]
+    n = 2 + len(panels)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2))
     ax = axes[0]
     ax.plot(x, [r["loss"] for r in rows], label="loss", lw=1.5)
@@ -81,12 +88,13 @@ def _plot_step(rows: list[dict], png: Path, title: str) -> None:
     ax = axes[1]
     ax.plot(x, [r["lr"] for r in rows])
     ax.set_xlabel("step"), ax.set_title("learning rate"), ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    if extra:
-        ax = axes[2]
-        for k in extra:
+    for ax, keys in zip(axes[2:], panels):
+        for k in keys:
             pts = [(r["step"], r[k]) for r in rows if k in r]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1)
-        ax.set_xlabel("step"), ax.set_title("objective metrics"), ax.legend(fontsize=7)
+        ax.set_xlabel("step"), ax.legend(fontsize=7)
+        ax.set_title("preference accuracy / pass rate" if keys[0].endswith(("accuracy", "pass_rate", "clip_frac"))
+                     else "rewards and objective terms")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
@@ -181,6 +189,14 @@ def write_report(out: Path, p=None, steps=None, stopped: str | None = None, eval
             lines += [f"{len(rows)} steps, {sum(r.get('tokens', 0) for r in rows):.0f} tokens, "
                       f"{secs:.1f} s of training steps. Log: `{d / 'console.log'}`", "",
                       f"![{step_name}](plots/{png.name})", ""]
+            rates, others = _objective_keys(rows)
+            if rates or others:
+                tail = rows[-min(5, len(rows)):]  # mean of the last few steps: single steps are noisy
+                lines += ["| objective metric | first step | mean of the last 5 steps |", "|---|---|---|"]
+                for k in rates + others:
+                    vals = [r[k] for r in tail if k in r]
+                    lines.append(f"| {k} | {_fmt(rows[0].get(k))} | {_fmt(sum(vals) / len(vals) if vals else None)} |")
+                lines.append("")
         if ev:
             lines += ["| held-out | start | end |", "|---|---|---|"]
             for k in ("caption_loss", "vqa_accuracy", "vqa_accuracy_colour", "vqa_accuracy_count", "vqa_chance"):

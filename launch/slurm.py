@@ -174,21 +174,27 @@ def submit(cfg: SlurmConfig, pipeline: str, steps: list, dry_run: bool = False) 
     return jobs
 
 
-def wait(jobs: dict[str, str], steps: list, progress, poll_s: float = 2.0) -> None:
-    """Shows the chain's progress until every submitted step has DONE; a failed job raises with its log."""
+def wait(jobs: dict[str, str], steps: list, progress, poll_s: float = 2.0, settle_s: float = 20.0) -> None:
+    """Shows the chain's progress until every submitted step has DONE; a failed job raises with its log.
+
+    A job that ends without DONE counts as failed only if it stays ended for `settle_s`: a requeued job passes
+    through an ended state (its batch script's exit) before Slurm puts it back in the queue.
+    """
     for step in steps:
         if step.name not in jobs:
             continue
         job = jobs[step.name]
         progress.start(step)
+        ended_since = None
         while not step.done:
             state = job_state(job)
-            if state in FAILED or (state is None or state == "COMPLETED") and not step.done:
-                time.sleep(1.0)  # DONE may land just after the job ends; look once more
-                if step.done:
-                    break
-                raise StepFailed(f"step {step.name}: slurm job {job} ended {state or 'UNKNOWN'} without DONE; "
-                                 f"its log: {step.out}/slurm-{job}.out")
+            if state in FAILED or state in (None, "COMPLETED"):
+                ended_since = ended_since or time.time()
+                if time.time() - ended_since >= settle_s and not step.done:
+                    raise StepFailed(f"step {step.name}: slurm job {job} ended {state or '(forgotten)'} without "
+                                     f"DONE; its log: {step.out}/slurm-{job}.out")
+            else:
+                ended_since = None
             progress.update(step)
             time.sleep(poll_s)
         progress.update(step, final=True)
