@@ -34,7 +34,7 @@ class EncoderConfig:
 
     image_min_pixels: Optional[int] = None
     image_max_pixels: Optional[int] = None
-    resize: Literal["pil", "torch"] = "pil"  # "pil": bitwise HF parity; "torch": faster, a few grey levels off
+    resize: str = "pil"  # pil | torch; "pil": bitwise HF parity; "torch": faster, a few grey levels off
     video_fps: float = 2.0
     video_min_frames: int = 4
     video_max_frames: int = 16

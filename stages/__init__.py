@@ -37,6 +37,7 @@ class StageConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     lr_mult: dict = field(default_factory=lambda: {"vision": 1.0, "merger": 1.0, "llm": 1.0})
+    mixture: dict = field(default_factory=dict)  # {data source: weight}; empty = every source of `data=`
 
 
 def build_objective(objective: dict, loss_reduction: str):

@@ -12,7 +12,6 @@ from PIL import Image
 from data import shapes
 from data.encode import IGNORE, Encoder, EncoderConfig, build_encoder
 from data.errors import BadSample
-from data.loader import IndexedLoader, Layout
 from data.video import write_mp4
 from training.models import FAMILIES, ModelConfig, build
 
@@ -189,37 +188,6 @@ def test_encoder_without_family_refuses_boxes_and_videos(bundle):
     rec = {"content": [IMG, {"type": "box", "box": [0, 0, 5, 5]}]}
     with pytest.raises(ValueError, match="build_encoder"):
         enc.encode(_raw(rec, {"0.png": _png()}))
-
-
-def test_model_runs_on_a_collated_micro_batch(bundle):
-    lay = Layout(rank=0, world=1, micro_batch=3, grad_accum=1, seq_len=8192)
-    loader = IndexedLoader(shapes.ShapesConfig(), _enc(bundle), lay, bundle.tokenizer.pad_token_id)
-    (mb,) = loader.next_step()
-    inputs = {k: mb[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
-                                 "mm_token_type_ids")}
-    logits = bundle.model(**inputs).logits
-    assert logits.shape[:2] == mb["input_ids"].shape and torch.isfinite(logits).all()
-
-
-def test_ranks_and_micro_batches_get_disjoint_consecutive_samples(bundle):
-    seen = []
-    for rank in range(2):
-        lay = Layout(rank=rank, world=2, micro_batch=2, grad_accum=3, seq_len=8192)
-        loader = IndexedLoader(shapes.ShapesConfig(), _enc(bundle), lay, bundle.tokenizer.pad_token_id)
-        loader._encode = lambda i: {"input_ids": torch.tensor([i]), "labels": torch.tensor([i]),
-                                    "mm_token_type_ids": torch.zeros(1, dtype=torch.long), "source": "s"}
-        for _ in range(2):
-            for mb in loader.next_step():
-                seen += mb["input_ids"][:, 0].tolist()
-        assert loader.state_dict()["next_index"] == 24
-    assert sorted(seen) == list(range(24))
-
-
-def test_loader_refuses_a_checkpoint_from_another_layout(bundle):
-    lay = Layout(rank=0, world=1, micro_batch=2, grad_accum=1, seq_len=8192)
-    loader = IndexedLoader(shapes.ShapesConfig(), _enc(bundle), lay, 0)
-    with pytest.raises(ValueError, match="world=2"):
-        loader.load_state_dict({"next_index": 8, "world": 2, "micro_batch": 2, "grad_accum": 1})
 
 
 def test_shapes_samples_are_deterministic():

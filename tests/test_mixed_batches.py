@@ -1,9 +1,9 @@
-"""Mixed text-only / image micro-batches across ranks under ZeRO-3 (the hang other frameworks have).
+"""Split independence of the loss normalisation, and mixed text-only / image micro-batches under ZeRO-3.
 
-Rank 0 trains on an image sample while rank 1 trains on a text-only one. Without care rank 0 waits in the
-ViT's parameter all-gather forever (DESIGN.md facts). The run must finish, and its weights must equal one
-process that sees both samples as two accumulation micro-batches: the vision tower really trained, the
-same way, on both.
+Both run the real loop (tests/dist/fixed_batches.py) on fixed global batches of packed rows, so any layout
+trains on the same data: 2 ranks × 2 micro-batches must give the weights of 1 rank with the whole batch.
+For the mixed case rank 0 trains on an image row while rank 1 trains on a text-only one; without care
+rank 0 waits in the ViT's parameter all-gather forever (DESIGN.md facts).
 """
 import subprocess
 import sys
@@ -14,30 +14,43 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO, clean_env, metrics_rows
 
-SCRIPT = str(REPO / "tests" / "dist" / "mixed_batch.py")
+SCRIPT = str(REPO / "tests" / "dist" / "fixed_batches.py")
 
 
-def _run(out, family, engine, nproc):
+def _run(out, nproc, **opts):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    p = subprocess.run(launcher + [SCRIPT, family, str(out), engine], cwd=REPO, capture_output=True, text=True,
-                       timeout=300, env=clean_env())
+    p = subprocess.run(launcher + [SCRIPT, str(out)] + [f"{k}={v}" for k, v in opts.items()], cwd=REPO,
+                       capture_output=True, text=True, timeout=400, env=clean_env())
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return load_file(str(out / "weights.safetensors"))
+    return [r["loss"] for r in metrics_rows(out)], load_file(str(out / "weights.safetensors"))
+
+
+def _assert_same(a, b, atol):
+    (la, wa), (lb, wb) = a, b
+    # the logged losses agree to float32 round-off; Adam (lr 1e-3) turns round-off in tiny gradients into
+    # weight differences well below one step's size, so weights are compared at a fraction of a step
+    assert la == pytest.approx(lb, rel=1e-6, abs=0)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reduction", ["token", "sample", "sqrt"])
+def test_two_ranks_two_micro_batches_equal_one_rank_whole_batch(tmp_path, reduction):
+    one = _run(tmp_path / "one", 1, reduction=reduction, micro=4)  # 1 rank, the whole global batch at once
+    acc = _run(tmp_path / "acc", 1, reduction=reduction, micro=1)  # 1 rank, 4 accumulation micro-batches
+    two = _run(tmp_path / "two", 2, reduction=reduction, micro=1)  # 2 ranks x 2 micro-batches
+    _assert_same(acc, one, 5e-5)
+    _assert_same(two, one, 5e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_zero3_mixed_batch_matches_single_process(tmp_path, family):
-    two = _run(tmp_path / "two", family, "zero3", 2)
-    one = _run(tmp_path / "one", family, "zero2", 1)
-    assert two.keys() == one.keys()
-    vision = [k for k in two if ".visual." in k]
+    two = _run(tmp_path / "two", 2, family=family, engine="zero3", arrange="mixed")
+    one = _run(tmp_path / "one", 1, family=family, engine="zero2", arrange="mixed")
+    vision = [k for k in two[1] if ".visual." in k]
     assert vision and any("deepstack" in k for k in vision) == (family == "qwen3_vl")
-    # the logged losses agree to float32 round-off; Adam (lr 1e-3) turns round-off in tiny gradients into
-    # weight differences well below one step's size, so the weights are compared at 5% of a step
-    l2 = [r["loss"] for r in metrics_rows(tmp_path / "two")]
-    l1 = [r["loss"] for r in metrics_rows(tmp_path / "one")]
-    assert l2 == pytest.approx(l1, rel=1e-6, abs=0)
-    for k in two:
-        torch.testing.assert_close(two[k], one[k], rtol=0, atol=5e-5, msg=k)
+    _assert_same(two, one, 5e-5)

@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.encode import IGNORE, Encoder
-from data.loader import IndexedLoader, Layout
-from data.shapes import ShapesConfig
+from data.encode import IGNORE
+from data.pipeline import DataConfig, Layout, Pipeline, source_configs
 from stages import StageConfig, build_objective
 from training import flops, models
 from training.checkpoint import Checkpointer
@@ -40,7 +39,7 @@ class TrainerConfig:
 class JobConfig:
     model: models.ModelConfig = field(default_factory=models.ModelConfig)
     stage: StageConfig = field(default_factory=StageConfig)
-    data: ShapesConfig = field(default_factory=ShapesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -117,7 +116,7 @@ class Run:
     world: int
     bundle: models.Bundle
     groups: dict  # parameter names per group (vision, merger, llm)
-    loader: IndexedLoader
+    loader: Pipeline
     objective: object
     engine: object = None
     ckpt: Checkpointer | None = None
@@ -164,8 +163,11 @@ def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int)
     objective = build_objective(stage.objective, stage.loss_reduction)  # fails before any compute
     layout = Layout(rank=rank, world=world, micro_batch=tr.micro_batch_size, grad_accum=tr.grad_accum,
                     seq_len=stage.seq_len)
-    loader = IndexedLoader(job.data, Encoder(bundle.tokenizer, bundle.image_processor), layout,
-                           pad_id=bundle.tokenizer.pad_token_id)
+    if rank == 0:  # the shapes cache is generated once, before the other ranks read it
+        source_configs(job.data, stage.mixture)
+    if dist.is_initialized():
+        dist.barrier()
+    loader = Pipeline(job.data, stage.mixture, bundle, layout)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(resolved_yaml)

@@ -1,0 +1,226 @@
+"""The whole data chain for one rank: sources -> mixture -> encode -> M-RoPE ids -> pack -> micro-batches.
+
+Each loader worker (or the trainer process itself with `num_workers=0`) runs its own complete chain over
+its own slot of the shards (rank × worker split in data/shards.py) and yields whole micro-batches, each
+with the chain's state right after it was made. The trainer takes micro-batches from the workers in a
+fixed round-robin order (torch's DataLoader does that for iterable datasets), remembers the state that
+came with the last micro-batch it took from each worker, and saves those: a restore rebuilds every chain
+from its state, so the micro-batches after a restore equal those of an uninterrupted run, and nothing
+already consumed is read again. Prefetched micro-batches that were never taken are simply made again.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from data import rope, shapes
+from data.encode import EncoderConfig, build_encoder
+from data.errors import BadSample
+from data.mixture import Mixture
+from data.pack import PackConfig, collate
+from data.shards import SourceConfig
+
+
+@dataclass
+class DataConfig:
+    """`data=`: where samples come from (the shapes cache or shards) and how the chain runs."""
+
+    name: str = "shapes"  # shapes: the synthetic cache (generated on first use) | shards: `sources`
+    sources: list = field(default_factory=list)  # shards: [{name, urls, weight, shuffle_buffer}]
+    shapes: shapes.ShapesConfig = field(default_factory=shapes.ShapesConfig)
+    split: str = "train"  # shapes: train | heldout
+    seed: int = 0  # mixture RNG
+    max_bad_fraction: float = 0.05
+    min_pulls: int = 200
+    num_workers: int = 0  # loader processes per rank; 0 = in the trainer process
+    pack_buffer: int = 64  # samples held open by the packer
+    overlong: str = "drop"  # drop | truncate (text-only samples)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+
+
+def source_configs(cfg: DataConfig, mixture: dict) -> list[SourceConfig]:
+    """The configured sources, narrowed and re-weighted by the stage's mixture ({source: weight}) if it has one."""
+    if cfg.name == "shapes":
+        sh = copy.deepcopy(cfg.shapes)
+        if mixture:
+            unknown = sorted(set(mixture) - set(shapes.ALL_TASKS))
+            if unknown:
+                raise ValueError(f"stage.mixture names {unknown}, which are not shapes tasks {list(shapes.ALL_TASKS)}")
+            sh.tasks = list(mixture)
+        paths = shapes.ensure_cache(sh, split=cfg.split)
+        srcs = [SourceConfig(name=t, urls=p, weight=float(sh.weights.get(t, 1.0)), shuffle_buffer=sh.shuffle_buffer,
+                             seed=sh.seed) for t, p in paths.items()]
+    elif cfg.name == "shards":
+        srcs = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in cfg.sources]
+        if not srcs:
+            raise ValueError("data=shards needs data.sources: [{name: ..., urls: '/data/x-{0000..0099}.tar', "
+                             "weight: 1}]")
+    else:
+        raise ValueError(f"data.name={cfg.name!r}; choose shapes or shards")
+    if not mixture:
+        return srcs
+    known = {s.name: s for s in srcs}
+    unknown = sorted(set(mixture) - set(known))
+    if unknown:
+        raise ValueError(f"stage.mixture names {unknown}, which are not data sources {sorted(known)}")
+    return [SourceConfig(**{**known[n].__dict__, "weight": float(w)}) for n, w in mixture.items()]
+
+
+@dataclass
+class Layout:
+    """Who this process is and how a step is split; passed in, never read from the environment."""
+
+    rank: int
+    world: int
+    micro_batch: int  # packed rows per micro-batch
+    grad_accum: int
+    seq_len: int
+
+
+class Chain:
+    """One worker's chain, from RawSamples to collated micro-batches, with its state."""
+
+    def __init__(self, sources: list[SourceConfig], cfg: DataConfig, bundle, layout: Layout, worker: int,
+                 num_workers: int):
+        self.mixture = Mixture({s.name: s.build(layout.rank, layout.world, worker, num_workers) for s in sources},
+                               [s.weight for s in sources], cfg.seed, layout.rank, worker,
+                               max_bad_fraction=cfg.max_bad_fraction, min_pulls=cfg.min_pulls)
+        self.encoder = build_encoder(cfg.encoder, bundle)
+        self.spec = rope.RopeSpec.from_config(bundle.model.config)
+        self.pack_cfg = PackConfig(seq_len=layout.seq_len, buffer_size=cfg.pack_buffer, overlong=cfg.overlong,
+                                   pad_id=bundle.tokenizer.pad_token_id)
+        self.packer = self.pack_cfg.build()
+        self.rows: list = []  # finished rows not yet in a micro-batch
+        self.micro_batch = layout.micro_batch
+
+    def encode(self, raw: dict) -> list[dict]:
+        return [rope.attach(self.spec, s) for s in self.encoder.encode(raw)]
+
+    def next_micro_batch(self) -> dict:
+        while len(self.rows) < self.micro_batch:
+            raw = next(self.mixture)
+            try:
+                units = self.encode(raw)
+            except BadSample as e:
+                self.mixture.count_bad(raw["source"], e)
+                continue
+            self.rows.extend(self.packer.add(units))
+        rows, self.rows = self.rows[:self.micro_batch], self.rows[self.micro_batch:]
+        return collate(rows, self.pack_cfg)
+
+    def state_dict(self) -> dict:
+        from data.pack import raw_to_json
+
+        return {"mixture": self.mixture.state_dict(), "packer": self.packer.state_dict(),
+                "rows": [[raw_to_json(s["raw"]) for s in _units(row)] for row in self.rows]}
+
+    def load_state_dict(self, state: dict) -> None:
+        from data.pack import raw_from_json
+
+        self.mixture.load_state_dict(state["mixture"])
+        self.packer.load_state_dict(state["packer"], self.encode)
+        self.rows = [[s for raw in row for s in self.encode(raw_from_json(raw))] for row in state["rows"]]
+
+    def metrics(self) -> dict:
+        """Skipped samples per source and reason (bad data, too long for seq_len)."""
+        out = dict(self.mixture.metrics())
+        for what in ("dropped", "truncated"):
+            for src, reasons in self.packer.stats[what].items():
+                for reason, n in reasons.items():
+                    out[f"{what}/{src}/{reason}"] = n
+        return out
+
+
+def _units(row: list[dict]) -> list[dict]:
+    """The first sample of each unit (samples of one raw record share its `raw`)."""
+    out, seen = [], set()
+    for s in row:
+        if id(s["raw"]) not in seen:
+            seen.add(id(s["raw"]))
+            out.append(s)
+    return out
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """What a DataLoader worker runs: its chain, from the state it is given, forever."""
+
+    def __init__(self, make_chain, states: list, rotate: int, num_workers: int):
+        self.make_chain, self.states, self.rotate, self.num_workers = make_chain, states, rotate, num_workers
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        # physical worker w plays logical slot (w + rotate): round-robin resumes at the right worker
+        slot = ((info.id if info else 0) + self.rotate) % self.num_workers
+        chain = self.make_chain(slot)
+        if self.states[slot] is not None:
+            chain.load_state_dict(self.states[slot])
+        while True:
+            batch = chain.next_micro_batch()
+            yield slot, batch, chain.state_dict(), chain.metrics()
+
+
+class Pipeline:
+    """`next_step()` gives this rank's micro-batches of one optimizer step; `state_dict()` resumes exactly."""
+
+    def __init__(self, cfg: DataConfig, mixture: dict, bundle, layout: Layout):
+        self.cfg, self.layout = cfg, layout
+        self.sources = source_configs(cfg, mixture)
+        self.n = max(1, cfg.num_workers)
+        self.states: list[Optional[dict]] = [None] * self.n
+        self.consumed = 0  # micro-batches taken; the next one comes from logical worker consumed % n
+        self._metrics: list[dict] = [{} for _ in range(self.n)]
+        self._make = lambda slot: Chain(self.sources, cfg, bundle, layout, slot, self.n)
+        self._chain = self._make(0) if cfg.num_workers == 0 else None
+        self._it = None
+
+    def _iterator(self):
+        if self._it is None:
+            ds = _Stream(self._make, self.states, self.consumed % self.n, self.n)
+            self._it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
+                                                        persistent_workers=False, prefetch_factor=2))
+        return self._it
+
+    def _next(self) -> dict:
+        if self._chain is not None:
+            batch = self._chain.next_micro_batch()
+            self._metrics[0] = self._chain.metrics()
+        else:
+            slot, batch, state, metrics = next(self._iterator())
+            assert slot == self.consumed % self.n, "round-robin order broken"
+            self.states[slot], self._metrics[slot] = state, metrics
+        self.consumed += 1
+        return batch
+
+    def next_step(self) -> list[dict]:
+        return [self._next() for _ in range(self.layout.grad_accum)]
+
+    def metrics(self) -> dict:
+        out: dict = {}
+        for m in self._metrics:
+            for k, v in m.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def state_dict(self) -> dict:
+        states = [self._chain.state_dict()] if self._chain is not None else self.states
+        return {"world": self.layout.world, "num_workers": self.cfg.num_workers, "consumed": self.consumed,
+                "micro_batch": self.layout.micro_batch, "seq_len": self.layout.seq_len, "workers": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, have in (("world", self.layout.world), ("num_workers", self.cfg.num_workers),
+                          ("micro_batch", self.layout.micro_batch), ("seq_len", self.layout.seq_len)):
+            if state.get(key) != have:
+                name = {"world": "the data-parallel size", "num_workers": "data.num_workers",
+                        "micro_batch": "trainer.micro_batch_size", "seq_len": "stage.seq_len"}[key]
+                raise ValueError(f"the checkpoint's data state was written with {name}={state.get(key)} but this run "
+                                 f"has {have}; each rank/worker resumes its own shard slot exactly, so resume with "
+                                 f"the same value or start a new output_dir")
+        self.consumed = state["consumed"]
+        if self._chain is not None:
+            self._chain.load_state_dict(state["workers"][0])
+        else:
+            self.states = list(state["workers"])
+            self._it = None

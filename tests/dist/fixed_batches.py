@@ -1,0 +1,92 @@
+"""Runs the real training loop on fixed, layout-independent global batches.
+
+`python fixed_batches.py OUT KEY=VALUE...` (under torchrun for several ranks). The global batch of every
+step is the same packed rows whatever the layout: samples from the shapes generator go through the real
+encoder, M-RoPE step and packer once, in one fixed order, and rank r's micro-batch m of a step takes rows
+`(m * world + r) * micro ...`. So runs with different world sizes / micro-batch sizes / accumulation
+steps train on exactly the same global batches and must end with the same weights. `arrange=mixed` gives
+rank 0 an image row and rank 1 a text-only row (the ZeRO-3 mixed-batch case).
+The final weights go to OUT/weights.safetensors.
+"""
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from data import rope, shapes  # noqa: E402
+from data.encode import EncoderConfig, build_encoder  # noqa: E402
+from data.pack import PackConfig, collate  # noqa: E402
+from tests.conftest import compose  # noqa: E402
+from training import loop  # noqa: E402
+from training.train import init_distributed, to_job  # noqa: E402
+
+
+def rows_for(bundle, tasks, n_rows, seq_len):
+    enc = build_encoder(EncoderConfig(), bundle)
+    spec = rope.RopeSpec.from_config(bundle.model.config)
+    cfg = PackConfig(seq_len=seq_len, buffer_size=4, pad_id=bundle.tokenizer.pad_token_id)
+    packer, rows, i = cfg.build(), [], 0
+    while len(rows) < n_rows:
+        task = tasks[i % len(tasks)]
+        record, media = shapes.generate(shapes.ShapesConfig(), task, i)
+        raw = dict(key=f"{task}-{i}", source=task, record=record, media=media)
+        rows += packer.add([rope.attach(spec, s) for s in enc.encode(raw)])
+        i += 1
+    return rows[:n_rows], cfg
+
+
+class FixedLoader:
+    """Rank r's micro-batches of each step, cut from the fixed global rows."""
+
+    def __init__(self, rows, cfg, rank, world, micro, ga):
+        self.rows, self.cfg, self.rank, self.world, self.micro, self.ga = rows, cfg, rank, world, micro, ga
+        self.step = 0
+
+    def next_step(self):
+        per_step = self.world * self.micro * self.ga
+        base = self.step * per_step
+        self.step += 1
+        out = []
+        for m in range(self.ga):
+            at = base + (m * self.world + self.rank) * self.micro
+            out.append(collate(self.rows[at:at + self.micro], self.cfg))
+        return out
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = state["step"]
+
+
+def main(out: str, *args: str) -> None:
+    opts = dict(family="qwen2_5_vl", engine="zero2", reduction="token", micro="1", steps="3", arrange="uniform",
+                lr="1e-3")
+    opts.update(a.split("=", 1) for a in args)
+    rank, world = init_distributed()
+    micro, steps = int(opts["micro"]), int(opts["steps"])
+    ga = 4 // (world * micro) if opts["arrange"] == "uniform" else 2 // world
+    job = to_job(compose([f"model=tiny_{opts['family']}", f"engine={opts['engine']}", "logger=none",
+                          f"output_dir={out}", f"trainer.max_steps={steps}", f"trainer.micro_batch_size={micro}",
+                          f"trainer.grad_accum={ga}", "trainer.save_every=0", f"stage.optimizer.lr={opts['lr']}",
+                          f"stage.loss_reduction={opts['reduction']}", "stage.seq_len=256"]))
+    r = loop._setup(job, "", Path(out), rank, world)
+    per_step = world * micro * ga
+    if opts["arrange"] == "mixed":  # every step: an image row then a text-only row
+        image, cfg = rows_for(r.bundle, ["caption"], 1, 256)
+        text, _ = rows_for(r.bundle, ["text"], 1, 256)
+        rows = (image + text) * steps
+    else:
+        rows, cfg = rows_for(r.bundle, ["caption", "vqa", "text", "grounding"], per_step * steps, 256)
+    r.loader = FixedLoader(rows, cfg, rank, world, micro, ga)
+    loop._start_engine(r, "")
+    with loop._StopOnSignal() as stop:
+        loop._train(r, stop)
+    state = loop._full_state_dict(r.engine)
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(Path(out) / "weights.safetensors"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
