@@ -4,12 +4,13 @@ Each job runs `srun torchrun` (one torchrun per node, c10d rendezvous on the job
 trainer arguments the local runner would use. Preemption and time limits:
 
 - `--signal=B:USR1@grace` sends USR1 to the batch shell `grace` seconds before the time limit. The script's trap
-  forwards it to every task of the running step (`scancel --signal=USR1 $SLURM_JOB_ID`, which signals the job
-  steps but not the batch shell); torchrun forwards it to its workers because TORCHELASTIC_SIGNALS_TO_HANDLE
-  includes SIGUSR1 (without that, USR1's default action would kill torchrun), and the trainer checkpoints at the
-  end of its step and exits 143. The script then sees no DONE and requeues its own job (`scontrol requeue`),
-  at most `max_requeues` times. USR1 goes to the batch shell (B:) rather than to the steps directly because
-  torchrun's exit code does not carry the trainer's 143: the trap is how the script knows it was a signal.
+  turns it into SIGTERM for every process of the running step (`scancel --signal=TERM $SLURM_JOB_ID` signals the
+  job steps, not the batch shell): torchrun forwards TERM to its workers and waits for them, and the trainer
+  checkpoints at the end of its step and exits 143. (USR1 itself would kill torchrun 2.13 at once, before its
+  workers finish the checkpoint; TERM is the signal torchrun handles.) The script then sees no DONE and requeues
+  its own job (`scontrol requeue`), at most `max_requeues` times. The signal goes to the batch shell (B:) rather
+  than to the steps because torchrun's exit code does not carry the trainer's 143: the trap is how the script
+  knows the step was stopped on purpose.
 - `scontrol requeue`, preemption with PreemptMode=REQUEUE, or a node failure: Slurm itself sends SIGTERM to
   all processes of the job (the trainer checkpoints and exits) and requeues the job (`--requeue`).
 - Either way the requeued job runs the same script, and the same trainer command resumes from
@@ -80,8 +81,7 @@ def render(cfg: SlurmConfig, pipeline: str, step) -> str:
             sb.append(f"--{key}={value}")
     sb += [x if x.startswith("--") else f"--{x}" for x in cfg.extra_sbatch]
     python = cfg.python or sys.executable
-    env = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-           **({} if cfg.gpus_per_node else {"DS_ACCELERATOR": "cpu"}), **{k: str(v) for k, v in cfg.env.items()}}
+    env = {**({} if cfg.gpus_per_node else {"DS_ACCELERATOR": "cpu"}), **{k: str(v) for k, v in cfg.env.items()}}
     trainer = " ".join(shlex.quote(a) for a in step.args)
     q = shlex.quote
     lines = ["#!/bin/bash", *[f"#SBATCH {x}" for x in sb],
@@ -94,11 +94,11 @@ def render(cfg: SlurmConfig, pipeline: str, step) -> str:
              'echo "[$(date +%FT%T)] job $SLURM_JOB_ID start (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
              'if [ -f "$OUT/DONE" ]; then echo "$OUT/DONE exists: nothing to do"; exit 0; fi',
              'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-             "signalled=0",
-             "# USR1 (time limit near): tell every task of the step; the trainer checkpoints and exits",
-             'trap \'signalled=1; echo "USR1: forwarding to the step"; scancel --signal=USR1 "$SLURM_JOB_ID"\' USR1',
+             "signalled=0 terminated=0",
+             "# USR1 (time limit near): TERM to every process of the step; the trainer checkpoints and exits",
+             'trap \'signalled=1; echo "USR1: stopping the step for a requeue"; scancel --signal=TERM "$SLURM_JOB_ID"\' USR1',
              "# TERM: Slurm is ending the job (scancel, requeue, preemption) and signals the step itself",
-             "trap 'echo \"TERM: waiting for the step to checkpoint\"' TERM",
+             "trap 'terminated=1; echo \"TERM: waiting for the step to checkpoint\"' TERM",
              f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {q(python)} -m torch.distributed.run "
              f'--nnodes="$SLURM_NNODES" --nproc-per-node={cfg.nproc_per_node} --rdzv-backend=c10d '
              f'--rdzv-endpoint="$HEAD:{cfg.rdzv_port}" --rdzv-id="$SLURM_JOB_ID" --max-restarts=0 '
@@ -114,6 +114,7 @@ def render(cfg: SlurmConfig, pipeline: str, step) -> str:
              "  fi",
              f'  echo "requeued {cfg.max_requeues} times already (launcher.max_requeues): giving up"',
              "fi",
+             'if [ "$terminated" = 1 ]; then echo "[$(date +%FT%T)] ended by Slurm (requeue, cancel or preemption)"; exit 143; fi',
              'echo "[$(date +%FT%T)] step failed: exit $rc"',
              'exit "$rc"', ""]
     return "\n".join(lines)
