@@ -41,7 +41,7 @@ class DataConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
 
 
-def source_configs(cfg: DataConfig, mixture: dict) -> list[SourceConfig]:
+def source_configs(cfg: DataConfig, mixture: dict | None) -> list[SourceConfig]:
     """The configured sources, narrowed and re-weighted by the stage's mixture ({source: weight}) if it has one."""
     if cfg.name == "shapes":
         sh = copy.deepcopy(cfg.shapes)
@@ -165,7 +165,7 @@ class _Stream(torch.utils.data.IterableDataset):
 class Pipeline:
     """`next_step()` gives this rank's micro-batches of one optimizer step; `state_dict()` resumes exactly."""
 
-    def __init__(self, cfg: DataConfig, mixture: dict, bundle, layout: Layout):
+    def __init__(self, cfg: DataConfig, mixture: dict | None, bundle, layout: Layout):
         self.cfg, self.layout = cfg, layout
         self.sources = source_configs(cfg, mixture)
         self.n = max(1, cfg.num_workers)

@@ -6,7 +6,7 @@ stage's objective kind and applies the stage's trainable groups and learning rat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
@@ -37,7 +37,7 @@ class StageConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     lr_mult: dict = field(default_factory=lambda: {"vision": 1.0, "merger": 1.0, "llm": 1.0})
-    mixture: dict = field(default_factory=dict)  # {data source: weight}; empty = every source of `data=`
+    mixture: Optional[dict] = None  # {data source: weight}; None = every source of `data=`
 
 
 def build_objective(objective: dict, loss_reduction: str):
