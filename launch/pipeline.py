@@ -298,7 +298,8 @@ def run(cfg: DictConfig) -> int:
         from launch import slurm
 
         return slurm.run(slurm.slurm_config(launcher), p, steps, out, dry_run=bool(cfg.dry_run), stopped=stopped)
-    lc = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LauncherConfig), launcher))
+    lc = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LauncherConfig),
+                                             OmegaConf.to_container(launcher, resolve=True)))
     selected = [s for s in steps if s.selected]
     if cfg.dry_run:
         for s in selected:

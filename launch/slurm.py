@@ -58,7 +58,8 @@ class SlurmConfig:
 
 def slurm_config(node: DictConfig) -> SlurmConfig:
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SlurmConfig), node))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SlurmConfig),
+                                                   OmegaConf.to_container(node, resolve=True)))
     except Exception as e:
         raise ValueError(f"launcher (slurm): {e}".replace("\n", " | ")) from None
 
