@@ -96,3 +96,16 @@ def test_flop_model_matches_torch_flop_counter(family):
     llm_attn = 2 * fm.llm_layers * fm.llm_attn_dim * n * n  # causal: half of QK^T and AV over n x n
     assert fm.micro_batch(batch) - vit_attn - llm_attn == pytest.approx(total, rel=1e-9)
     assert any(isinstance(k, str) for k in counter.get_flop_counts())  # the counter really ran
+
+
+def test_plot_draws_the_curves_of_a_run(tmp_path):
+    import json
+
+    from training import plot
+
+    rows = [{"step": i, "loss": 3.0 - 0.1 * i if i != 3 else None, "loss/caption": 3.1 - 0.1 * i, "lr": 1e-4,
+             "tokens_per_s": 1000.0, "samples_per_s": 10.0, "grad_norm": 1.0} for i in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = plot.plot([tmp_path])
+    assert {p.name for p in written} == {"loss.png", "lr.png", "throughput.png", "grad_norm.png"}
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)

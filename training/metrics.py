@@ -49,7 +49,8 @@ class Metrics:
         step = row["step"]
         elapsed = time.time() - self.t0
         eta = elapsed / max(1, step - start_step) * (self.max_steps - step)
-        log.info("step %d/%d  loss %.4f  lr %.2e  tok/s %.0f  eta %s", step, self.max_steps, row["loss"],
+        loss = "skipped" if row.get("loss") is None else f"{row['loss']:.4f}"
+        log.info("step %d/%d  loss %s  lr %.2e  tok/s %.0f  eta %s", step, self.max_steps, loss,
                  row["lr"], row["tokens_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
