@@ -87,11 +87,18 @@ class Checkpointer:
 
     def load(self, engine, tag: str) -> dict:
         """Restores engine state and this rank's RNG; returns this rank's trainer state."""
+        d = self.root / tag
+        written_by = len(list(d.glob("trainer_rank*.json")))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if written_by != world:  # before DeepSpeed, whose own error does not say what to do
+            raise ValueError(f"{d} was written by {written_by} data-parallel ranks but this run has {world}; the "
+                             f"optimizer shards and each rank's data position belong to the original layout, so "
+                             f"resume with {written_by} processes, or start a new stage from its weights "
+                             f"(model.path={d.parent.parent}/hf after it finishes)")
         engine.checkpoint_engine.load = _weights_only_load
         path, _ = engine.load_checkpoint(str(self.root), tag=tag)
         if path is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {self.root / tag}")
-        d = self.root / tag
         f = d / f"trainer_rank{self.rank}.json"
         if not f.is_file():
             raise ValueError(f"{f} is missing: the checkpoint was written by fewer ranks than this run has; "
