@@ -199,3 +199,20 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_in_charge(tmp_path
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
     assert not list(ckpts.glob("*.tmp")) and (ckpts / "step_00000003" / "trainer_rank0.json").is_file()
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000003", "step_00000004"]  # keep 2
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_next_stage_can_start_from_a_checkpoint_dir(tmp_path, engine):
+    """model.path at a stage's output dir (its checkpoints/latest): the weights carry over, the optimizer not."""
+    prev, nxt = tmp_path / "prev", tmp_path / "next"
+    run_stage(prev, [f"engine={engine}", "trainer.max_steps=2", "model=tiny_qwen2_5_vl"])
+    (prev / "DONE").unlink()  # as if it were still running: only the checkpoint is used, not hf/
+    import shutil
+
+    shutil.rmtree(prev / "hf")
+    run_stage(nxt, ["stage=sft", "trainer.max_steps=0", "model=tiny_qwen2_5_vl", f"model.path={prev}"])
+    run_stage(prev / "again", ["trainer.max_steps=0", "model=tiny_qwen2_5_vl", f"model.path={prev}/checkpoints"])
+    started, again = load_hf(nxt / "hf"), load_hf(prev / "again" / "hf")
+    init = dict(build(ModelConfig(family="qwen2_5_vl")).model.named_parameters())
+    assert any(not torch.equal(started[k], init[k]) for k in init)  # trained weights, not the random init
+    assert all(torch.equal(started[k], again[k]) for k in init)

@@ -155,8 +155,69 @@ def _check_hf_dir(path: Path, family: Family) -> None:
             f"(expects {family.model_type!r}); use {hint} or point model.path at a {family.name} checkpoint.")
 
 
+def _training_checkpoint(path: Path) -> Optional[Path]:
+    """The step directory when `path` is a stage's output dir, its checkpoints/ dir or one step dir; else None."""
+    for root in (path / "checkpoints", path):
+        if (root / "latest").is_file():
+            return root / (root / "latest").read_text().strip()
+    return path if path.name.startswith("step_") and any(path.glob("*model_states.pt")) else None
+
+
+def _checkpoint_weights(step_dir: Path) -> dict:
+    """Full weights of a DeepSpeed checkpoint (ZeRO-1/2: the saved module; ZeRO-3: its shards consolidated),
+    read with torch.load(weights_only=True) only."""
+    from training.checkpoint import _weights_only_load
+
+    states = step_dir / "mp_rank_00_model_states.pt"
+    if not states.is_file():  # ZeRO-3 names rank 0's file after its partition
+        states = step_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    module = _weights_only_load(str(states))["module"]
+    if module and all(v.numel() > 0 for v in module.values()):
+        return module
+    from deepspeed.utils import zero_to_fp32
+
+    from training.checkpoint import _safe_globals
+
+    real = torch.load  # zero_to_fp32 unpickles; make its loads weights-only for the duration
+
+    def safe_load(f, map_location=None, **kw):
+        with torch.serialization.safe_globals(_safe_globals()):
+            return real(f, map_location=map_location, weights_only=True)
+
+    torch.load = safe_load
+    try:
+        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    finally:
+        torch.load = real
+
+
+def _build_from_checkpoint(cfg: ModelConfig, step_dir: Path) -> Bundle:
+    """A stage's training checkpoint as the next stage's start: the architecture of the run that wrote it
+    (its config.yaml), its weights, and (by construction) no optimizer state."""
+    import yaml
+
+    run_dir = step_dir.parent.parent
+    conf = run_dir / "config.yaml"
+    if not conf.is_file():
+        raise ValueError(f"model.path={cfg.path!r} is a training checkpoint but {conf} is missing, so its model "
+                         f"architecture is unknown; point model.path at that stage's hf/ export instead")
+    prev = yaml.safe_load(conf.read_text())["model"]
+    if prev["family"] != cfg.family:
+        raise ValueError(f"model.path={cfg.path!r} was trained as {prev['family']!r} but model.family is "
+                         f"{cfg.family!r}; use model=tiny_{prev['family']} or model={prev['family']}")
+    bundle = build(ModelConfig(**{**prev, "dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation,
+                                  "gradient_checkpointing": cfg.gradient_checkpointing}))
+    missing, unexpected = bundle.model.load_state_dict(_checkpoint_weights(step_dir), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {step_dir} does not fit its own model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return bundle
+
+
 def build(cfg: ModelConfig) -> Bundle:
-    """The tiny preset from its config (seeded) or a real checkpoint from `cfg.path`."""
+    """The tiny preset from its config (seeded), a real HF checkpoint, or a previous stage's training checkpoint."""
+    if cfg.path is not None and (step_dir := _training_checkpoint(Path(cfg.path))) is not None:
+        return _build_from_checkpoint(cfg, step_dir)
     family = get_family(cfg.family)
     dtype = getattr(torch, cfg.dtype)
     if cfg.path is None:
