@@ -9,6 +9,7 @@ photo sizes and multi-image samples. One thread for both (numpy's HF path is sin
 from __future__ import annotations
 
 import argparse
+import random
 import time
 
 import numpy as np
@@ -77,9 +78,54 @@ def vision(repeats: int, min_pixels: int, max_pixels: int) -> None:
                   f"{base / best[p]:>6.2f}x  {checks.get(p, 'baseline')}")
 
 
+def length_mix(n: int = 4000, seed: int = 0) -> dict[str, list[int]]:
+    """Token lengths of a realistic mix: text-only, single-image, multi-image and video samples.
+
+    Image token counts are exact (smart_resize of photo-like sizes at HF's default 1280-token budget, merge 2);
+    videos use qwen-vl-utils' default per-frame budget at 2 fps over 4-30 s; text lengths are log-normal."""
+    from data.vision import smart_resize
+
+    rng = random.Random(seed)
+
+    def text(mu):
+        return int(min(6000, rng.lognormvariate(mu, 0.8)))
+
+    def image():
+        w = rng.choice([320, 640, 800, 1024, 1280, 1920])
+        h = int(w * rng.choice([0.5, 0.5625, 0.75, 1.0, 1.33]))
+        rh, rw = smart_resize(h, w, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+        return rh * rw // (28 * 28) + 2
+
+    def video():
+        frames = 2 * int(rng.uniform(4, 30))  # 2 fps
+        rh, rw = smart_resize(360, 640, factor=28, min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28 // 4)
+        return frames // 2 * (rh * rw // (28 * 28)) + 2
+
+    kinds = {"text-only": lambda: text(6.0), "single-image": lambda: image() + text(4.5),
+             "multi-image": lambda: sum(image() for _ in range(rng.randint(2, 4))) + text(4.5),
+             "video": lambda: video() + text(4.0)}
+    weights = {"text-only": 0.4, "single-image": 0.35, "multi-image": 0.15, "video": 0.1}
+    out = {k: [] for k in kinds}
+    for _ in range(n):
+        k = rng.choices(list(weights), weights=list(weights.values()))[0]
+        out[k].append(kinds[k]())
+    return out
+
+
 def packing(args) -> None:
-    """Packing fill (%) at seq_len 8192 vs pad-to-longest batching: to be added with data/pack.py."""
-    print("== packing: not measured here yet (data/pack.py adds this section)")
+    """Packing fill (%) at seq_len 8192 vs pad-to-longest batching on the same length mix."""
+    from data.pack import fill_ratio, padded_fill
+
+    mix = length_mix()
+    lengths = [x for v in mix.values() for x in v]
+    random.Random(1).shuffle(lengths)
+    fitting = [x for x in lengths if x <= 8192]
+    print(f"== packing: {len(lengths)} samples ({', '.join(f'{k} {len(v)}' for k, v in mix.items())}), "
+          f"median {sorted(lengths)[len(lengths) // 2]} tokens, {len(lengths) - len(fitting)} longer than 8192 dropped")
+    for buffer in (16, 64):
+        print(f"  first-fit packing, seq_len 8192, buffer {buffer:3d}: fill {100 * fill_ratio(fitting, 8192, buffer):.1f}%")
+    for b in (2, 4, 8):
+        print(f"  baseline pad-to-longest, batch {b}:               fill {100 * padded_fill(fitting, b):.1f}%")
 
 
 def main(argv=None) -> None:
