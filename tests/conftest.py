@@ -27,7 +27,7 @@ SHORT_ROWS = "stage.seq_len=256"
 
 
 def _short(overrides: list[str]) -> list[str]:
-    return overrides if any(o.startswith("stage.seq_len=") for o in overrides) else [SHORT_ROWS, *overrides]
+    return overrides if any(o.startswith("stage.seq_len=") for o in overrides) else [*overrides, SHORT_ROWS]
 
 
 def run_stage(tmp: Path, overrides: list[str]) -> dict:
