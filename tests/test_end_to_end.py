@@ -148,7 +148,7 @@ def test_wandb_logs_offline_under_the_output_dir(tmp_path):
 def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "training.train", "trainer.max_steps=100000", "trainer.save_every=0",
-            f"output_dir={out}", "logger=none", "model=tiny_qwen2_vl"]
+            f"output_dir={out}", "logger=none", "model=tiny_qwen2_vl", conftest.SHORT_ROWS]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=clean_env())
     metrics = out / "metrics.jsonl"
