@@ -22,10 +22,23 @@ def _group_of_each_parameter(family: str) -> dict[str, str]:
 @pytest.mark.parametrize("stage", STAGES)
 def test_only_the_stage_groups_change(stage, family, tmp_path, initial_exports):
     before = initial_exports(f"tiny_{family}")
-    # dpo/sapo objectives land later; their trainable set and optimizer are exercised with the lm loss
-    extra = ["stage.objective.name=lm"] if stage in ("dpo", "sapo") else []
-    run_stage(tmp_path, [f"stage={stage}", f"model=tiny_{family}", "trainer.max_steps=2",
-                         "trainer.save_every=0", *extra])
+    overrides = [f"stage={stage}", f"model=tiny_{family}", "trainer.max_steps=2", "trainer.save_every=0"]
+    if stage == "dpo":  # the real DPO loss on preference pairs
+        run_stage(tmp_path, overrides + ["stage.mixture={preference: 1}"])
+    elif stage == "sapo":
+        # a random tiny model earns the same (zero) reward on every rollout, so RL drops every group and
+        # nothing would change; the stage's trainable set and optimizer are exercised with the lm loss
+        from omegaconf import open_dict
+
+        from conftest import SHORT_ROWS
+        from training.train import run_config
+
+        cfg = compose(["logger=none", f"output_dir={tmp_path}", SHORT_ROWS, *overrides])
+        with open_dict(cfg):
+            cfg.stage.objective = {"name": "lm"}
+        run_config(cfg)
+    else:
+        run_stage(tmp_path, overrides)
     after = load_hf(tmp_path / "hf")
     assert after.keys() == before.keys()
     trainable = set(to_job(compose([f"stage={stage}"])).stage.trainable)
