@@ -91,7 +91,7 @@ def _plot_step(rows: list[dict], png: Path, title: str) -> None:
     for ax, keys in zip(axes[2:], panels):
         for k in keys:
             pts = [(r["step"], r[k]) for r in rows if k in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1, marker="." if len(pts) < 30 else None)
         ax.set_xlabel("step"), ax.legend(fontsize=7)
         ax.set_title("preference accuracy / pass rate" if keys[0].endswith(("accuracy", "pass_rate", "clip_frac"))
                      else "rewards and objective terms")
