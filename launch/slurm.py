@@ -176,11 +176,12 @@ def submit(cfg: SlurmConfig, pipeline: str, steps: list, dry_run: bool = False) 
     return jobs
 
 
-def wait(jobs: dict[str, str], steps: list, progress, poll_s: float = 2.0, settle_s: float = 20.0) -> None:
+def wait(jobs: dict[str, str], steps: list, progress, poll_s: float = 2.0, settle_s: float = 90.0) -> None:
     """Shows the chain's progress until every submitted step has DONE; a failed job raises with its log.
 
     A job that ends without DONE counts as failed only if it stays ended for `settle_s`: a requeued job passes
-    through an ended state (its batch script's exit) before Slurm puts it back in the queue.
+    through an ended state (its batch script's exit) before Slurm puts it back in the queue, which a busy
+    slurmctld was seen to take more than 20 s to do.
     """
     for step in steps:
         if step.name not in jobs:
