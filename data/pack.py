@@ -34,7 +34,6 @@ re-encodes them, so the rows after a restore equal those of an uninterrupted run
 """
 from __future__ import annotations
 
-import base64
 import copy
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
@@ -42,6 +41,8 @@ from typing import Callable, Iterable, Literal
 import torch
 
 from data.encode import IGNORE
+from data.shards import decode_raw as raw_from_json  # one RawSample <-> JSON pair for shard buffers and packer
+from data.shards import encode_raw as raw_to_json
 
 _MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 _REQUIRED = ("input_ids", "labels", "position_ids")
@@ -220,21 +221,6 @@ class Packer:
             fit.lens.append(sum(_length(u) for u in row))
         self._fit = fit
         self.stats = copy.deepcopy(state["stats"])
-
-
-def raw_to_json(raw: dict) -> dict:
-    """A RawSample as JSON-safe data: media bytes become base64 strings."""
-    media = {}
-    for name, data in raw.get("media", {}).items():
-        if not isinstance(data, (bytes, bytearray)):
-            raise ValueError(f"sample {raw.get('key', '?')!r}: media {name!r} is {type(data).__name__}, not bytes; "
-                             f"RawSample media must be the member's raw bytes (data/README.md)")
-        media[name] = base64.b64encode(bytes(data)).decode("ascii")
-    return dict(raw, media=media)
-
-
-def raw_from_json(data: dict) -> dict:
-    return dict(data, media={k: base64.b64decode(v) for k, v in data.get("media", {}).items()})
 
 
 def _meta(sample: dict) -> dict:

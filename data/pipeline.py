@@ -21,7 +21,7 @@ from data.encode import EncoderConfig, build_encoder
 from data.errors import BadSample
 from data.mixture import Mixture
 from data.pack import PackConfig, collate
-from data.shards import SourceConfig
+from data.shards import SourceConfig, decode_raw, encode_raw
 
 
 @dataclass
@@ -112,17 +112,13 @@ class Chain:
         return collate(rows, self.pack_cfg)
 
     def state_dict(self) -> dict:
-        from data.pack import raw_to_json
-
         return {"mixture": self.mixture.state_dict(), "packer": self.packer.state_dict(),
-                "rows": [[raw_to_json(s["raw"]) for s in _units(row)] for row in self.rows]}
+                "rows": [[encode_raw(s["raw"]) for s in _units(row)] for row in self.rows]}
 
     def load_state_dict(self, state: dict) -> None:
-        from data.pack import raw_from_json
-
         self.mixture.load_state_dict(state["mixture"])
         self.packer.load_state_dict(state["packer"], self.encode)
-        self.rows = [[s for raw in row for s in self.encode(raw_from_json(raw))] for row in state["rows"]]
+        self.rows = [[s for raw in row for s in self.encode(decode_raw(raw))] for row in state["rows"]]
 
     def metrics(self) -> dict:
         """Skipped samples per source and reason (bad data, too long for seq_len)."""

@@ -303,12 +303,18 @@ class ShardSource:
 
 
 def encode_raw(sample: dict) -> dict:
-    """RawSample -> JSON-serialisable dict (media bytes as base64 strings)."""
-    return {**sample, "media": {k: base64.b64encode(v).decode("ascii") for k, v in sample["media"].items()}}
+    """RawSample -> JSON-serialisable dict (media bytes as base64 strings); shard buffers and the packer save these."""
+    media = {}
+    for name, data in sample.get("media", {}).items():
+        if not isinstance(data, (bytes, bytearray)):
+            raise ValueError(f"sample {sample.get('key', '?')!r}: media {name!r} is {type(data).__name__}, not bytes; "
+                             f"RawSample media must be the member's raw bytes (data/README.md)")
+        media[name] = base64.b64encode(bytes(data)).decode("ascii")
+    return {**sample, "media": media}
 
 
 def decode_raw(sample: dict) -> dict:
-    return {**sample, "media": {k: base64.b64decode(v) for k, v in sample["media"].items()}}
+    return {**sample, "media": {k: base64.b64decode(v) for k, v in sample.get("media", {}).items()}}
 
 
 def write_tar(path: str, samples) -> int:
