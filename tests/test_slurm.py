@@ -177,9 +177,6 @@ def _wait_rows(out: Path, n: int, proc, timeout: float) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="known race, open in issue 5: under full-suite CPU load the job that requeues itself from "
-                         "its batch script (USR1 path) stayed FAILED instead of PENDING (2 of 3 runs); it passes on "
-                         "an idle machine. Fix the script's self-requeue, then re-enable")
 def test_chain_survives_requeue_and_time_limit_signal_on_a_real_cluster(slurm_cluster, tmp_path):
     env = slurm_cluster
     out = tmp_path / "chain"
