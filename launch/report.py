@@ -12,6 +12,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from training.evaluate import dpo_accuracy
+
 OBJECTIVE_PREFIXES = ("dpo/", "rpo/", "rewards/", "reward/", "sapo/", "grpo/", "gspo/", "policy/")
 OBJECTIVE_KEYS = {"kl", "clip_frac", "ratio", "gate"}
 
@@ -49,7 +51,11 @@ def _cached_eval(cache_file: Path, model_cfg, settings) -> dict:
     """Held-out metrics of one model, computed once per (model, samples, seed)."""
     from training.evaluate import EvalConfig, evaluate
 
-    key = f"{model_cfg.path or 'init:' + model_cfg.name + ':' + str(model_cfg.init_seed)}|{settings.samples}|{settings.seed}"
+    # an export is keyed by its weights files' mtimes too: a step re-run (pipeline.from) writes new weights there
+    stamp = ",".join(str(f.stat().st_mtime_ns) for f in sorted(Path(model_cfg.path).glob("*.safetensors"))) \
+        if model_cfg.path else ""
+    key = f"{model_cfg.path or 'init:' + model_cfg.name + ':' + str(model_cfg.init_seed)}|{settings.samples}|" \
+          f"{settings.seed}|{stamp}"
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     if key not in cache:
         cache[key] = evaluate(model_cfg, EvalConfig(samples=settings.samples, seed=settings.seed))
@@ -101,7 +107,7 @@ def _plot_step(rows: list[dict], png: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _plot_chain(names: list[str], evals: list[dict | None], png: Path) -> None:
+def _plot_chain(names: list[str], evals: list[dict | None], png: Path, dpo_steps: set = frozenset()) -> None:
     """Held-out caption loss and VQA accuracy at every boundary of the chain (start, then after each step)."""
     import matplotlib
 
@@ -113,12 +119,19 @@ def _plot_chain(names: list[str], evals: list[dict | None], png: Path) -> None:
         return
     labels = ["start"] + [n for n, _ in pts]
     ms = [pts[0][1]["start"]] + [e["end"] for _, e in pts]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.2))
     axes[0].plot(labels, [m["caption_loss"] for m in ms], marker="o")
     axes[0].set_title("held-out caption loss")
     axes[1].plot(labels, [m["vqa_accuracy"] for m in ms], marker="o", label="VQA accuracy")
     axes[1].plot(labels, [m["vqa_chance"] for m in ms], ls="--", color="grey", label="chance")
     axes[1].set_ylim(0, 1), axes[1].set_title("held-out VQA answer accuracy"), axes[1].legend(fontsize=7)
+    for key, label in (("rl_reward", "RL reward (greedy)"), ("rl_reward_sampled", "RL reward (sampled, T=1)"),
+                       ("pref_accuracy", "prefers chosen (log p)")):
+        axes[2].plot(labels, [m.get(key) for m in ms], marker="o", label=label)
+    dpo = [dpo_accuracy(e["start"], e["end"]) if n in dpo_steps else None for n, e in pts]
+    if any(v is not None for v in dpo):
+        axes[2].plot(labels, [None] + dpo, marker="s", ls="", color="C3", label="DPO reward accuracy")
+    axes[2].set_ylim(0, 1), axes[2].set_title("held-out preference and RL reward"), axes[2].legend(fontsize=7)
     for ax in axes:
         ax.tick_params(axis="x", rotation=30, labelsize=7)
     fig.tight_layout()
@@ -160,7 +173,8 @@ def write_report(out: Path, p=None, steps=None, stopped: str | None = None, eval
     if stopped:
         lines += [f"> **Stopped early:** {stopped}", ""]
     lines += ["| step | stage | trains | objective | steps | first loss | last loss | held-out caption loss "
-              "(start → end) | held-out VQA accuracy (start → end, chance) |", "|---|---|---|---|---|---|---|---|---|"]
+              "(start → end) | held-out VQA accuracy (start → end, chance) | held-out RL reward, greedy (sampled) | "
+              "held-out DPO preference accuracy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (step_name, d, rows, cfg), ev in zip(ran, evals):
         st = cfg.get("stage", {})
         first, last = (rows[0]["loss"], rows[-1]["loss"]) if rows else (None, None)
@@ -168,15 +182,26 @@ def write_report(out: Path, p=None, steps=None, stopped: str | None = None, eval
         cap = f"{_fmt(ev['start']['caption_loss'])} → {_fmt(ev['end']['caption_loss'])}" if ev else "–"
         acc = (f"{_fmt(ev['start']['vqa_accuracy'], '.2f')} → {_fmt(ev['end']['vqa_accuracy'], '.2f')} "
                f"({_fmt(ev['end']['vqa_chance'], '.2f')})") if ev else "–"
+        rl = (f"{_fmt(ev['start'].get('rl_reward'), '.2f')} → {_fmt(ev['end'].get('rl_reward'), '.2f')} (sampled "
+              f"{_fmt(ev['start'].get('rl_reward_sampled'), '.2f')} → {_fmt(ev['end'].get('rl_reward_sampled'), '.2f')})"
+              if ev else "–")
+        objective = st.get("objective", {}).get("name", "?")
+        pref = _fmt(dpo_accuracy(ev["start"], ev["end"]), ".2f") if ev and objective == "dpo" else "–"
         lines.append(f"| {step_name}{done} | {st.get('name', '?')} | {', '.join(st.get('trainable', []))} | "
-                     f"{st.get('objective', {}).get('name', '?')} | {rows[-1]['step'] if rows else 0} | "
-                     f"{_fmt(first)} | {_fmt(last)} | {cap} | {acc} |")
+                     f"{objective} | {rows[-1]['step'] if rows else 0} | "
+                     f"{_fmt(first)} | {_fmt(last)} | {cap} | {acc} | {rl} | {pref} |")
     lines.append("")
     if any(evals):
-        _plot_chain([r[0] for r in ran], evals, plots / "held_out.png")
+        dpo_steps = {r[0] for r in ran if r[3].get("stage", {}).get("objective", {}).get("name") == "dpo"}
+        _plot_chain([r[0] for r in ran], evals, plots / "held_out.png", dpo_steps)
         lines += ["## Held-out metrics along the chain", "",
                   f"Shapes samples with seed {settings.seed} ({settings.samples} per task), never seen in training: "
-                  "mean token cross-entropy of captions, and exact-match greedy answers to colour/count questions.",
+                  "mean token cross-entropy of captions; exact-match greedy answers to colour/count questions; "
+                  "the mean reward of answers to RL prompts (each record's own reward function), greedy and sampled at "
+                  "temperature 1; the share of "
+                  "preference pairs whose chosen reply the model gives the higher log-probability; and, for a DPO "
+                  "step, DPO's preference accuracy: the share of pairs whose implicit reward margin against the "
+                  "step's starting model (the DPO reference) is positive (chance 0.5).",
                   "", "![held-out](plots/held_out.png)", ""]
     for (step_name, d, rows, cfg), ev in zip(ran, evals):
         objective = cfg.get("stage", {}).get("objective", {}).get("name", "lm")
@@ -199,8 +224,12 @@ def write_report(out: Path, p=None, steps=None, stopped: str | None = None, eval
                 lines.append("")
         if ev:
             lines += ["| held-out | start | end |", "|---|---|---|"]
-            for k in ("caption_loss", "vqa_accuracy", "vqa_accuracy_colour", "vqa_accuracy_count", "vqa_chance"):
+            for k in ("caption_loss", "vqa_accuracy", "vqa_accuracy_colour", "vqa_accuracy_count", "vqa_chance",
+                      "rl_reward", "rl_reward_sampled", "pref_accuracy"):
                 lines.append(f"| {k} | {_fmt(ev['start'].get(k))} | {_fmt(ev['end'].get(k))} |")
+            if objective == "dpo":
+                lines.append(f"| DPO preference accuracy vs the start model (chance 0.5) | – | "
+                             f"{_fmt(dpo_accuracy(ev['start'], ev['end']))} |")
             ex = ev["end"].get("vqa_examples", [])
             if ex:
                 lines += ["", "Answers of the exported model: " + "; ".join(

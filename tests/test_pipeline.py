@@ -102,6 +102,9 @@ def test_chain_runs_skips_done_steps_and_reruns_from_a_step(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     cache = json.loads((out / "eval_cache.json").read_text())
     assert len(cache) == 3  # initial model, s0's export (= s1's start), s1's export: each evaluated once
+    assert all({"caption_loss", "vqa_accuracy", "rl_reward", "rl_reward_sampled", "pref_accuracy"} <= set(m) and len(m["pref_margins"]) == 6
+               for m in cache.values())
+    assert "held-out RL reward, greedy (sampled)" in report and "| rl_reward_sampled |" in report
     # a second run skips both steps and trains nothing
     before = {d: (d / "metrics.jsonl").read_text() for d in (s0, s1)}
     r = _pipeline(out, "pipeline.only=[s0_merger,s1_multimodal]", "pipeline.max_steps=3", "pipeline.eval.samples=6")

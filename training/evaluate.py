@@ -6,6 +6,13 @@ Held-out means a different shapes seed (`EvalConfig.seed`): every shapes sample 
 - caption loss: mean token cross-entropy over the supervised text tokens of caption documents.
 - VQA accuracy: greedy decoding of the answer to colour and count questions, exact match after strip;
   `vqa_chance` is the accuracy of guessing uniformly among the answers of each question's kind.
+- preference: held-out (chosen, rejected) pairs; `pref_margins` is log p(chosen) - log p(rejected) per pair
+  (summed reply tokens), `pref_accuracy` the share of pairs the model itself prefers the right way. DPO's
+  preference accuracy on held-out pairs, (margin - reference margin) > 0, needs the starting model's margins:
+  `dpo_accuracy(start, end)` computes it from two evaluations.
+- RL reward: answers to held-out RL prompts scored by each record's own reward function (stages/rewards.py),
+  as SAPO is rewarded in training: the greedy answer (`rl_reward`), and the mean over answers sampled at
+  temperature 1 (`rl_reward_sampled`), the policy's expected reward, which is what RL raises first.
 
 `python -m training.evaluate PATH [--samples N] [--seed S] [--json OUT]` evaluates an hf/ export.
 """
@@ -31,17 +38,23 @@ class EvalConfig:
     samples: int = 48  # per task
     seed: int = 777_777  # shapes seed of the held-out samples (training uses data.seed, 1234 by default)
     max_new_tokens: int = 4
+    rl_samples: int = 4  # answers sampled per held-out RL prompt (0: greedy only)
 
 
-def encode(bundle: models.Bundle, record: dict, media: dict, key: str = "heldout") -> dict:
-    """The one place this module touches data/encode.py: a RawSample (media as PIL images, which the encoder
-    accepts) -> the first Encoded sample (input_ids, labels, mm_token_type_ids, pixel_values, image_grid_thw)."""
+def _encoder(bundle: models.Bundle):
+    """The one place this module touches data/encode.py: the family's encoder, built once per model."""
     from data.encode import EncoderConfig, build_encoder
 
-    enc = getattr(bundle, "_eval_encoder", None)
-    if enc is None:
-        enc = bundle._eval_encoder = build_encoder(EncoderConfig(), bundle)
-    return enc.encode({"key": key, "source": record.get("source", "shapes"), "record": record, "media": media})[0]
+    if getattr(bundle, "_eval_encoder", None) is None:
+        bundle._eval_encoder = build_encoder(EncoderConfig(), bundle)
+    return bundle._eval_encoder
+
+
+def encode(bundle: models.Bundle, record: dict, media: dict, key: str = "heldout") -> list[dict]:
+    """A RawSample (media as PIL images or bytes, which the encoder accepts) -> its Encoded samples
+    (input_ids, labels, mm_token_type_ids, pixel_values, image_grid_thw): two for a preference pair, else one."""
+    return _encoder(bundle).encode({"key": key, "source": record.get("source", "shapes"), "record": record,
+                                    "media": media})
 
 
 def _inputs(enc: dict, ids: torch.Tensor, mm: torch.Tensor) -> dict:
@@ -60,7 +73,7 @@ def caption_loss(bundle: models.Bundle, cfg: EvalConfig) -> float:
     source = _held_out(cfg, "caption")
     total, count = 0.0, 0
     for i in range(cfg.samples):
-        enc = encode(bundle, *shapes.sample(source, i), key=f"caption/{i}")
+        enc = encode(bundle, *shapes.sample(source, i), key=f"caption/{i}")[0]
         logits = bundle.model(**_inputs(enc, enc["input_ids"], enc["mm_token_type_ids"]), use_cache=False).logits[0]
         target = enc["labels"][1:]
         ce = F.cross_entropy(logits[:-1].float(), target, ignore_index=IGNORE, reduction="sum")
@@ -68,12 +81,93 @@ def caption_loss(bundle: models.Bundle, cfg: EvalConfig) -> float:
     return total / max(count, 1)
 
 
+def _greedy(bundle: models.Bundle, enc: dict, ids: torch.Tensor, mm: torch.Tensor, cfg: EvalConfig) -> str:
+    """The model's greedy continuation of the prompt `ids`, decoded and stripped."""
+    tok = bundle.tokenizer
+    stop = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
+    new = []
+    for _ in range(cfg.max_new_tokens):  # no KV cache: a few tokens on a tiny prompt
+        nxt = int(bundle.model(**_inputs(enc, ids, mm), use_cache=False).logits[0, -1].argmax())
+        if nxt in stop:
+            break
+        new.append(nxt)
+        ids, mm = torch.cat([ids, torch.tensor([nxt])]), torch.cat([mm, torch.zeros(1, dtype=mm.dtype)])
+    return tok.decode(new, skip_special_tokens=True).strip()
+
+
+def _generated(cfg: EvalConfig, task: str, i: int) -> tuple[dict, dict]:
+    """Held-out record `i` of a shapes task the in-memory `shapes.sample` does not know (preference, rl)."""
+    return shapes.generate(shapes.ShapesConfig(seed=cfg.seed), task, i, split="heldout")
+
+
+@torch.no_grad()
+def preference(bundle: models.Bundle, cfg: EvalConfig) -> dict:
+    """log p(chosen) - log p(rejected) of each held-out pair, summed over the reply tokens, as DPO scores them."""
+    margins = []
+    for i in range(cfg.samples):
+        record, media = _generated(cfg, "preference", i)
+        logp = []
+        for s in encode(bundle, record, media, key=f"preference/{i}"):
+            logits = bundle.model(**_inputs(s, s["input_ids"], s["mm_token_type_ids"]), use_cache=False).logits[0]
+            target = s["labels"][1:]
+            logp.append(-float(F.cross_entropy(logits[:-1].float(), target, ignore_index=IGNORE, reduction="sum")))
+        margins.append(logp[0] - logp[1])
+    return {"pref_accuracy": sum(m > 0 for m in margins) / max(len(margins), 1), "pref_margins": margins}
+
+
+def dpo_accuracy(start: dict, end: dict) -> float | None:
+    """DPO's held-out preference accuracy of the model evaluated in `end` with the one in `start` as reference:
+    the share of pairs whose implicit reward margin, (log-ratio of chosen) - (log-ratio of rejected), is > 0."""
+    a, b = (start or {}).get("pref_margins"), (end or {}).get("pref_margins")
+    if not a or not b or len(a) != len(b):
+        return None
+    return sum(e - s > 0 for s, e in zip(a, b)) / len(a)
+
+
+def _sampled(bundle: models.Bundle, enc: dict, cfg: EvalConfig, gen: torch.Generator) -> list[str]:
+    """`cfg.rl_samples` completions of one prompt sampled at temperature 1 (the policy's own distribution), as a
+    batch: the prompt, its image rows and its grid repeated."""
+    tok, k = bundle.tokenizer, cfg.rl_samples
+    stop = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
+    ids, mm = enc["input_ids"][None].repeat(k, 1), enc["mm_token_type_ids"][None].repeat(k, 1)
+    extra = {key: enc[key].repeat(k, 1) for key in ("pixel_values", "image_grid_thw") if key in enc}
+    out, live = [[] for _ in range(k)], [True] * k
+    for _ in range(cfg.max_new_tokens):
+        logits = bundle.model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm, **extra,
+                              use_cache=False).logits[:, -1].float()
+        nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
+        for j, t in enumerate(nxt.tolist()):
+            live[j] = live[j] and t not in stop
+            if live[j]:
+                out[j].append(t)
+        if not any(live):
+            break
+        ids, mm = torch.cat([ids, nxt[:, None]], 1), torch.cat([mm, torch.zeros(k, 1, dtype=mm.dtype)], 1)
+    return [tok.decode(o, skip_special_tokens=True).strip() for o in out]
+
+
+@torch.no_grad()
+def rl_reward(bundle: models.Bundle, cfg: EvalConfig) -> dict:
+    """Mean reward on held-out RL prompts, each scored by its record's reward function: of the greedy answer, and
+    of `rl_samples` answers sampled at temperature 1 (the expected reward RL maximises; seeded)."""
+    from stages.rewards import Rewards
+
+    rewards, greedy, sampled = Rewards(), 0.0, 0.0
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for i in range(cfg.samples):
+        record, media = _generated(cfg, "rl", i)
+        enc = encode(bundle, record, media, key=f"rl/{i}")[0]
+        greedy += rewards(_greedy(bundle, enc, enc["input_ids"], enc["mm_token_type_ids"], cfg), record)
+        if cfg.rl_samples:
+            sampled += sum(rewards(t, record) for t in _sampled(bundle, enc, cfg, gen)) / cfg.rl_samples
+    n = max(cfg.samples, 1)
+    return {"rl_reward": greedy / n, **({"rl_reward_sampled": sampled / n} if cfg.rl_samples else {})}
+
+
 @torch.no_grad()
 def vqa_accuracy(bundle: models.Bundle, cfg: EvalConfig) -> dict:
     """Greedy answers to held-out questions; the prompt is the encoded chat up to the first supervised token."""
     source = _held_out(cfg, "vqa")
-    tok = bundle.tokenizer
-    stop = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
     right = {"colour": [], "count": []}
     chance = []
     examples = []
@@ -81,17 +175,9 @@ def vqa_accuracy(bundle: models.Bundle, cfg: EvalConfig) -> dict:
         record, media = shapes.sample(source, i)
         answer = record["messages"][-1]["content"][0]["text"].strip()
         kind = "count" if answer.isdigit() else "colour"
-        enc = encode(bundle, record, media, key=f"vqa/{i}")
+        enc = encode(bundle, record, media, key=f"vqa/{i}")[0]
         start = int((enc["labels"] != IGNORE).nonzero()[0])
-        ids, mm = enc["input_ids"][:start], enc["mm_token_type_ids"][:start]
-        new = []
-        for _ in range(cfg.max_new_tokens):  # no KV cache: a few tokens on a tiny prompt
-            nxt = int(bundle.model(**_inputs(enc, ids, mm), use_cache=False).logits[0, -1].argmax())
-            if nxt in stop:
-                break
-            new.append(nxt)
-            ids, mm = torch.cat([ids, torch.tensor([nxt])]), torch.cat([mm, torch.zeros(1, dtype=mm.dtype)])
-        said = tok.decode(new, skip_special_tokens=True).strip()
+        said = _greedy(bundle, enc, enc["input_ids"][:start], enc["mm_token_type_ids"][:start], cfg)
         right[kind].append(said == answer)
         chance.append(1 / source.max_shapes if kind == "count" else 1 / len(shapes.COLOURS))
         if len(examples) < 4:
@@ -114,7 +200,8 @@ def evaluate(model_cfg: models.ModelConfig, cfg: EvalConfig = EvalConfig()) -> d
         hf_logging.disable_progress_bar()  # "Loading weights" bars would cut through the pipeline's console view
         bundle = models.build(model_cfg)
         bundle.model.eval()
-        out = {"caption_loss": caption_loss(bundle, cfg), **vqa_accuracy(bundle, cfg)}
+        out = {"caption_loss": caption_loss(bundle, cfg), **vqa_accuracy(bundle, cfg), **preference(bundle, cfg),
+               **rl_reward(bundle, cfg)}
     finally:
         torch.set_num_threads(threads)
     out.update(samples=cfg.samples, seed=cfg.seed, seconds=round(time.time() - t0, 2))
