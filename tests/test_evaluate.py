@@ -57,3 +57,16 @@ def test_rl_reward_scores_the_greedy_answer_with_the_records_reward():
     assert got["rl_reward"] == sum(want[0::2]) / cfg.samples and all(x == 1.0 for x in want[1::2])
     assert 0.0 <= got["rl_reward_sampled"] <= 1.0 and ev.rl_reward(bundle, cfg) == got  # seeded sampling
     assert "rl_reward_sampled" not in ev.rl_reward(bundle, ev.EvalConfig(samples=1, rl_samples=0))
+
+
+def test_generation_never_emits_vision_placeholders():
+    """A random model samples <|image_pad|> now and then; with no image features behind it the forward would
+    fail (tokens/features mismatch), so evaluation masks the placeholders as the RL rollouts do."""
+    bundle = tiny("qwen3_vl")
+    pad = bundle.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    logits = torch.zeros(2, 3, len(bundle.tokenizer))
+    logits[:, -1, pad] = 100.0
+    nxt = ev._next_logits(bundle, logits)
+    assert nxt.shape == (2, len(bundle.tokenizer)) and int(nxt[0].argmax()) != pad and nxt[0, pad] == float("-inf")
+    cfg = ev.EvalConfig(samples=96)
+    assert 0.0 <= ev.rl_reward(bundle, cfg)["rl_reward_sampled"] <= 1.0  # the held-out set that hit one before

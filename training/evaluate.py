@@ -81,13 +81,25 @@ def caption_loss(bundle: models.Bundle, cfg: EvalConfig) -> float:
     return total / max(count, 1)
 
 
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def _next_logits(bundle: models.Bundle, logits: torch.Tensor) -> torch.Tensor:
+    """Last-position logits with the vision placeholders masked: a generated <|image_pad|> would have no image
+    features behind it (an early model does emit them), exactly as the RL rollouts forbid them."""
+    banned = [bundle.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    out = logits[:, -1].float()
+    out[:, banned] = float("-inf")
+    return out
+
+
 def _greedy(bundle: models.Bundle, enc: dict, ids: torch.Tensor, mm: torch.Tensor, cfg: EvalConfig) -> str:
     """The model's greedy continuation of the prompt `ids`, decoded and stripped."""
     tok = bundle.tokenizer
     stop = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
     new = []
     for _ in range(cfg.max_new_tokens):  # no KV cache: a few tokens on a tiny prompt
-        nxt = int(bundle.model(**_inputs(enc, ids, mm), use_cache=False).logits[0, -1].argmax())
+        nxt = int(_next_logits(bundle, bundle.model(**_inputs(enc, ids, mm), use_cache=False).logits)[0].argmax())
         if nxt in stop:
             break
         new.append(nxt)
@@ -133,8 +145,8 @@ def _sampled(bundle: models.Bundle, enc: dict, cfg: EvalConfig, gen: torch.Gener
     extra = {key: enc[key].repeat(k, 1) for key in ("pixel_values", "image_grid_thw") if key in enc}
     out, live = [[] for _ in range(k)], [True] * k
     for _ in range(cfg.max_new_tokens):
-        logits = bundle.model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm, **extra,
-                              use_cache=False).logits[:, -1].float()
+        logits = _next_logits(bundle, bundle.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                   mm_token_type_ids=mm, **extra, use_cache=False).logits)
         nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
         for j, t in enumerate(nxt.tolist()):
             live[j] = live[j] and t not in stop
