@@ -4,11 +4,14 @@
 DPO, SAPO and the precomputed-reference pass agree to the bit. The rollout helpers turn a micro-batch of RL
 prompt samples into per-prompt pieces, sample completions with the policy's KV cache, and assemble
 prompt+completion sequences back into micro-batches (one sequence per row, right-padded, 2D mask: the model
-computes its own M-RoPE ids, so no packer is needed for the few thousand tokens of a rollout row).
+computes its own M-RoPE ids, so no packer is needed for the few thousand tokens of a rollout row). A prompt's
+images go through the ViT once per prompt in generation and once per micro-batch in the log-prob passes, never
+once per completion.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from data.encode import IGNORE
 from stages import forward
@@ -100,14 +103,52 @@ def _cat_visual(pieces: list[dict], batch: dict) -> None:
                 batch["second_per_grid_ts"] = torch.cat([p["second_per_grid_ts"] for p in have])
 
 
+def _any_rank(flags: list[bool], device, synced: bool) -> list[bool]:
+    """Per flag: does any rank have it (a MAX all-reduce when ranks must run the same modules)."""
+    if not synced or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flags
+    t = torch.tensor([int(f) for f in flags], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
+def encode_prompts(hf, prompts: list[dict], owner: torch.Tensor, synced: bool, device) -> tuple[dict, dict]:
+    """(mm_encoder_outputs, tiled grid inputs) for rows whose prompt is `prompts[owner[row]]`.
+
+    Each prompt's images and videos go through the ViT once; the features are tiled per row. With `synced`
+    (ZeRO-3, several ranks) a rank without an image (video) while another rank has one runs the ViT on a dummy
+    image at the same point, so every rank joins the same parameter all-gathers."""
+    have = [[p for p in prompts if grid_key in p] for _, _, grid_key in forward.MODALITIES]
+    need = _any_rank([bool(h) for h in have], device, synced)
+    enc, grids = {}, {}
+    for (modality, pix_key, grid_key), mine, wanted in zip(forward.MODALITIES, have, need):
+        if not mine:
+            if wanted:
+                forward.dummy_vision(hf)
+            continue
+        counts = torch.tensor([len(p[grid_key]) if grid_key in p else 0 for p in prompts])
+        order = forward.tile_order(counts, owner)
+        g = torch.cat([p[grid_key] for p in mine])
+        out = forward.encode(hf, modality, torch.cat([p[pix_key] for p in mine]).to(device), g.to(device))
+        enc[modality] = forward.tile_features(out, order)
+        grids[grid_key] = g[order].to(device)
+        if modality == "video" and all("second_per_grid_ts" in p for p in mine):
+            grids["second_per_grid_ts"] = torch.cat([p["second_per_grid_ts"] for p in mine])[order].to(device)
+    return enc, grids
+
+
 @torch.no_grad()
 def generate(module, prompts: list[dict], n: int, pad_id: int, stop_ids: list[int], temperature: float,
              top_p: float, max_new_tokens: int, synced: bool, banned: list[int] = ()) -> list[list[int]]:
     """n sampled completions per prompt (prompt-major; temperature 0: greedy), each cut after its first stop token.
 
-    One left-padded batch, HF generate with its KV cache. `synced` keeps every rank stepping until all are
-    done, which ZeRO-3 needs (each forward all-gathers the partitioned weights). `banned` tokens (the vision
-    placeholders) are never sampled: one in a completion would ask the model for an image it does not have."""
+    One left-padded batch of the n copies of every prompt, HF generate with its KV cache. The vision encoder runs
+    once per prompt, not once per completion: the features are computed here and tiled over the n rows (HF's own
+    num_return_sequences path does the same in transformers 5.23; doing it here keeps that guarantee, allows
+    greedy n > 1, and lets ZeRO-3 ranks without images join the ViT's collectives). `synced` keeps every rank
+    stepping until all are done, which ZeRO-3 needs (each forward all-gathers the partitioned weights). `banned`
+    tokens (the vision placeholders) are never sampled: one in a completion would ask the model for an image it
+    does not have."""
     device = next(module.parameters()).device
     P = max(len(p["input_ids"]) for p in prompts)
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
@@ -117,14 +158,17 @@ def generate(module, prompts: list[dict], n: int, pad_id: int, stop_ids: list[in
         k = len(p["input_ids"])
         ids[i, P - k:], mask[i, P - k:], mm[i, P - k:] = p["input_ids"], 1, p["mm_token_type_ids"]
     batch = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm}
-    _cat_visual(prompts, batch)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.repeat_interleave(n, 0).to(device) for k, v in batch.items()}
+    owner = torch.arange(len(prompts)).repeat_interleave(n)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     was_training = module.training
     module.eval()
     try:
-        seqs = module.generate(**batch, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=n,
+        enc, grids = encode_prompts(module, prompts, owner, synced, device)
+        if enc:
+            batch.update(grids, mm_encoder_outputs=enc)
+        seqs = module.generate(**batch, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=1,
                                eos_token_id=stop_ids, pad_token_id=pad_id, synced_gpus=synced, use_cache=True,
                                suppress_tokens=list(banned) or None)
     finally:
@@ -137,7 +181,11 @@ def generate(module, prompts: list[dict], n: int, pad_id: int, stop_ids: list[in
 
 
 def collate_sequences(prompts: list[dict], completions: list[list[int]], pad_id: int) -> dict:
-    """prompt+completion rows (right-padded) with labels on the completion only; meta per row."""
+    """prompt+completion rows (right-padded) with labels on the completion only; meta per row.
+
+    Rows of one prompt (the same dict) share its images: the pixels are stored once per distinct prompt,
+    `visual_owner` maps each row to its prompt and `visual_counts` gives each prompt's (image, video) grid
+    counts, so stages.forward runs the ViT once per image and tiles the features over the rows."""
     rows = [torch.cat([p["input_ids"], torch.tensor(c, dtype=torch.long)]) for p, c in zip(prompts, completions)]
     B, L = len(rows), max(len(r) for r in rows)
     batch = {
@@ -152,7 +200,18 @@ def collate_sequences(prompts: list[dict], completions: list[list[int]], pad_id:
         batch["input_ids"][i, :n], batch["attention_mask"][i, :n], batch["sample_ids"][i, :n] = r, 1, i
         batch["labels"][i, k:n] = r[k:]
         batch["mm_token_type_ids"][i, :k] = p["mm_token_type_ids"]
-    _cat_visual(prompts, batch)
+    distinct, owner = [], []
+    index = {}
+    for p in prompts:
+        if id(p) not in index:
+            index[id(p)] = len(distinct)
+            distinct.append(p)
+        owner.append(index[id(p)])
+    _cat_visual(distinct, batch)
+    if any(grid_key in batch for _, _, grid_key in forward.MODALITIES):
+        batch["visual_owner"] = torch.tensor(owner, dtype=torch.long)
+        batch["visual_counts"] = torch.tensor(
+            [[len(p[g]) if g in p else 0 for _, _, g in forward.MODALITIES] for p in distinct], dtype=torch.long)
     batch["sources"] = [p["source"] for p in prompts]
     batch["meta"] = [dict(p["meta"]) for p in prompts]
     return batch
