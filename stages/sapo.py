@@ -7,7 +7,8 @@ signal), and the log-probs of the rollout policy (and of the reference, for the 
 rollout batch is then split into `mini_batches` optimizer steps, so from the second mini-batch on the policy
 is off the rollout policy and the gate/clip acts. Prompts that arrive while the buffer still holds mini-batches
 are kept for the next rollout, so every prompt is used once; the steady state is one rollout of
-`mini_batches` steps' prompts every `mini_batches` steps.
+`mini_batches` steps' prompts every `mini_batches` steps. That buffer (queued mini-batches, kept prompts) is part
+of the checkpoint, so a run resumed mid-rollout trains on exactly what an uninterrupted one would.
 
 Loss aggregation is the seq-mean of token-means (SAPO paper, trl's grpo/sapo): `weights` gives 1 per sequence
 and the loop divides by the global sequence count of the mini-batch. The loss formulas are `policy_loss`, a
@@ -15,6 +16,7 @@ pure function checked against trl's GRPOTrainer in tests/test_sapo.py.
 """
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Optional
 
@@ -270,12 +272,59 @@ class RLObjective:
                 "eval/pass_rate": [float(sum(x >= self.cfg.pass_threshold for x in r)), float(len(r))]}
 
     def state_dict(self) -> dict:
-        """Counters only: the rollout buffer is dropped on resume and the next step rolls out afresh."""
-        return dict(self.counters)
+        """Counters, the rollout buffer (mini-batches still to train on, prompts kept for the next rollout) and the
+        accelerator's sampling RNG, so a resumed run trains on exactly what an uninterrupted one would: no prompt is
+        replayed or lost. The CPU RNG (CPU sampling) is saved by training/checkpoint.py. JSON-safe (tensors as
+        dtype/shape/base64 bytes), never pickle; the buffer is at most `mini_batches - 1` steps of rollouts."""
+        state = dict(self.counters)
+        state["queue"] = [[_to_json(mb) for mb in step] for step in self._queue]
+        state["stash"] = [_to_json(p) for p in self._stash]
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda_rng"] = _to_json(torch.cuda.get_rng_state())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.counters.update({k: int(v) for k, v in state.items() if k in self.counters})
-        self._queue, self._stash = [], []
+        # a checkpoint from before the buffer was saved: the next step rolls out afresh
+        self._queue = [[_from_json(mb) for mb in step] for step in state.get("queue", [])]
+        self._stash = [_from_json(p) for p in state.get("stash", [])]
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(_from_json(state["cuda_rng"]))
+
+
+_TENSOR = "__tensor__"
+
+
+def _to_json(x):
+    """Tensors (any dtype, as raw bytes), dicts, lists and JSON scalars -> a JSON-serialisable value."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return {_TENSOR: str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                "data": base64.b64encode(raw).decode("ascii")}
+    if isinstance(x, dict):
+        if _TENSOR in x:
+            raise ValueError(f"cannot save a mapping with the reserved key {_TENSOR!r} in the RL buffer")
+        return {str(k): _to_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_json(v) for v in x]
+    return x
+
+
+def _from_json(x):
+    if isinstance(x, dict):
+        if _TENSOR in x:
+            dtype = getattr(torch, x[_TENSOR])
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"RL buffer in the checkpoint names an unknown dtype {x[_TENSOR]!r}")
+            raw = base64.b64decode(x["data"])
+            if not raw:
+                return torch.empty(x["shape"], dtype=dtype)
+            return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(x["shape"]).clone()
+        return {k: _from_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_from_json(v) for v in x]
+    return x
 
 
 def build(cfg: Config, reduction: str) -> RLObjective:
