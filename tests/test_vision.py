@@ -182,3 +182,201 @@ def test_npy_with_objects_is_refused_and_garbage_is_undecodable():
         with pytest.raises(BadSample) as e:
             decode_image(bad, "0.png", "s2")
         assert e.value.reason == "undecodable_image" and e.value.key == "s2"
+
+
+# ---------------------------------------------------------------- threads: split resize + per-strip patchify
+
+from data import vision as V  # noqa: E402
+
+
+def _hf_and_ours(family, threads, **kw):
+    hf = _hf(family, **kw)
+    return hf, ImageProcessor(VisionConfig.from_hf(hf, threads=threads))
+
+
+def _order(w, h, rw, rh) -> str:
+    """The pass order this Pillow uses for the resize (and so the threaded path)."""
+    return "h" if V.PASS_ORDER_RULES[V.PASS_ORDER](w, h, rw, rh) else "v"
+
+
+def test_pass_order_probe_picks_the_order_pillow_uses():
+    """Independently of the probe's own cases: on random noise, Pillow's one-shot bicubic resize equals its two
+    single-axis passes in the order the probed rule names, and the other order gives other pixels (so the order
+    matters and both kinds occur)."""
+    assert V.PASS_ORDER is not None
+    rng = np.random.default_rng(7)
+    seen = {"h": 0, "v": 0}
+    differs = 0
+    cases = [(640, 480, 644, 476), (480, 640, 476, 644), (300, 900, 280, 600), (900, 300, 600, 280), (64, 64, 60, 16)]
+    for _ in range(60):
+        w, h = (int(x) for x in rng.integers(3, 300, 2))
+        cases.append((w, h, int(rng.integers(2, 300)), int(rng.integers(2, 300))))
+    for w, h, rw, rh in cases:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        want = np.asarray(img.resize((rw, rh), Image.Resampling.BICUBIC))
+        order = _order(w, h, rw, rh)
+        assert np.array_equal(want, np.asarray(V.two_pass(img, rw, rh, order == "h"))), (w, h, rw, rh, order)
+        differs += not np.array_equal(want, np.asarray(V.two_pass(img, rw, rh, order != "h")))
+        seen[order] += 1
+    assert seen["h"] > 5 and seen["v"] > 5 and differs > 30, (seen, differs)
+    # the 640x480 photo of the bench goes to 644x476 for patch 14: Pillow runs the vertical pass first there
+    assert _order(640, 480, 644, 476) == "v"
+
+
+def test_pass_order_probe_follows_the_pillow_it_runs_on(monkeypatch):
+    """A Pillow that always resamples horizontally first (as before 13.0's rule) is recognised as such; one that
+    follows neither rule (always vertical first) gives None, so resizes are not split."""
+    one_shot = Image.Image.resize
+
+    def fake(first_horizontal):
+        def resize(self, size, resample=None, *a, **kw):
+            w, h = self.size
+            if size[0] != w and size[1] != h:
+                mid = (size[0], h) if first_horizontal else (w, size[1])
+                return one_shot(one_shot(self, mid, resample), size, resample)
+            return one_shot(self, size, resample, *a, **kw)
+        return resize
+
+    assert V.probe_pass_order() == V.PASS_ORDER
+    monkeypatch.setattr(Image.Image, "resize", fake(True))
+    assert V.probe_pass_order() == "always_horizontal_first"
+    monkeypatch.setattr(Image.Image, "resize", fake(False))
+    assert V.probe_pass_order() is None
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_photographs_are_bitwise_equal_to_hf(family, threads):
+    for lo, hi in [(56 * 56, 28 * 28 * 1280), (56 * 56, 128 * 128), (512 * 512, 1024 * 1024)]:
+        hf, ours = _hf_and_ours(family, threads, min_pixels=lo, max_pixels=hi)
+        photos = [Image.fromarray(getattr(skimage.data, n)()) for n in PHOTOS]
+        for p in photos:
+            _assert_same(hf, ours, [p])
+        _assert_same(hf, ours, photos[:4])
+
+
+def _threaded_cases(patch):
+    """(image, min_pixels, max_pixels): random sizes of both pass orders, tall and wide, upscales, images that
+    need no resize, and sizes whose strips are one row or one column wide."""
+    rng = np.random.default_rng(3)
+    base = skimage.data.chelsea()
+    f = 2 * patch
+    sizes = [(640, 480, 56 * 56, 28 * 28 * 1280), (480, 640, 56 * 56, 28 * 28 * 1280),  # 640x480 -> 644x476
+             (1280, 720, 56 * 56, 28 * 28 * 1280), (300, 1500, 56 * 56, 150 * 150), (1500, 300, 56 * 56, 150 * 150),
+             (37, 29, 300 * 300, 600 * 600), (50, 9, 200 * 200, 400 * 400),  # upscales
+             (16 * f, 9 * f, 56 * 56, 28 * 28 * 1280), (3 * f, 7 * f, 56 * 56, 28 * 28 * 1280),  # no resize
+             (500, 3, 56 * 56, 28 * 28 * 1280), (3, 500, 56 * 56, 28 * 28 * 1280),  # 1-row / 1-column strips
+             (5, 999, 56 * 56, 56 * 56), (999, 5, 56 * 56, 56 * 56), (2, 2, 56 * 56, 28 * 28 * 1280)]
+    for _ in range(24):
+        h = int(rng.integers(4, 900))
+        w = int(np.clip(h * math.exp(rng.uniform(-3.5, 3.5)), 2, 2500))
+        sizes.append((w, h, 56 * 56, int(rng.choice([64 * 64, 200 * 200, 400 * 400]))))
+    for w, h, lo, hi in sizes:
+        src = base if (w * h) % 2 else skimage.data.astronaut()
+        yield Image.fromarray(src).resize((w, h), Image.Resampling.BICUBIC), lo, hi
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_threaded_resize_is_bitwise_equal_on_random_sizes_and_both_orders(family, monkeypatch):
+    monkeypatch.setattr(V, "MIN_SPLIT_PIXELS", 0)  # split even tiny images: strips of one row happen
+    monkeypatch.setattr(V, "CHUNK_ROWS", 8)  # several patchify steps per strip, unresized images split too
+    kinds = set()
+    for img, lo, hi in _threaded_cases(FAMILIES[family].patch_size):
+        w, h = img.size
+        if max(w, h) / min(w, h) > 200:
+            continue
+        for threads in (2, 5):
+            hf, ours = _hf_and_ours(family, threads, min_pixels=lo, max_pixels=hi)
+            rh, rw = ours.size(img)
+            _assert_same(hf, ours, [img])
+            if (rw, rh) == (w, h):
+                kinds.add("no resize")
+            elif rw != w and rh != h:
+                kinds.add("two passes, " + _order(w, h, rw, rh) + " first")
+            else:
+                kinds.add("one pass")
+            if rw > w and rh > h:
+                kinds.add("upscale")
+            if threads == 5 and min(w, h) < 5 and (rw, rh) != (w, h):
+                kinds.add("1-pixel strips")
+    assert kinds >= {"no resize", "two passes, h first", "two passes, v first", "upscale", "1-pixel strips"}, kinds
+
+
+def test_threaded_fallbacks_are_bitwise_equal(monkeypatch):
+    """Without Pillow's Arrow export (RGB bytes path), with the lookup table instead of the packed arithmetic,
+    and with no known pass order (one-shot resize, threads only patchify), outputs stay HF's."""
+    photos = [Image.fromarray(getattr(skimage.data, n)()) for n in ("astronaut", "camera", "coffee")]
+    for family in ("qwen2_vl", "qwen3_vl"):
+        hf, ours = _hf_and_ours(family, 2, min_pixels=56 * 56, max_pixels=300 * 300)
+        ours.norm.packed_exact = False
+        _assert_same(hf, ours, photos)
+        hf, ours = _hf_and_ours(family, 2, min_pixels=56 * 56, max_pixels=300 * 300)
+        with monkeypatch.context() as mp:
+            mp.setattr(V, "ARROW_VIEW", False)
+            _assert_same(hf, ours, photos)
+        with monkeypatch.context() as mp:
+            mp.setattr(V, "PASS_ORDER", None)
+            _assert_same(hf, ours, photos)
+
+
+def test_packed_arithmetic_is_checked_against_the_table():
+    for family in sorted(FAMILIES):
+        norm = V.Normaliser(VisionConfig.from_hf(_hf(family)))
+        assert norm.exact and norm.packed_exact
+    # a rescale factor whose divisor is not exact: both arithmetic paths are refused, the table is used
+    odd = V.Normaliser(VisionConfig(rescale_factor=1 / 254.9))
+    assert not odd.exact and not odd.packed_exact
+
+
+def test_threads_setting_and_processes(monkeypatch):
+    import pickle
+
+    assert 1 <= V.default_threads() <= 2
+    with monkeypatch.context() as mp:  # in one of 64 DataLoader workers: the CPUs are shared, one thread each
+        mp.setattr(torch.utils.data, "get_worker_info", lambda: type("Info", (), {"num_workers": 64})())
+        assert V.default_threads() == 1
+    with pytest.raises(ValueError, match="threads"):
+        VisionConfig(threads=0)
+    hf, ours = _hf_and_ours("qwen2_vl", 2, min_pixels=56 * 56, max_pixels=300 * 300)
+    img = Image.fromarray(skimage.data.astronaut())
+    _assert_same(hf, ours, [img])
+    assert ours._pool is not None
+    clone = pickle.loads(pickle.dumps(ours))  # spawn-style workers get a copy without the parent's threads
+    assert clone._pool is None and clone.cfg.threads == 2
+    _assert_same(hf, clone, [img])
+    ours._pid = -1  # as after a fork: the parent's pool is not used, a new one is made
+    old = ours._pool
+    _assert_same(hf, ours, [img])
+    assert ours._pool is not old
+    rows, grid = ours.one(img)
+    assert torch.equal(rows, hf(images=[img], return_tensors="pt")["pixel_values"]) and grid[0] == 1
+    # an error in any job (this thread's or a helper's) is raised after all jobs ended
+    done = []
+
+    def job(i):
+        if i == 3:
+            raise KeyError(i)
+        done.append(i)
+
+    with pytest.raises(KeyError):
+        ours._run([lambda i=i: job(i) for i in range(6)])
+    assert 3 not in done
+
+
+def test_pixels_are_read_in_place_and_outlive_the_image():
+    """RGB images are read through Pillow's Arrow export as RGBX without a copy; the view keeps the image memory
+    alive after the image is gone. Images Pillow cannot export (several memory blocks) fall back to a copy."""
+    import gc
+
+    assert V.ARROW_VIEW
+    arr = skimage.data.astronaut()
+    img = Image.fromarray(arr)
+    px = V.pil_pixels(img)
+    assert px.shape == (*arr.shape[:2], 4) and px.dtype == torch.uint8
+    del img
+    gc.collect()
+    Image.fromarray(255 - arr)  # reuse freed memory, if it had been freed
+    assert np.array_equal(px[..., :3].numpy(), arr)
+    big = Image.new("RGB", (4200, 1100), (1, 2, 3))  # 18 MB: over Pillow's 16 MB block
+    got = V.pil_pixels(big)
+    assert got.shape == (1100, 4200, 3) and int(got[5, 7, 2]) == 3
