@@ -146,7 +146,10 @@ class ShardSource:
             self._file = gopen(url, "rb")
             self._base = 0
         self._tar = tarfile.open(fileobj=self._file, mode="r|" if self._seekable else "r|*", tarinfo=_StrictTarInfo)
-        self._key, self._group, self._pending, self._read_members = None, self.sample_index - 1, None, 0
+        # a seek lands after the consumed members, so the count goes on from there (the state is then the same
+        # as an uninterrupted reader's); a pipe starts at member 0 and skips them
+        self._key, self._group, self._pending = None, self.sample_index - 1, None
+        self._read_members = self.members if self._seekable else 0
         if not self._seekable:  # pipe/compressed: skip the consumed members unread
             while self._read_members < self.members:
                 ti = self._tar.next()
