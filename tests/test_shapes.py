@@ -144,7 +144,7 @@ def test_records_are_well_formed_and_answers_are_right(tmp_path):
     # vqa / rl / preference: one right answer, of the type the reward expects
     for s in data["rl"]:
         rec = s["record"]
-        assert rec["reward"] == ("numeric" if rec["answer"].isdigit() else "exact_match")
+        assert rec["reward"] == "exact_match"  # one-word answers: "3 red circles" must not earn a count's reward
         assert rec["answer"].isdigit() or rec["answer"] in shapes.COLOURS
     for s in data["preference"]:
         rec = s["record"]
