@@ -2,6 +2,13 @@
 
 Optimizer and LR schedule are built here (client-side) so that parameter groups carry the stage's
 per-group learning-rate multipliers and only trainable parameters get optimizer state.
+
+CPU offload (`engine.offload_optimizer`, ZeRO 1-3; `engine.offload_params`, ZeRO-3): on a GPU the optimizer
+that steps the offloaded fp32 state is DeepSpeedCPUAdam (AVX, many threads; DeepSpeed's own choice). With
+DS_ACCELERATOR=cpu the parameters and the optimizer state live in host memory anyway, so offloading moves
+nothing: torch's AdamW stays (the same optimizer as without offload, and no 2-minute JIT build of the
+cpu_adam op) and DeepSpeed's "client optimizer with offload" refusal is switched off
+(`zero_force_ds_cpu_optimizer: false`).
 """
 from __future__ import annotations
 
@@ -37,6 +44,10 @@ def deepspeed_config(cfg: EngineConfig, micro_batch: int, grad_accum: int, world
         raise ValueError(f"engine.dtype={cfg.dtype!r}; choose fp32 or bf16")
     if cfg.offload_params and cfg.zero_stage != 3:
         raise ValueError("engine.offload_params=true needs engine.zero_stage=3 (use engine=zero3)")
+    if cfg.offload_optimizer and cfg.zero_stage == 0:
+        raise ValueError("engine.offload_optimizer=true needs ZeRO (engine.zero_stage 1, 2 or 3): without ZeRO "
+                         "DeepSpeed ignores it; use engine=zero2 or engine=zero3")
+    check_batch_geometry(cfg.raw, micro_batch, grad_accum, world)
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -53,7 +64,46 @@ def deepspeed_config(cfg: EngineConfig, micro_batch: int, grad_accum: int, world
         "steps_per_print": 1 << 30,  # our own metrics replace DeepSpeed's prints
         "wall_clock_breakdown": False,
     }
+    if (cfg.offload_optimizer or cfg.offload_params) and not use_ds_cpu_adam(cfg):
+        ds["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on host memory is right here (module docstring)
     return _merge(ds, cfg.raw)
+
+
+# DeepSpeed's batch keys; the trainer's micro-batch loop and data layout follow trainer.*, so raw copies of
+# them may only repeat what trainer.* and the world size already say
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def check_batch_geometry(raw: dict, micro_batch: int, grad_accum: int, world: int) -> None:
+    """engine.raw may not set a batch geometry that differs from trainer.* (DeepSpeed would step at other
+    boundaries than the loop's micro-batches, or assert after the model is built)."""
+    want = {"train_batch_size": micro_batch * grad_accum * world, "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": grad_accum}
+    for key in _BATCH_KEYS:
+        if key not in raw or raw[key] in (None, "auto") or int(raw[key]) == want[key]:
+            continue
+        got = int(raw[key])
+        if key == "train_batch_size":
+            per_step = micro_batch * world
+            fix = (f"set trainer.grad_accum={got // per_step} instead" if got % per_step == 0 and got > 0 else
+                   f"it must be a multiple of trainer.micro_batch_size x world size = {per_step}; set "
+                   f"trainer.grad_accum (and trainer.micro_batch_size) instead")
+            raise ValueError(f"engine.raw.train_batch_size={got} but trainer.micro_batch_size ({micro_batch}) x "
+                             f"trainer.grad_accum ({grad_accum}) x world size ({world}) = {want[key]}; {fix}, and "
+                             f"leave the batch keys out of engine.raw")
+        name = "trainer.micro_batch_size" if key == "train_micro_batch_size_per_gpu" else "trainer.grad_accum"
+        raise ValueError(f"engine.raw.{key}={got} contradicts {name}={want[key]}; set {name}={got} instead and "
+                         f"leave the batch keys out of engine.raw")
+
+
+def use_ds_cpu_adam(cfg: EngineConfig) -> bool:
+    """DeepSpeedCPUAdam steps offloaded optimizer state when the model runs on an accelerator; on the CPU
+    accelerator there is nothing to offload from and torch's AdamW (the non-offloaded optimizer) is kept."""
+    if not (cfg.offload_optimizer or cfg.offload_params):
+        return False
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() != "cpu"
 
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
@@ -101,8 +151,14 @@ def initialize(model, groups, stage: StageConfig, cfg: EngineConfig, micro_batch
                world: int, max_steps: int):
     import deepspeed
 
-    opt = torch.optim.AdamW(optimizer_groups(model, groups, stage), lr=stage.optimizer.lr,
-                            betas=tuple(stage.optimizer.betas), eps=stage.optimizer.eps)
+    param_groups = optimizer_groups(model, groups, stage)
+    kw = dict(lr=stage.optimizer.lr, betas=tuple(stage.optimizer.betas), eps=stage.optimizer.eps)
+    if use_ds_cpu_adam(cfg):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kw)  # decoupled decay, per group as in AdamW
+    else:
+        opt = torch.optim.AdamW(param_groups, **kw)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage, max_steps))
     ds_cfg = deepspeed_config(cfg, micro_batch, grad_accum, world, stage.optimizer.grad_clip)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
