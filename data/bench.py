@@ -7,8 +7,8 @@ mix has 1280x720 photos, other photo sizes and multi-image samples. HF's PIL pat
 ours is timed with 1 thread (VisionConfig.threads=1) and with `--threads` N threads (split resize passes and
 patchify); torch's intra-op threads are 1 throughout. The "PIL resize alone" row times only the bicubic resize
 every bitwise path shares (HF's included): its ratio bounds what any single-threaded bitwise path can reach. Best
-of `--repeats` passes, alternating the paths so machine load hits all alike; the load average is printed since
-other jobs on the machine hurt the threaded rows most.
+of `--repeats` timings per sample, the paths taking turns over the whole mix so machine load hits all alike
+(`_best_times`); the load average is printed since other jobs on the machine hurt the threaded rows most.
 """
 from __future__ import annotations
 
@@ -54,11 +54,20 @@ def resize_only(processor: ImageProcessor):
     return run
 
 
-def _time(fn, samples) -> float:
-    t = time.perf_counter()
-    for s in samples:
-        fn(s)
-    return time.perf_counter() - t
+def _best_times(paths: dict, samples: list, repeats: int) -> dict:
+    """Seconds per path for the whole mix: the sum over samples of each sample's best of `repeats` timings.
+
+    Each repeat runs every path over the whole mix in turn (a path runs in its own steady state: interleaving
+    paths per sample would make each pay for the other's memory churn in page faults), and a sample's best time
+    is one taken in a quiet moment of the machine."""
+    best = {p: [float("inf")] * len(samples) for p in paths}
+    for _ in range(repeats):
+        for p, fn in paths.items():
+            for i, s in enumerate(samples):
+                t = time.perf_counter()
+                fn(s)
+                best[p][i] = min(best[p][i], time.perf_counter() - t)
+    return {p: sum(v) for p, v in best.items()}
 
 
 def vision(repeats: int, min_pixels: int, max_pixels: int, threads: int) -> None:
@@ -95,10 +104,7 @@ def vision(repeats: int, min_pixels: int, max_pixels: int, threads: int) -> None
                 if resize == "pil" and checks[label] != "bitwise equal":
                     raise SystemExit(f"{name} {label}: {checks[label]}; resize=pil must be bitwise equal to HF")
         tokens = sum(int(hf(images=s, return_tensors="pt")["image_grid_thw"].prod(-1).sum()) // 4 for s in samples)
-        best = {p: float("inf") for p in paths}
-        for _ in range(repeats):
-            for p, fn in paths.items():
-                best[p] = min(best[p], _time(fn, samples))
+        best = _best_times(paths, samples, repeats)
         base = best["HF Qwen2VLImageProcessorPil"]
         for p in paths:
             print(f"{name:<11} {p:<34} {len(samples) / best[p]:>10.1f} {tokens / best[p]:>11.0f} "
@@ -158,7 +164,7 @@ def packing(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2,
                     help="VisionConfig.threads of our multi-threaded rows (the single-thread rows use 1)")
     ap.add_argument("--min-pixels", type=int, default=56 * 56)

@@ -35,7 +35,8 @@ def test_plan_chains_exports_and_selects_steps(tmp_path):
     assert steps[0].init is None and not any(a.startswith("model.path=") for a in steps[0].args)
     for prev, step in zip(steps, steps[1:]):  # each step starts from the previous step's export
         assert step.init == str(prev.out / "hf") and f"model.path={prev.out}/hf" in step.args
-    assert "data.shapes.tasks=[vqa]" in steps[4].args and "stage=sft" in steps[4].args
+    assert "data.shapes.tasks=[vqa,caption]" in steps[4].args and "stage=sft" in steps[4].args
+    assert "stage.mixture={vqa: 3, caption: 1}" in steps[4].args
     assert all(s.selected for s in steps)
     picked = _plan(tmp_path, "pipeline.from=s3_long_256k", "pipeline.max_steps=2")
     assert [s.name for s in picked if s.selected] == ["s3_long_256k", "sft", "dpo", "sapo"]
