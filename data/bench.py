@@ -1,12 +1,15 @@
 """Data benchmark (`python -m data.bench`): a script, not a test; prints ratios against named baselines.
 
-Section 1, vision: our torch image processor (data/vision.py) vs the HF processor path
-(`Qwen2VLImageProcessorPil`, what training/models.py builds) on the same decoded images with the same min/max
-pixels, for each family; every row's outputs are compared with HF's before timing (bitwise for resize=pil). The
-mix has 1280x720 photos, other photo sizes and multi-image samples. HF's PIL path is single-threaded (PIL + numpy);
-ours is timed with 1 thread (VisionConfig.threads=1) and with `--threads` N threads (split resize passes and
-patchify); torch's intra-op threads are 1 throughout. The "PIL resize alone" row times only the bicubic resize
-every bitwise path shares (HF's included): its ratio bounds what any single-threaded bitwise path can reach. Best
+Section 1, vision: our image processor (data/vision.py) vs HF's processor paths on the same decoded images with
+the same min/max pixels, for each family. Baselines: HF's PIL backend (`Qwen2VLImageProcessorPil`, what HF uses
+without torchvision and what training/models.py builds here) and, where torchvision can be imported
+(tests/hf_torchvision.py; `.ci/run` installs it), HF's torchvision backend (`Qwen2VLImageProcessor`, HF's default).
+Every row of ours is checked before timing against the HF backend it claims to equal: resize=pil against the PIL
+backend, resize=torch against the torchvision one; both must be bitwise equal (without torchvision, resize=torch
+shows its max difference to the PIL backend instead). The mix has 1280x720 photos, other photo sizes and
+multi-image samples. HF's paths are single-threaded; ours is timed with 1 thread (VisionConfig.threads=1) and
+with `--threads` N threads (split resize passes and patchify); torch's intra-op threads are 1 throughout. The
+"PIL resize alone" row times only PIL's bicubic resize: its ratio bounds any single-threaded PIL-exact path. Best
 of `--repeats` timings per sample, the paths taking turns over the whole mix so machine load hits all alike
 (`_best_times`); the load average is printed since other jobs on the machine hurt the threaded rows most.
 """
@@ -17,6 +20,13 @@ import math
 import os
 import random
 import time
+
+try:  # HF's torchvision backend as a second baseline: torchvision must be importable before transformers is
+    from tests.hf_torchvision import import_torchvision
+
+    import_torchvision()
+except ImportError:
+    pass
 
 import numpy as np
 import skimage.data
@@ -70,45 +80,77 @@ def _best_times(paths: dict, samples: list, repeats: int) -> dict:
     return {p: sum(v) for p, v in best.items()}
 
 
+def _hf_torchvision():
+    """HF's torchvision-backend image processor class, or None with the reason (see tests/hf_torchvision.py)."""
+    try:
+        import_torchvision()
+        from transformers import Qwen2VLImageProcessor
+        from transformers.image_processing_backends import TorchvisionBackend
+
+        if not issubclass(Qwen2VLImageProcessor, TorchvisionBackend):
+            return None, "transformers did not pick its torchvision backend"
+        return Qwen2VLImageProcessor, ""
+    except Exception as e:  # noqa: BLE001 - report and go on with the PIL baseline
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _compare(ref, ours, samples) -> str:
+    worst, grids_equal, exact = 0.0, True, True
+    for s in samples:
+        a, b = ref(images=s, return_tensors="pt"), ours(s)
+        grids_equal &= torch.equal(a["image_grid_thw"], b["image_grid_thw"])
+        same = a["pixel_values"].shape == b["pixel_values"].shape
+        exact &= same and torch.equal(a["pixel_values"], b["pixel_values"])
+        worst = max(worst, (a["pixel_values"] - b["pixel_values"]).abs().max().item() if same else math.inf)
+    return "bitwise equal" if exact and grids_equal else f"grids {'equal' if grids_equal else 'DIFFER'}, " \
+                                                          f"max|diff| {worst:.4f}"
+
+
 def vision(repeats: int, min_pixels: int, max_pixels: int, threads: int) -> None:
     samples = sample_mix()
     n_img = sum(len(s) for s in samples)
+    tv_cls, why = _hf_torchvision()
     print(f"== vision: {len(samples)} samples, {n_img} images, min_pixels={min_pixels} max_pixels={max_pixels}, "
-          f"torch intra-op threads={torch.get_num_threads()}; HF's PIL path is single-threaded, ours runs with "
+          f"torch intra-op threads={torch.get_num_threads()}; HF's paths are single-threaded, ours runs with "
           f"VisionConfig.threads=1 and ={threads}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'family':<11} {'path':<34} {'samples/s':>10} {'vis tok/s':>11} {'vs HF':>7}  check")
+    print("   baselines: HF PIL = Qwen2VLImageProcessorPil (HF without torchvision); " +
+          ("HF tv = Qwen2VLImageProcessor on its torchvision backend (HF's default with torchvision)" if tv_cls else
+           f"HF's torchvision backend not measured ({why})"))
+    print(f"{'family':<11} {'path':<34} {'samples/s':>10} {'vis tok/s':>11} {'vs HF PIL':>10} "
+          f"{'vs HF tv' if tv_cls else '':>9}  check")
     for name, fam in FAMILIES.items():
-        hf = Qwen2VLImageProcessorPil(patch_size=fam.patch_size, temporal_patch_size=2, merge_size=2,
-                                      image_mean=fam.image_mean, image_std=fam.image_std,
-                                      min_pixels=min_pixels, max_pixels=max_pixels)
-        paths = {"HF Qwen2VLImageProcessorPil": lambda s: hf(images=s, return_tensors="pt")}
-        checks = {}
-        # the one PIL bicubic resize per image that HF and every bitwise-equal path make: no single-threaded
-        # bitwise path can beat HF by more than this row's ratio
-        paths["PIL resize alone (1 thread)"] = resize_only(ImageProcessor(VisionConfig.from_hf(hf, threads=1)))
-        checks["PIL resize alone (1 thread)"] = "ceiling of 1-thread bitwise paths"
-        for resize in ("pil", "torch"):
+        kw = dict(patch_size=fam.patch_size, temporal_patch_size=2, merge_size=2, image_mean=fam.image_mean,
+                  image_std=fam.image_std, min_pixels=min_pixels, max_pixels=max_pixels)
+        ref = {"pil": Qwen2VLImageProcessorPil(**kw)}
+        paths = {"HF PIL (Qwen2VLImageProcessorPil)": lambda s, hf=ref["pil"]: hf(images=s, return_tensors="pt")}
+        checks = {"HF PIL (Qwen2VLImageProcessorPil)": "baseline"}
+        if tv_cls:
+            ref["torch"] = tv_cls(**kw)
+            paths["HF tv (Qwen2VLImageProcessor)"] = lambda s, hf=ref["torch"]: hf(images=s, return_tensors="pt")
+            checks["HF tv (Qwen2VLImageProcessor)"] = "baseline"
+        # the one PIL bicubic resize per image that HF's PIL path and our resize=pil make: no single-threaded
+        # PIL-exact path can beat HF PIL by more than this row's ratio
+        paths["PIL resize alone (1 thread)"] = resize_only(ImageProcessor(VisionConfig.from_hf(ref["pil"], threads=1)))
+        checks["PIL resize alone (1 thread)"] = "ceiling of 1-thread PIL-exact paths"
+        for resize in ("torch", "pil"):
+            backend = ref.get(resize, ref["pil"])
             for n in dict.fromkeys((1, threads)):
-                ours = ImageProcessor(VisionConfig.from_hf(hf, resize=resize, threads=n))
+                ours = ImageProcessor(VisionConfig.from_hf(ref["pil"], resize=resize, threads=n))
                 label = f"ours (resize={resize}, {n} thread{'s' if n > 1 else ''})"
                 paths[label] = ours
-                worst, grids_equal, exact = 0.0, True, True
-                for s in samples:
-                    a, b = hf(images=s, return_tensors="pt"), ours(s)
-                    grids_equal &= torch.equal(a["image_grid_thw"], b["image_grid_thw"])
-                    same = a["pixel_values"].shape == b["pixel_values"].shape
-                    exact &= same and torch.equal(a["pixel_values"], b["pixel_values"])
-                    worst = max(worst, (a["pixel_values"] - b["pixel_values"]).abs().max().item() if same else math.inf)
-                checks[label] = ("bitwise equal" if exact and grids_equal else
-                                 f"grids {'equal' if grids_equal else 'DIFFER'}, max|diff| {worst:.4f}")
-                if resize == "pil" and checks[label] != "bitwise equal":
-                    raise SystemExit(f"{name} {label}: {checks[label]}; resize=pil must be bitwise equal to HF")
-        tokens = sum(int(hf(images=s, return_tensors="pt")["image_grid_thw"].prod(-1).sum()) // 4 for s in samples)
+                verdict = _compare(backend, ours, samples)
+                checks[label] = f"{verdict} to HF {'tv' if backend is ref.get('torch') else 'PIL'}"
+                if resize in ref and verdict != "bitwise equal":
+                    raise SystemExit(f"{name} {label}: {verdict}; must be bitwise equal to its HF backend")
+        tokens = sum(int(ref["pil"](images=s, return_tensors="pt")["image_grid_thw"].prod(-1).sum()) // 4
+                     for s in samples)
         best = _best_times(paths, samples, repeats)
-        base = best["HF Qwen2VLImageProcessorPil"]
+        base = best["HF PIL (Qwen2VLImageProcessorPil)"]
+        base_tv = best.get("HF tv (Qwen2VLImageProcessor)")
         for p in paths:
+            tv = f"{base_tv / best[p]:>8.2f}x" if base_tv else ""
             print(f"{name:<11} {p:<34} {len(samples) / best[p]:>10.1f} {tokens / best[p]:>11.0f} "
-                  f"{base / best[p]:>6.2f}x  {checks.get(p, 'baseline')}")
+                  f"{base / best[p]:>9.2f}x {tv:>9}  {checks[p]}")
     print(f"   (load average at the end: {os.getloadavg()[0]:.1f})")
 
 

@@ -34,7 +34,9 @@ class EncoderConfig:
 
     image_min_pixels: Optional[int] = None
     image_max_pixels: Optional[int] = None
-    resize: str = "pil"  # pil | torch; "pil": bitwise HF parity; "torch": faster, a few grey levels off
+    # torch | pil: which HF image-processor backend to equal bitwise (data/vision.py VisionConfig.resize): "torch"
+    # = HF's default with torchvision installed, ~2x faster here; "pil" = HF without torchvision and qwen-vl-utils.
+    resize: str = "torch"
     video_fps: float = 2.0
     video_min_frames: int = 4
     video_max_frames: int = 16

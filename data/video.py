@@ -8,9 +8,10 @@ resize does there), padded to the temporal patch by repeating the last frame and
 """
 from __future__ import annotations
 
+
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -109,7 +110,7 @@ class VideoOut:
 class VideoProcessor:
     def __init__(self, vision: VisionConfig, cfg: VideoConfig):
         self.vision, self.cfg = vision, cfg
-        self.norm = Normaliser(vision)
+        self.norm = Normaliser(replace(vision, resize="torch"))  # HF video processors: torchvision arithmetic
 
     def sample(self, media, name: str, key: str, fps: Optional[float] = None):
         """uint8 [T, H, W, 3] sampled frames, their source indices, source fps and sample fps.

@@ -154,8 +154,12 @@ class VisionConfig:
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
     rescale_factor: float = 1 / 255
-    # "pil": PIL bicubic on uint8, bitwise equal to HF. "torch": torch's antialiased bicubic on uint8, ~3x faster
-    # to resize; on the bench mix 3% of values differ, mean 0.03 grey levels, worst ~6 levels (bench.py).
+    # Which of HF's two image-processor backends to equal bitwise (resize and normalisation arithmetic):
+    # "torch": torch's antialiased bicubic on uint8, then fused float32 normalisation = `Qwen2VLImageProcessor`
+    #   with torchvision installed (HF's default backend; HF's video processors work this way too). ~4x faster
+    #   to resize than PIL.
+    # "pil": PIL's fixed-point bicubic, float64 rescale = `Qwen2VLImageProcessorPil` (HF's backend without
+    #   torchvision) and qwen-vl-utils' PIL resize. The two differ by 1-2 grey levels on ~0.5% of pixels.
     resize: Literal["pil", "torch"] = "pil"
     # Threads per image processor, the calling thread included: Pillow's resize passes (split into strips) and the
     # patchify of each strip run on them; outputs are bitwise the same for any count. Every DataLoader worker
@@ -178,7 +182,8 @@ class VisionConfig:
                 resize: str = "pil", threads: Optional[int] = None) -> "VisionConfig":
         """The settings of an HF Qwen2VLImageProcessor(Pil); min/max pixels may be overridden."""
         if resize not in ("pil", "torch"):
-            raise ValueError(f"resize={resize!r}: choose 'pil' (bitwise HF parity) or 'torch' (faster, not bitwise)")
+            raise ValueError(f"resize={resize!r}: choose 'torch' (HF's torchvision backend, faster) or 'pil' "
+                             "(HF's PIL backend)")
         return cls(resize=resize, patch_size=ip.patch_size, temporal_patch_size=ip.temporal_patch_size, merge_size=ip.merge_size,
                    image_mean=tuple(ip.image_mean), image_std=tuple(ip.image_std),
                    min_pixels=min_pixels or ip.size["shortest_edge"], max_pixels=max_pixels or ip.size["longest_edge"],
@@ -186,22 +191,35 @@ class VisionConfig:
 
 
 def normalise_lut(cfg: VisionConfig) -> torch.Tensor:
-    """[3, 256] float32: HF's value for every uint8 level, by HF's own arithmetic.
+    """[3, 256] float32: HF's value for every uint8 level, by the arithmetic of the HF backend `cfg.resize` names.
 
-    HF rescales in float64 (`x.astype(float64) * scale`), casts to float32, then computes
-    `(x - mean) / std` in float32. A value depends only on its level, so 256 entries per channel say it all.
+    PIL backend (`Qwen2VLImageProcessorPil`): rescale in float64 (`x.astype(float64) * scale`), cast to float32,
+    then `(x - mean) / std` in float32. Torchvision backend (`Qwen2VLImageProcessor` with torchvision installed,
+    and every HF video processor): rescale fused into normalisation, `(float32(x) - mean/scale) / (std/scale)` in
+    float32, with mean/scale and std/scale computed in float32. The two differ by an ulp on some levels. A value
+    depends only on its level, so 256 entries per channel say it all.
     """
+    if cfg.resize == "torch":
+        mean, std = _fused_mean_std(cfg)
+        return (torch.arange(256, dtype=torch.float32)[None, :] - mean[:, None]) / std[:, None]
     levels = (np.arange(256, dtype=np.float64) * cfg.rescale_factor).astype(np.float32)
     mean = np.asarray(cfg.image_mean, dtype=np.float32)[:, None]
     std = np.asarray(cfg.image_std, dtype=np.float32)[:, None]
     return torch.from_numpy(((levels[None, :] - mean) / std).astype(np.float32))
 
 
+def _fused_mean_std(cfg: VisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF TorchvisionBackend._fuse_mean_std_and_rescale_factor: float32 tensors times 1/scale."""
+    return (torch.tensor(list(cfg.image_mean)) * (1.0 / cfg.rescale_factor),
+            torch.tensor(list(cfg.image_std)) * (1.0 / cfg.rescale_factor))
+
+
 class Normaliser:
     """uint8 levels -> HF's float32 values.
 
-    Three float32 ops (`/ (1/scale)`, `- mean`, `/ std`) are much faster than a gather; they are used only after
-    checking that they give the lookup table's value for every level (true for the Qwen families' settings).
+    Float32 ops (PIL backend: `/ (1/scale)`, `- mean`, `/ std`; torchvision backend: `- mean/scale`,
+    `/ std/scale`) are much faster than a gather; they are used only after checking that they give the lookup
+    table's value for every level (true for the Qwen families' settings).
     Since each output depends on its level alone, agreeing on all 256 levels means agreeing everywhere. Packed
     pixels (int32 RGBX, little-endian) take channel c as `v & (255 << 8c)` divided by `divisor << 8c`: the same
     quotient, both operands exact in float32; checked the same way (`packed_exact`), else the table is used.
@@ -210,15 +228,19 @@ class Normaliser:
     def __init__(self, cfg: VisionConfig):
         self.lut = normalise_lut(cfg)
         C = self.lut.shape[0]
-        self.mean = torch.tensor(cfg.image_mean, dtype=torch.float32).view(1, C, 1)
-        self.std = torch.tensor(cfg.image_std, dtype=torch.float32).view(1, C, 1)
-        self.divisor = round(1 / cfg.rescale_factor)
+        if cfg.resize == "torch":  # levels as they are, scaled mean and std
+            mean, std = _fused_mean_std(cfg)
+            self.divisor = 1
+        else:
+            mean, std = torch.tensor(cfg.image_mean, dtype=torch.float32), torch.tensor(cfg.image_std, dtype=torch.float32)
+            self.divisor = round(1 / cfg.rescale_factor)
+        self.mean, self.std = mean.view(1, C, 1), std.view(1, C, 1)
         # odd length so both the vectorised body and the scalar tail of each kernel are checked
         idx = torch.arange(256).repeat(5)[:1277]
         probe = idx.to(torch.uint8).view(1, 1, -1).expand(1, C, -1).float()
         got = self._arith_(probe.clone())
         want = self.lut[:, idx].unsqueeze(0)
-        self.exact = self.divisor * cfg.rescale_factor == 1.0 and torch.equal(got, want)
+        self.exact = (self.divisor == 1 or self.divisor * cfg.rescale_factor == 1.0) and torch.equal(got, want)
         # packed path: channel c's level in byte c, the other bytes random (byte 3 is Pillow's pad byte)
         self.shifts = torch.tensor([8 * c for c in range(C)], dtype=torch.int32).view(1, C, 1)
         self.masks = torch.tensor([255 << (8 * c) for c in range(C)], dtype=torch.int32).view(1, C, 1)
@@ -237,7 +259,9 @@ class Normaliser:
             self.packed_exact = bool(ok)
 
     def _arith_(self, y: torch.Tensor) -> torch.Tensor:
-        return y.div_(self.divisor).sub_(self.mean).div_(self.std)
+        if self.divisor != 1:
+            y.div_(self.divisor)
+        return y.sub_(self.mean).div_(self.std)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: uint8 [N, C, k] -> float32 [N, C, k]."""
@@ -475,8 +499,7 @@ class ImageProcessor:
         return smart_resize(h, w, c.factor, c.min_pixels, c.max_pixels)
 
     def frame(self, img: Image.Image) -> torch.Tensor:
-        """RGB, resized to the smart_resize size: uint8 [H, W, 3]. The resize is the step that must stay PIL
-        for bitwise parity (PIL's fixed-point uint8 bicubic); cfg.resize="torch" trades that for speed."""
+        """RGB, resized to the smart_resize size by the backend cfg.resize names: uint8 [H, W, 3]."""
         img = to_rgb(img)
         (rh, rw), (w, h) = self.size(img), img.size
         if self.cfg.resize == "pil" or (rw, rh) == (w, h):
@@ -495,10 +518,10 @@ class ImageProcessor:
             self._run([lambda a=a, b=b: patch_block(frame[a * f:b * f], dst[a:b], c, self.norm)
                        for a, b in _spans(rh // f, jobs)])
 
-        if c.resize == "torch" and (rw, rh) != (w, h):
-            return bands(self.frame(img))
         if (rw, rh) == (w, h):
             return bands(pil_pixels(img))
+        if c.resize == "torch":
+            return self._into_torch(pil_pixels(img), rh, rw, dst, bands)
         if k == 1 or PASS_ORDER is None or max(w * h, rw * rh) < MIN_SPLIT_PIXELS:
             return bands(pil_pixels(img.resize((rw, rh), BICUBIC)))
 
@@ -531,6 +554,43 @@ class ImageProcessor:
                 patch_block(pil_pixels(piece), dst[a // f:b // f], c, self.norm)
 
         self._run([lambda a=a, b=b: last(a, b) for a, b in _spans(rw if passes[-1] == "v" else rh, strips, f)])
+
+    def _into_torch(self, px: torch.Tensor, rh: int, rw: int, dst: torch.Tensor, bands: Callable) -> None:
+        """torch's uint8 antialiased bicubic (torchvision's resize), RGBX or RGB [H, W, C] in. Its one-shot result
+        equals a horizontal pass then a vertical one (tests/test_vision.py), each of whose coefficients depend only
+        on the sizes along its axis: so with threads the first pass runs on row strips, the second on column
+        strips that the thread making them patchifies, exactly as one call would."""
+        c, f = self.cfg, self.cfg.factor
+        h, w, C = px.shape
+        x = px.permute(2, 0, 1).unsqueeze(0)  # channels-last [1, C, H, W] view
+
+        def resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+            return torch.nn.functional.interpolate(t, size=size, mode="bicubic", antialias=True, align_corners=False)
+
+        def hwc(t: torch.Tensor) -> torch.Tensor:
+            return t[0].permute(1, 2, 0)
+
+        if c.threads == 1 or max(w * h, rw * rh) < MIN_SPLIT_PIXELS:
+            return bands(hwc(resize(x, (rh, rw))))
+        strips = c.threads * STRIPS_PER_THREAD
+        if rw != w and rh != h:  # horizontal pass on row strips into one intermediate
+            mid = torch.empty((1, C, h, rw), dtype=torch.uint8, memory_format=torch.channels_last)
+
+            def first(a: int, b: int) -> None:
+                mid[:, :, a:b].copy_(resize(x[:, :, a:b], (b - a, rw)))
+
+            self._run([lambda a=a, b=b: first(a, b) for a, b in _spans(h, strips)])
+            x = mid
+        if rh != h:  # vertical pass on column strips of whole blocks
+            def last(a: int, b: int) -> None:
+                patch_block(hwc(resize(x[..., a:b], (rh, b - a))), dst[:, a // f:b // f], c, self.norm)
+
+            return self._run([lambda a=a, b=b: last(a, b) for a, b in _spans(rw, strips, f)])
+
+        def rows(a: int, b: int) -> None:  # only the width changes: row strips of whole blocks
+            patch_block(hwc(resize(x[:, :, a:b], (b - a, rw))), dst[a // f:b // f], c, self.norm)
+
+        self._run([lambda a=a, b=b: rows(a, b) for a, b in _spans(rh, strips, f)])
 
     def _rows(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
         c = self.cfg

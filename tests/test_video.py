@@ -139,10 +139,11 @@ def _hf_patchify():
 @pytest.mark.parametrize("patch,mean,std", [(14, (0.48145466, 0.4578275, 0.40821073),
                                              (0.26862954, 0.26130258, 0.27577711)), (16, (0.5,) * 3, (0.5,) * 3)])
 def test_patches_equal_hf_video_patchify(nframes, patch, mean, std):
-    """Frame lists skip resampling, so the frames going into patchify are exactly ours; HF normalisation is the
-    image processor's (float64 rescale, float32 normalise; the LUT holds it per level). An odd frame list is
-    padded to even by qwen-vl-utils' rule; HF's own padding to the temporal patch is covered by patchify itself."""
-    vc = VisionConfig(patch_size=patch, image_mean=mean, image_std=std)
+    """Frame lists skip resampling, so the frames going into patchify are exactly ours; HF's video normalisation
+    is its torchvision backend's (fused float32; the LUT of resize="torch" holds it per level, checked against
+    the real video processor below). An odd frame list is padded to even by qwen-vl-utils' rule; HF's own padding
+    to the temporal patch is covered by patchify itself."""
+    vc = VisionConfig(patch_size=patch, image_mean=mean, image_std=std, resize="torch")
     raw = _frames(nframes, 2 * patch * 3, 2 * patch * 4)
     imgs = [Image.fromarray(f) for f in raw]
     cfg = VideoConfig(min_pixels=patch * patch * 4, max_pixels=10**6, total_pixels=10**8)
@@ -157,8 +158,44 @@ def test_patches_equal_hf_video_patchify(nframes, patch, mean, std):
     # three frames: HF pads the temporal patch with the last frame itself; ours pads before patchify (video.py)
     odd, *_ = _hf_patchify()(None, norm[None, :3], patch_size=patch, merge_size=2, temporal_patch_size=2)
     three = torch.from_numpy(raw[:3])
-    rows, grid = patchify(torch.cat([three, three[-1:]]), vc, Normaliser(vc))
+    rows, grid = patchify(torch.cat([three, three[-1:]]), vc, Normaliser(vc))  # vc: the video arithmetic
     assert grid == (2, gh, gw) and torch.equal(rows, odd[0])
+
+
+def test_video_pixels_equal_hf_video_processor():
+    """Frames through our VideoProcessor vs transformers' own `Qwen2VLVideoProcessor` (torchvision backend, real
+    torchvision in a subprocess: tests/hf_torchvision.py) on the same frames: resized (up and down) or not, both
+    patch sizes and normalisations; pixel_values_videos and grids bitwise equal."""
+    from tests.hf_torchvision import INSTALL, location, run_with_torchvision
+
+    if location() is None:
+        pytest.skip(f"torchvision not installed for the parity test; `.ci/run` installs it: {INSTALL}")
+    code = """
+import numpy as np, torch
+from PIL import Image
+from transformers import Qwen2VLVideoProcessor
+from data.video import VideoConfig, VideoProcessor
+from data.vision import VisionConfig
+from tests.test_video import _frames
+checked = 0
+for patch, mean, std in [(14, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                         (16, (0.5,) * 3, (0.5,) * 3)]:
+    for h, w in [(2 * patch * 3, 2 * patch * 4), (101, 173), (300, 200)]:
+        raw = _frames(4, h, w)
+        vc = VisionConfig(patch_size=patch, image_mean=mean, image_std=std)  # the image setting does not matter
+        cfg = VideoConfig(min_pixels=4 * patch * patch, max_pixels=10**7, total_pixels=10**9)
+        out = VideoProcessor(vc, cfg)([Image.fromarray(f) for f in raw], "frames", "k", fps=4)
+        hf = Qwen2VLVideoProcessor(patch_size=patch, image_mean=list(mean), image_std=list(std),
+                                   size={"shortest_edge": 4 * patch * patch, "longest_edge": 10**7},
+                                   do_sample_frames=False, cap_pixels_per_frame=False)
+        got = hf(videos=[torch.from_numpy(raw).permute(0, 3, 1, 2)], return_tensors="pt")
+        assert got["video_grid_thw"].tolist() == [list(out.grid_thw)], (patch, h, w)
+        assert torch.equal(got["pixel_values_videos"], out.pixel_values), (patch, h, w)
+        checked += 1
+print("checked", checked)
+"""
+    r = run_with_torchvision(code)
+    assert r.returncode == 0 and "checked 6" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
 def test_qwen3_timestamps_and_text_equal_qwen3vl_processor():
