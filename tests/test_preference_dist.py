@@ -412,6 +412,8 @@ engine.backward(ls); engine.step()
 out["loss"], out["rows"] = float(ls), int(step["input_ids"].shape[0])
 out["images"] = int(step["pixel_values"].shape[0]) if "pixel_values" in step else 0
 open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w").write(json.dumps(out))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # torn down at interpreter exit, gloo's threads can abort the process
 '''
 
 

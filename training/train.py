@@ -193,6 +193,10 @@ def main(cfg: DictConfig) -> None:
     except (ValueError, NotImplementedError) as e:
         log.error("%s", e)
         sys.exit(2)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # a process group torn down at interpreter exit can abort the process (gloo threads)
+        dist.destroy_process_group()
     if summary and summary.get("interrupted"):
         sys.exit(143)  # checkpointed on a signal, not done: launchers requeue or re-run
 
