@@ -316,12 +316,13 @@ def packed_position_ids(batch: dict) -> torch.Tensor:
     return torch.cat([text, batch["position_ids"]])
 
 
-def varlen_inputs(batch: dict) -> dict:
+def varlen_inputs(batch: dict, impl: str = "flash_attention_2") -> dict:
     """Model kwargs for attn_implementation flash_attention_2/3 (GPU): rows flattened to one [1, B*L] sequence
     (every row starts a segment, so labels can be flattened too), boundaries given explicitly as
     `cu_seq_lens_q/k` + `max_length_q/k` (HF passes them through **kwargs to `_flash_attention_forward`,
     which calls `flash_attn_varlen_func`), no attention_mask (its presence would make HF unpad by it instead).
-    The 4-row position ids carry the same boundaries for HF's own inference."""
+    The 4-row position ids carry the same boundaries for HF's own inference. impl="sdpa_varlen" (CPU/SDPA,
+    training/attention.py) takes the same cu_seq_lens."""
     B, L = batch["input_ids"].shape
     out = dict(input_ids=batch["input_ids"].reshape(1, B * L),
                mm_token_type_ids=batch["mm_token_type_ids"].reshape(1, B * L),
@@ -329,6 +330,10 @@ def varlen_inputs(batch: dict) -> dict:
                cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
                max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"], use_cache=False)
     out.update({k: batch[k] for k in (*_MEDIA_KEYS, "second_per_grid_ts") if k in batch})
+    if impl == "sdpa_varlen":  # training/attention.py: M-RoPE rows only, and an all-ones mask so that HF neither
+        # looks for packed segments in the position ids nor builds an L x L mask (it skips an all-ones one)
+        out["position_ids"] = batch["position_ids"].reshape(3, 1, B * L)
+        out["attention_mask"] = torch.ones(1, B * L, dtype=torch.long)
     return out
 
 

@@ -18,6 +18,7 @@ import torch
 
 from data import rope, shapes
 from data.encode import EncoderConfig, build_encoder
+from training.attention import VARLEN
 from data.errors import BadSample
 from data.mixture import Mixture
 from data.pack import PackConfig, collate
@@ -90,8 +91,9 @@ class Chain:
                                max_bad_fraction=cfg.max_bad_fraction, min_pulls=cfg.min_pulls)
         self.encoder = build_encoder(cfg.encoder, bundle)
         self.spec = rope.RopeSpec.from_config(bundle.model.config)
+        varlen = getattr(bundle.model.config, "_attn_implementation", None) in VARLEN  # else the dense 4D mask
         self.pack_cfg = PackConfig(seq_len=layout.seq_len, buffer_size=cfg.pack_buffer, overlong=cfg.overlong,
-                                   pad_id=bundle.tokenizer.pad_token_id)
+                                   pad_id=bundle.tokenizer.pad_token_id, attention="varlen" if varlen else "dense")
         self.packer = self.pack_cfg.build()
         self.rows: list = []  # finished rows not yet in a micro-batch
         self.micro_batch = layout.micro_batch

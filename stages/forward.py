@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from data.pack import varlen_inputs
+
 INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "pixel_values_videos",
           "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")
 
@@ -142,7 +144,13 @@ def _install(model) -> torch.nn.Module:
 def logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [B, L, V], a zero scalar to add to the loss) for a micro-batch in the data/README.md contract."""
     hf = _install(model)
-    inputs = {k: batch[k] for k in INPUTS if batch.get(k) is not None}
+    B, L = batch["input_ids"].shape
+    varlen = batch.get("attention_mask") is None and batch.get("cu_seqlens") is not None
+    if varlen:  # packed rows flattened to one sequence, boundaries by cu_seqlens (training/attention.py)
+        inputs = varlen_inputs(batch, hf.config._attn_implementation)
+        inputs.pop("use_cache")
+    else:
+        inputs = {k: batch[k] for k in INPUTS if batch.get(k) is not None}
     shared = batch.get("visual_owner") is not None and (batch.get("pixel_values") is not None
                                                          or batch.get("pixel_values_videos") is not None)
     if shared:
@@ -152,4 +160,5 @@ def logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     finally:
         hf._shared_visual = None
     zero = hf._zero_from_vision
-    return out.logits, (zero if zero is not None else out.logits.new_zeros(()))
+    logits = out.logits.view(B, L, -1) if varlen else out.logits
+    return logits, (zero if zero is not None else out.logits.new_zeros(()))

@@ -174,6 +174,58 @@ def test_varlen_flattening_keeps_the_losses(bundle, packed):
     assert torch.allclose(packed_losses(bundle, batch, **kw, attention_mask=None), reference, rtol=1e-5, atol=1e-4)
 
 
+def test_sdpa_varlen_through_the_trainer_forward_equals_each_sample_alone(bundle, packed):
+    """attn_implementation="sdpa_varlen" (training/attention.py): the trainer's forward (stages/forward.logits) on
+    the varlen collate (no 4D mask) gives each sample's loss alone, for all families with images, videos and text
+    mixed in rows; the ViT (per-image SDPA chunks) and a padded generation-style batch match plain "sdpa"."""
+    from data.pack import collate
+    from stages.forward import logits as trainer_logits
+
+    samples, rows, cfg, _ = packed
+    batch = collate(rows, PackConfig(seq_len=cfg.seq_len, buffer_size=4, pad_id=cfg.pad_id, attention="varlen"))
+    assert "attention_mask" not in batch
+    model = bundle.model
+    by_key = {s["key"]: s for s in samples}
+    alone = torch.tensor([alone_loss(bundle, by_key[m["key"]]) for m in batch["meta"]])
+    model.config._attn_implementation = "sdpa_varlen"
+    try:
+        with torch.no_grad():
+            out, _ = trainer_logits(model, batch)
+            ce = _ce(out, batch["labels"])
+            sid = batch["sample_ids"][:, 1:]
+            ours = torch.zeros(len(batch["meta"])).index_add_(0, sid[sid >= 0], ce[sid >= 0])
+            s = image_sample(bundle, 5)
+            varlen_alone = alone_loss(bundle, s)  # no cu_seq_lens: the plain SDPA path with HF's mask
+    finally:
+        model.config._attn_implementation = "sdpa"
+    assert torch.allclose(ours, alone, rtol=1e-5, atol=1e-4), (ours - alone).abs().max()
+    assert abs(varlen_alone - alone_loss(bundle, s)) <= 1e-5 * abs(varlen_alone)
+
+
+def test_sdpa_varlen_segments_ignore_the_padding_of_longer_segments():
+    """The segment gather pads short segments to the longest; outputs and gradients at real positions equal
+    dense block-causal SDPA (GQA heads included), so the padding never leaks in either direction."""
+    from training.attention import sdpa_varlen_forward
+
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 3, 10, 11, 19], dtype=torch.int32)
+    T = int(cu[-1])
+    q = torch.randn(1, 4, T, 8, generator=g, requires_grad=True)
+    k = torch.randn(1, 2, T, 8, generator=g, requires_grad=True)
+    v = torch.randn(1, 2, T, 8, generator=g, requires_grad=True)
+    module = torch.nn.Module()
+    out, _ = sdpa_varlen_forward(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    mask = block_causal_mask(cu, 1, T)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask,
+                                          scale=0.3).transpose(1, 2)
+    assert out.shape == want.shape and torch.allclose(out, want, atol=1e-6)
+    w = torch.randn(want.shape, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    want_grads = torch.autograd.grad((want * w).sum(), (q, k, v))
+    for a, b in zip(grads, want_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_hf_native_four_row_positions_isolate_only_without_cache(bundle, packed):
     """HF 5.23 builds the packed mask from a text row itself, but only with use_cache=False; pinned here so a
     transformers upgrade that changes it is noticed (the trainer passes the 4D mask, not this)."""

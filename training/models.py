@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+import training.attention  # noqa: F401 - registers attn_implementation="sdpa_varlen"
 from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerBase,
@@ -103,7 +105,7 @@ class ModelConfig:
     path: Optional[str] = None
     init_seed: int = 0
     dtype: str = "float32"  # parameters as loaded; the engine config decides bf16 training
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa_varlen"  # training/attention.py: packed rows by cu_seqlens, no L x L mask
     gradient_checkpointing: bool = False
     min_pixels: int = 56 * 56
     max_pixels: int = 128 * 128
