@@ -7,6 +7,7 @@ import torch
 from data import shapes
 from data.pipeline import DataConfig, Layout, Pipeline
 from data.shards import write_tar
+from stages import forward
 from training.models import ModelConfig, build
 
 
@@ -31,12 +32,11 @@ def test_micro_batches_run_through_the_model(bundle):
     step = _pipe(bundle).next_step()
     assert len(step) == 2
     mb = step[0]
-    assert mb["input_ids"].shape == (2, 256) and mb["attention_mask"].shape == (2, 1, 256, 256)
+    # the model configs default to sdpa_varlen: segments by cu_seqlens, no 4D mask
+    assert mb["input_ids"].shape == (2, 256) and "attention_mask" not in mb and int(mb["cu_seqlens"][-1]) == 512
     assert len(mb["sources"]) == int(mb["sample_ids"].max()) + 1
-    inputs = {k: mb[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw",
-                                 "pixel_values_videos", "video_grid_thw", "mm_token_type_ids") if k in mb}
-    logits = bundle.model(**inputs, use_cache=False).logits
-    assert torch.isfinite(logits).all()
+    logits, _ = forward.logits(bundle.model, mb)
+    assert logits.shape[:2] == (2, 256) and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -53,7 +53,7 @@ def test_resume_is_exact_and_does_not_replay(bundle, workers):
         got = resumed.next_step()
         assert _keys(got) == _keys(want)
         for a, b in zip(got, want):
-            for k in ("input_ids", "labels", "position_ids", "attention_mask"):
+            for k in ("input_ids", "labels", "position_ids", "cu_seqlens"):
                 assert torch.equal(a[k], b[k]), k
             if "pixel_values" in b:
                 assert torch.equal(a["pixel_values"], b["pixel_values"])
