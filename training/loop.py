@@ -150,12 +150,7 @@ def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | Non
 
 
 def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int) -> Run:
-    tr, stage = job.trainer, job.stage
-    for key in ("micro_batch_size", "grad_accum"):
-        if getattr(tr, key) < 1:
-            raise ValueError(f"trainer.{key}={getattr(tr, key)} must be at least 1")
-    if tr.max_steps < 0:
-        raise ValueError(f"trainer.max_steps={tr.max_steps} must be >= 0 (0 exports the starting model)")
+    tr, stage = job.trainer, job.stage  # the settings were checked by training.train.check_job
     torch.manual_seed(tr.seed + rank)
     bundle = models.build(job.model)
     groups = models.param_groups(bundle.model, bundle.family)
