@@ -1,18 +1,21 @@
-"""Images -> `pixel_values` / `image_grid_thw` exactly as HF `Qwen2VLImageProcessorPil`, but faster.
+"""Images -> `pixel_values` / `image_grid_thw` bitwise equal to one of HF's two Qwen2-VL image-processor backends,
+but faster.
 
-HF's PIL path converts to RGB, resizes with PIL bicubic on uint8, then rescales in float64, normalises in
-float32 and patchifies in numpy, with several full-image copies in between. We keep the one step that
-decides the pixels (PIL's uint8 bicubic resize: a float torch resize differs from it by up to a few grey
-levels) and do the rest in torch: patches are reordered as packed 4-byte pixels (Pillow stores RGB as RGBX,
-read in place through its Arrow export), channels are split with integer masks, and normalisation uses HF's
-own float64 -> float32 steps checked level by level against a lookup table, so the result is bitwise equal to
-HF's (tests/test_vision.py), not merely close.
+HF's PIL backend (`Qwen2VLImageProcessorPil`) converts to RGB, resizes with PIL bicubic on uint8, rescales in
+float64, normalises in float32 and patchifies in numpy; its torchvision backend (`Qwen2VLImageProcessor`, HF's
+default with torchvision) resizes with torch's uint8 antialiased bicubic and normalises with fused float32
+arithmetic. `VisionConfig.resize` picks which one to equal. We keep the resize that decides the pixels (PIL's or
+torch's, the two differ by 1-2 grey levels) and do the rest in torch: patches are reordered as packed 4-byte
+pixels (Pillow stores RGB as RGBX, read in place through its Arrow export), channels are split with integer
+masks, and normalisation uses the backend's own float steps, checked level by level against a lookup table, so
+the result is bitwise equal (tests/test_vision.py), not merely close.
 
 Threads (`VisionConfig.threads`): Pillow's resize is two separable passes (horizontal, vertical) that release
 the GIL. Each pass is split into strips along the axis it does not resample (coefficients depend only on the
 full sizes, so every strip gets exactly the one-shot result), run in the order Pillow itself uses (probed once at
 import: newer Pillow runs the vertical pass first when the height shrinks much more than the width), and the
-strips of the last pass are patchified by the thread that made them. HF's path is single-threaded.
+strips of the last pass are patchified by the thread that made them. torch's resize is split the same way (its
+one-shot result is a horizontal pass then a vertical one). HF's paths are single-threaded.
 
 Media decoding lives here too: bytes from a shard are decoded by PIL only, pickle-style members are refused.
 """
@@ -453,7 +456,8 @@ def _spans(n: int, k: int, align: int = 1) -> list[tuple[int, int]]:
 
 
 class ImageProcessor:
-    """Torch twin of `Qwen2VLImageProcessorPil`: same outputs, several times faster."""
+    """HF's Qwen2-VL image processor in torch: bitwise `Qwen2VLImageProcessorPil` (resize=pil) or its torchvision
+    backend (resize=torch), several times faster."""
 
     def __init__(self, cfg: VisionConfig):
         self.cfg = cfg
@@ -497,14 +501,6 @@ class ImageProcessor:
         c = self.cfg
         w, h = img.size
         return smart_resize(h, w, c.factor, c.min_pixels, c.max_pixels)
-
-    def frame(self, img: Image.Image) -> torch.Tensor:
-        """RGB, resized to the smart_resize size by the backend cfg.resize names: uint8 [H, W, 3]."""
-        img = to_rgb(img)
-        (rh, rw), (w, h) = self.size(img), img.size
-        if self.cfg.resize == "pil" or (rw, rh) == (w, h):
-            return torch.from_numpy(np.array(img if (rw, rh) == (w, h) else img.resize((rw, rh), BICUBIC)))
-        return resize_frames(torch.from_numpy(np.array(img)).unsqueeze(0), rh, rw)[0]
 
     def _into(self, img: Image.Image, rh: int, rw: int, out: torch.Tensor) -> None:
         """Resize one RGB image to (rh, rw) and write its patch rows into out [n, D]."""
