@@ -163,14 +163,24 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
-def check_steps(steps: list[Step]) -> Optional[tuple[Step, str]]:
-    """Composes and validates every selected step's trainer config (as training.train would).
+def step_world(launcher, step: Step) -> int:
+    """The number of training processes (the data-parallel size) `launcher` starts for `step`."""
+    if launcher.name == "slurm":
+        return int(launcher.get("nodes") or step.cfg.nodes) * int(launcher.get("nproc_per_node", 1))
+    if launcher.name == "torchrun":
+        return int(launcher.get("nproc_per_node", 1)) * int(launcher.get("nnodes", 1))
+    return 1
+
+
+def check_steps(steps: list[Step], world=lambda step: 1) -> Optional[tuple[Step, str]]:
+    """Composes and validates every selected step's trainer config as training.train would (`check_job` with the
+    step's process count `world(step)`), so that a setting that cannot work in step 5 fails before step 1 runs.
 
     Returns (step, reason) for the first step whose objective is not implemented yet
     (`stages.build_objective` raises NotImplementedError): the chain stops before it.
     """
     from stages import build_objective
-    from training.train import to_job
+    from training.train import check_job, to_job
 
     for step in steps:
         if not step.selected:
@@ -180,6 +190,7 @@ def check_steps(steps: list[Step]) -> Optional[tuple[Step, str]]:
         except Exception as e:  # hydra's and to_job's messages name the key
             raise ValueError(f"step {step.name}: {e}") from None
         try:
+            check_job(job, world(step))
             build_objective(job.stage.objective, job.stage.loss_reduction)
         except NotImplementedError as e:
             return step, str(e)
@@ -285,7 +296,7 @@ def run(cfg: DictConfig) -> int:
     p = pipeline_config(cfg.pipeline)
     out = Path(cfg.output_dir).absolute()
     steps = plan(p, out)
-    stop = check_steps(steps)
+    stop = check_steps(steps, lambda step: step_world(cfg.launcher, step))
     if stop is not None:  # the chain ends before the first step whose objective does not exist yet
         first, reason = stop
         for s in steps[first.index:]:

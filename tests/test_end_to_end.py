@@ -41,6 +41,7 @@ def test_cli_stage_trains_writes_outputs_and_export_loads_unchanged(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _assert_complete_run(out, 20)
     assert sum(r["loss"] for r in rows[-5:]) / 5 < rows[0]["loss"] - 0.5  # it learns
+    assert all(r["grad_norm"] > 0 for r in rows)  # one rank runs engine=zero2 as stage 0: GuardedAdamW reports it
     assert "step 20/20" in (out / "train.log").read_text()  # the console progress line
     summary = json.loads((out / "DONE").read_text())
     assert summary["steps"] == 20 and abs(summary["final_loss"] - rows[-1]["loss"]) < 1e-12

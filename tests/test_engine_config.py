@@ -6,8 +6,12 @@ code paths (ZeRO-1/2 CPU-offload optimizer, ZeRO-3 offloaded optimizer and param
 plain ones. They do, bit for bit, with gradient clipping off. With clipping on (every stage's default), the
 offloaded ZeRO-1/2 optimizer computes the global gradient norm in its own order, so the clip coefficient can
 differ in the last bit and the weights after a few steps differ at float32 round-off (measured 1.2e-7): that
-case is checked with a tolerance.
+case is checked with a tolerance. With one rank the non-offloaded ZeRO-1/2 references run as stage 0
+(training/engine.py `for_world`) while the offloaded runs keep ZeRO: the comparison also pins that stage 0 with
+GuardedAdamW steps like ZeRO's flat-buffer optimizer.
 """
+import copy
+import math
 import logging
 from pathlib import Path
 
@@ -17,7 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import compose, run_stage
 from training import loop
-from training.engine import EngineConfig, deepspeed_config, use_ds_cpu_adam
+from training.engine import EngineConfig, GuardedAdamW, deepspeed_config, for_world, use_ds_cpu_adam
 
 STEPS = ["trainer.max_steps=3", "trainer.save_every=0"]
 NO_CLIP = "stage.optimizer.grad_clip=0.0"
@@ -123,6 +127,44 @@ def test_offload_keeps_torch_adamw_on_the_cpu_accelerator_and_picks_ds_cpu_adam_
     assert use_ds_cpu_adam(EngineConfig(name="zero3", zero_stage=3, offload_params=True))
     assert "zero_force_ds_cpu_optimizer" not in deepspeed_config(off, 2, 1, 1, 1.0)
     assert not use_ds_cpu_adam(EngineConfig())  # no offload: torch AdamW on the accelerator
+
+
+def test_one_rank_runs_zero1_and_zero2_as_stage_0_and_keeps_what_needs_zero():
+    assert for_world(EngineConfig(name="zero2", zero_stage=2), 1).zero_stage == 0
+    assert for_world(EngineConfig(name="zero1", zero_stage=1), 1).zero_stage == 0
+    assert for_world(EngineConfig(name="zero2", zero_stage=2), 2).zero_stage == 2
+    assert for_world(EngineConfig(name="zero2", zero_stage=2, offload_optimizer=True), 1).zero_stage == 2
+    assert for_world(EngineConfig(name="zero3", zero_stage=3), 1).zero_stage == 3
+
+
+def test_guarded_adamw_clips_like_torch_and_skips_a_non_finite_step_untouched():
+    """Stage 0's optimizer: torch's clip_grad_norm_ then AdamW, bit for bit, with the pre-clip norm reported; a NaN
+    gradient leaves weights and optimizer state as they were and raises `overflow` (DeepSpeed's skip signal)."""
+    torch.manual_seed(0)
+    init = [torch.randn(64, 33), torch.randn(50)]
+    a = [torch.nn.Parameter(p.clone()) for p in init]
+    b = [torch.nn.Parameter(p.clone()) for p in init]
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    opt_a = GuardedAdamW([{"params": [a[0]], "weight_decay": 0.1}, {"params": [a[1]], "weight_decay": 0.0}],
+                         max_norm=0.5, **kw)
+    opt_b = torch.optim.AdamW([{"params": [b[0]], "weight_decay": 0.1}, {"params": [b[1]], "weight_decay": 0.0}],
+                              **kw)
+    for _ in range(5):
+        for pa, pb in zip(a, b):
+            pa.grad = 3 * torch.randn_like(pa)
+            pb.grad = pa.grad.clone()
+        norm = float(torch.nn.utils.clip_grad_norm_(b, 0.5))
+        opt_a.step()
+        opt_b.step()
+        assert not opt_a.overflow and opt_a._global_grad_norm == norm and norm > 0.5  # clipping acted
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a, b))
+    weights, state = [p.detach().clone() for p in a], copy.deepcopy(opt_a.state_dict())
+    a[0].grad, a[1].grad = torch.full_like(a[0], float("nan")), torch.randn_like(a[1])
+    opt_a.step()
+    assert opt_a.overflow and math.isnan(opt_a._global_grad_norm)
+    assert all(torch.equal(p, w) for p, w in zip(a, weights))
+    after = opt_a.state_dict()["state"]
+    assert all(torch.equal(after[i][k], v) for i, st in state["state"].items() for k, v in st.items())
 
 
 def _cpu_adam_built() -> bool:

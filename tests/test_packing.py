@@ -202,13 +202,56 @@ def test_sdpa_varlen_through_the_trainer_forward_equals_each_sample_alone(bundle
     assert abs(varlen_alone - alone_loss(bundle, s)) <= 1e-5 * abs(varlen_alone)
 
 
+def _on(x: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: packed rows through sdpa_varlen (fp32) and "
+                    "flash_attention_2 (bf16) on CUDA; the CPU tests above cover sdpa_varlen on CPU")
+@pytest.mark.parametrize("impl", ["sdpa_varlen", "flash_attention_2"])
+def test_packed_rows_on_gpu_give_each_sample_its_loss_alone(bundle, packed, impl):
+    """The GPU attention paths of the trainer's forward on the varlen collate: each sample's loss equals its loss
+    alone through the same implementation (fp32 for sdpa_varlen; flash-attention needs bf16, hence the looser
+    tolerance)."""
+    import copy
+
+    from stages.forward import logits as trainer_logits
+
+    if impl == "flash_attention_2":
+        pytest.importorskip("flash_attn", reason="flash_attention_2 needs the flash-attn package")
+    dtype = torch.float32 if impl == "sdpa_varlen" else torch.bfloat16
+    samples, rows, cfg, _ = packed
+    batch = _on(collate(rows, PackConfig(seq_len=cfg.seq_len, buffer_size=4, pad_id=cfg.pad_id, attention="varlen")),
+                "cuda")
+    model = copy.deepcopy(bundle.model).to("cuda", dtype)
+    model.config._attn_implementation = impl
+    for sub in ("text_config", "vision_config"):
+        if hasattr(model.config, sub):
+            getattr(model.config, sub)._attn_implementation = impl
+    by_key = {s["key"]: s for s in samples}
+    with torch.no_grad():
+        out, _ = trainer_logits(model, batch)
+        ce, sid = _ce(out, batch["labels"]), batch["sample_ids"][:, 1:]
+        ours = torch.zeros(len(batch["meta"]), device="cuda").index_add_(0, sid[sid >= 0], ce[sid >= 0]).cpu()
+        alone = []
+        for m in batch["meta"]:
+            s = _on(by_key[m["key"]], "cuda")
+            logits = model(input_ids=s["input_ids"][None], mm_token_type_ids=s["mm_token_type_ids"][None],
+                           **_model_inputs(bundle, s)).logits
+            alone.append(float(_ce(logits, s["labels"][None]).sum()))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(ours, torch.tensor(alone), rtol=tol, atol=10 * tol), (ours - torch.tensor(alone)).abs().max()
+
+
 def test_sdpa_varlen_segments_ignore_the_padding_of_longer_segments():
-    """The segment gather pads short segments to the longest; outputs and gradients at real positions equal
-    dense block-causal SDPA (GQA heads included), so the padding never leaks in either direction."""
+    """The segment gather pads short segments to the longest of their length class; outputs and gradients at real
+    positions equal dense block-causal SDPA (GQA heads included), so the padding never leaks in either direction.
+    Lengths 3, 7, 1, 8, 0, 5, 2, 16, 9, 6: five classes, most with padding, an empty segment, out of order."""
     from training.attention import sdpa_varlen_forward
 
     g = torch.Generator().manual_seed(0)
-    cu = torch.tensor([0, 3, 10, 11, 19], dtype=torch.int32)
+    cu = torch.tensor([0, 3, 10, 11, 19, 19, 24, 26, 42, 51, 57], dtype=torch.int32)
     T = int(cu[-1])
     q = torch.randn(1, 4, T, 8, generator=g, requires_grad=True)
     k = torch.randn(1, 2, T, 8, generator=g, requires_grad=True)
@@ -224,6 +267,23 @@ def test_sdpa_varlen_segments_ignore_the_padding_of_longer_segments():
     want_grads = torch.autograd.grad((want * w).sum(), (q, k, v))
     for a, b in zip(grads, want_grads):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_sdpa_varlen_pads_each_segment_only_within_its_length_class():
+    """Every real position is gathered exactly once, and a segment is padded at most to twice its length (the
+    longest of its power-of-two class), not to the longest of the micro-batch: attention work stays within 4x
+    sum(n_i^2) on mixed lengths."""
+    from training.attention import _length_classes
+
+    lengths = torch.tensor([3, 7, 1, 8, 0, 5, 2, 16, 9, 6, 200, 130, 12])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    groups = _length_classes(cu, "cpu")
+    seen = torch.cat([index[valid] for index, valid in groups])
+    assert torch.equal(seen.sort().values, torch.arange(int(cu[-1])))
+    for index, valid in groups:
+        n = valid.sum(1)
+        assert int(n.min()) > 0 and index.shape[1] == int(n.max()) < 2 * int(n.min())
+    assert sum(v.shape[0] * v.shape[1] ** 2 for _, v in groups) <= 4 * int((lengths ** 2).sum())
 
 
 def test_hf_native_four_row_positions_isolate_only_without_cache(bundle, packed):

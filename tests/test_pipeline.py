@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, clean_env, metrics_rows
-from launch.pipeline import LauncherConfig, check_steps, command, compose, pipeline_config, plan
+from launch.pipeline import LauncherConfig, check_steps, command, compose, pipeline_config, plan, step_world
 
 FEW = "pipeline.common=['logger=none','trainer.micro_batch_size=2','trainer.save_every=3']"
 
@@ -71,6 +71,16 @@ def test_every_step_config_composes_and_torchrun_flags(tmp_path):
     bad = _plan(tmp_path, "pipeline.steps.sft.overrides=['trainer.max_stepz=3']")
     with pytest.raises(ValueError, match="step sft"):
         check_steps(bad)
+    # training.train's checks run for every step before the first one starts, with the step's process count
+    zero = _plan(tmp_path, "pipeline.steps.sft.overrides=['trainer.grad_accum=0']")
+    with pytest.raises(ValueError, match="step sft: trainer.grad_accum=0 must be at least 1"):
+        check_steps(zero)
+    raw = _plan(tmp_path, "pipeline.common=['trainer.micro_batch_size=2','+engine.raw.train_batch_size=2']")
+    check_steps(raw)  # one process: 2 x 1 x 1 = 2
+    with pytest.raises(ValueError, match=r"step s0_merger: engine.raw.train_batch_size=2 .* world size \(2\)"):
+        check_steps(raw, world=lambda step: 2)
+    launch = compose("launch", ["launcher=torchrun", "launcher.nproc_per_node=2"]).launcher
+    assert step_world(launch, steps[0]) == 2
     one = command(LauncherConfig(name="torchrun", nproc_per_node=2), steps[0])
     assert one[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone"]
     multi = command(LauncherConfig(name="torchrun", nproc_per_node=8, nnodes=4, node_rank=3,

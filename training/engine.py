@@ -12,12 +12,16 @@ cpu_adam op) and DeepSpeed's "client optimizer with offload" refusal is switched
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from stages import StageConfig
+
+log = logging.getLogger("training")
 
 
 @dataclass
@@ -147,20 +151,68 @@ def lr_lambda(stage: StageConfig, max_steps: int):
     return f
 
 
+class GuardedAdamW(torch.optim.AdamW):
+    """torch AdamW for DeepSpeed without ZeRO in fp32, where DeepSpeed's step clips but neither reports the
+    gradient norm nor skips a non-finite step (a NaN would reach every weight); ZeRO's optimizers and the bf16
+    one do both. This one does them the same way: the global norm of the (already all-reduced) gradients before
+    clipping is `_global_grad_norm`; a non-finite norm sets `overflow`, so the update is skipped and DeepSpeed
+    counts the step in `skipped_steps` and leaves the lr schedule alone; else the gradients are clipped to
+    `max_norm` (0: no clipping) and AdamW steps."""
+
+    def __init__(self, params, max_norm: float, **kw):
+        super().__init__(params, **kw)
+        self.max_norm, self.overflow, self._global_grad_norm = float(max_norm), False, None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        self._global_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            return None
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
+        return super().step(closure)
+
+
+def for_world(cfg: EngineConfig, world: int) -> EngineConfig:
+    """The engine config to run with `world` data-parallel ranks.
+
+    ZeRO-1/2 partition optimizer state and gradients over the ranks. With one rank they partition nothing and
+    still cost a flat fp32 copy of every trainable weight and a gradient copy per backward (15% of the tiny
+    model's step on CPU, training/bench.py), so a one-rank run of a ZeRO-1/2 recipe runs as stage 0: the same
+    AdamW update and clipping within float32 round-off (the gradient norm is summed in another order), and
+    GuardedAdamW keeps the grad-norm metric and the non-finite skip. Optimizer offload needs ZeRO and keeps it; ZeRO-3 is kept, so that a one-GPU debug run of
+    a ZeRO-3 recipe exercises the same parameter gathering as the real one."""
+    if world == 1 and cfg.zero_stage in (1, 2) and not cfg.offload_optimizer:
+        log.info("engine %s with one rank: ZeRO-%d partitions nothing there; running DeepSpeed without ZeRO "
+                 "(stage 0)", cfg.name, cfg.zero_stage)
+        return dataclasses.replace(cfg, zero_stage=0)
+    return cfg
+
+
 def initialize(model, groups, stage: StageConfig, cfg: EngineConfig, micro_batch: int, grad_accum: int,
                world: int, max_steps: int):
     import deepspeed
 
+    cfg = for_world(cfg, world)
+
     param_groups = optimizer_groups(model, groups, stage)
     kw = dict(lr=stage.optimizer.lr, betas=tuple(stage.optimizer.betas), eps=stage.optimizer.eps)
+    grad_clip = stage.optimizer.grad_clip
     if use_ds_cpu_adam(cfg):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         opt = DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kw)  # decoupled decay, per group as in AdamW
+    elif cfg.zero_stage == 0 and cfg.dtype == "fp32":
+        opt, grad_clip = GuardedAdamW(param_groups, max_norm=grad_clip, **kw), 0.0  # it clips, not DeepSpeed
     else:
         opt = torch.optim.AdamW(param_groups, **kw)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage, max_steps))
-    ds_cfg = deepspeed_config(cfg, micro_batch, grad_accum, world, stage.optimizer.grad_clip)
+    ds_cfg = deepspeed_config(cfg, micro_batch, grad_accum, world, grad_clip)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                            config=ds_cfg)
+    if world == 1 and cfg.zero_stage == 0:
+        engine.enable_backward_allreduce = False  # an all-reduce over one rank: flattening and copying, no change
     return engine, ds_cfg
