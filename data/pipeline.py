@@ -39,6 +39,7 @@ class DataConfig:
     num_workers: int = 0  # loader processes per rank; 0 = in the trainer process
     pack_buffer: int = 64  # samples held open by the packer
     overlong: str = "drop"  # drop | truncate (text-only samples)
+    max_skips_in_row: int = 1000  # this many pulled samples in a row skipped or dropped, none packed: an error
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
 
 
@@ -89,6 +90,7 @@ class Chain:
         self.mixture = Mixture({s.name: s.build(layout.rank, layout.world, worker, num_workers) for s in sources},
                                [s.weight for s in sources], cfg.seed, layout.rank, worker,
                                max_bad_fraction=cfg.max_bad_fraction, min_pulls=cfg.min_pulls)
+        self.max_skips_in_row, self.skips_in_row = cfg.max_skips_in_row, 0
         self.encoder = build_encoder(cfg.encoder, bundle)
         self.spec = rope.RopeSpec.from_config(bundle.model.config)
         varlen = getattr(bundle.model.config, "_attn_implementation", None) in VARLEN  # else the dense 4D mask
@@ -104,14 +106,26 @@ class Chain:
     def next_micro_batch(self) -> dict:
         while len(self.rows) < self.micro_batch:
             raw = next(self.mixture)
+            packed = self.packer.stats["units"]
             try:
-                units = self.encode(raw)
+                self.rows.extend(self.packer.add(self.encode(raw)))
             except BadSample as e:
                 self.mixture.count_bad(raw["source"], e)
-                continue
-            self.rows.extend(self.packer.add(units))
+            self._check_progress(self.packer.stats["units"] > packed)
         rows, self.rows = self.rows[:self.micro_batch], self.rows[self.micro_batch:]
         return collate(rows, self.pack_cfg)
+
+    def _check_progress(self, packed: bool) -> None:
+        """Samples dropped as too long are counted, not judged by max_bad_fraction: without this guard a seq_len
+        below what most samples need (the start-up probe reads only the first few) would spin here for ever."""
+        self.skips_in_row = 0 if packed else self.skips_in_row + 1
+        if self.max_skips_in_row and self.skips_in_row >= self.max_skips_in_row:
+            counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.metrics().items())) or "none"
+            raise RuntimeError(
+                f"the last {self.skips_in_row} samples pulled were all skipped or dropped, none packed (seq_len "
+                f"{self.pack_cfg.seq_len}, data.overlong={self.pack_cfg.overlong}); counts so far: {counts}. Raise "
+                f"stage.seq_len, set data.overlong=truncate (text-only samples), or fix the data; "
+                f"data.max_skips_in_row={self.max_skips_in_row} sets this limit (0: off)")
 
     def state_dict(self) -> dict:
         return {"mixture": self.mixture.state_dict(), "packer": self.packer.state_dict(),
