@@ -64,9 +64,8 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
             enable_gqa=q.shape[1] != k.shape[1])
         outs.append(out.transpose(1, 2)[valid])  # [real positions of the class, H, D]
         positions.append(index[valid])
-    out, pos = (outs[0], positions[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(positions))
-    if len(outs) > 1 or not torch.equal(pos, torch.arange(len(pos), device=pos.device)):
-        out = out.index_select(0, torch.argsort(pos))  # back to sequence order
+    # one class holds every segment in order, so its positions are already in sequence order
+    out = outs[0] if len(outs) == 1 else torch.cat(outs).index_select(0, torch.argsort(torch.cat(positions)))
     return out.unsqueeze(0), None
 
 

@@ -91,11 +91,11 @@ def step_clock(stop_after: int | None = None, on_step=None):
 
 
 def _overrides(out: Path, seq_len: int, rows: int, steps: int, save_every: int = 0, workers: int = 0) -> list[str]:
-    return ["logger=none", f"data.num_workers={workers}", "model=tiny_qwen3_vl", "data=shapes", "engine=zero2", "stage=s1_multimodal",
-            f"stage.seq_len={seq_len}", f"trainer.micro_batch_size={rows}", "trainer.grad_accum=1",
-            f"trainer.max_steps={steps}", f"trainer.save_every={save_every}", "trainer.keep_checkpoints=2",
-            "stage.schedule.kind=constant", "stage.schedule.warmup_ratio=0.0", "stage.lr_mult.vision=1.0",
-            f"output_dir={out}"]
+    return ["logger=none", "model=tiny_qwen3_vl", "data=shapes", f"data.num_workers={workers}", "engine=zero2",
+            "stage=s1_multimodal", f"stage.seq_len={seq_len}", f"trainer.micro_batch_size={rows}",
+            "trainer.grad_accum=1", f"trainer.max_steps={steps}", f"trainer.save_every={save_every}",
+            "trainer.keep_checkpoints=2", "stage.schedule.kind=constant", "stage.schedule.warmup_ratio=0.0",
+            "stage.lr_mult.vision=1.0", f"output_dir={out}"]
 
 
 # ---------------------------------------------------------------------------------------------------- (a)
@@ -261,8 +261,8 @@ def run_baseline(job, steps, out: Path, args) -> dict:
     targs = TrainingArguments(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=1,
                               gradient_accumulation_steps=1, max_grad_norm=opt_cfg.grad_clip, use_cpu=True,
                               logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
-                              remove_unused_columns=False, dataloader_num_workers=args.workers, seed=job.trainer.seed,
-                              bf16=False, fp16=False)
+                              remove_unused_columns=False, dataloader_num_workers=args.workers,
+                              seed=job.trainer.seed, bf16=False, fp16=False)
     trainer = Replay(model=bundle.model, args=targs, train_dataset=Samples(), optimizers=(opt, sched),
                      callbacks=[Clock()])
     trainer.train()
@@ -353,8 +353,8 @@ def throughput_mix(work: Path, args, name: str) -> dict:
                   f"batches {100 * b['fill']:.0f}%", flush=True)
         ours.append(o)
         base.append(b)
-        print(f"    round {r + 1}: ours {o['tokens_per_s']:6.0f} tokens/s (data wait {100 * o['data_wait_frac']:.0f}%); "
-              f"transformers.Trainer {b['tokens_per_s']:6.0f} tokens/s", flush=True)
+        print(f"    round {r + 1}: ours {o['tokens_per_s']:6.0f} tokens/s (data wait "
+              f"{100 * o['data_wait_frac']:.0f}%); transformers.Trainer {b['tokens_per_s']:6.0f} tokens/s", flush=True)
     o = max(ours, key=lambda x: x["tokens_per_s"])
     b = max(base, key=lambda x: x["tokens_per_s"])
     ratio = o["tokens_per_s"] / b["tokens_per_s"]

@@ -183,8 +183,8 @@ def for_world(cfg: EngineConfig, world: int) -> EngineConfig:
     still cost a flat fp32 copy of every trainable weight and a gradient copy per backward (15% of the tiny
     model's step on CPU, training/bench.py), so a one-rank run of a ZeRO-1/2 recipe runs as stage 0: the same
     AdamW update and clipping within float32 round-off (the gradient norm is summed in another order), and
-    GuardedAdamW keeps the grad-norm metric and the non-finite skip. Optimizer offload needs ZeRO and keeps it; ZeRO-3 is kept, so that a one-GPU debug run of
-    a ZeRO-3 recipe exercises the same parameter gathering as the real one."""
+    GuardedAdamW keeps the grad-norm metric and the non-finite skip. Optimizer offload needs ZeRO and keeps it.
+    ZeRO-3 is kept, so that a one-GPU debug run of a ZeRO-3 recipe exercises the real parameter gathering."""
     if world == 1 and cfg.zero_stage in (1, 2) and not cfg.offload_optimizer:
         log.info("engine %s with one rank: ZeRO-%d partitions nothing there; running DeepSpeed without ZeRO "
                  "(stage 0)", cfg.name, cfg.zero_stage)
