@@ -161,17 +161,21 @@ def test_interrupted_step_resumes_where_its_checkpoint_left_off(tmp_path):
 @pytest.mark.slow
 def test_a_failing_step_stops_the_chain_and_names_its_log(tmp_path):
     out = tmp_path / "run"
+    # a model directory that does not exist passes the config checks and fails when the step builds its model
     r = _pipeline(out, "pipeline.only=[s0_merger,s1_multimodal]", "pipeline.max_steps=2",
-                  "pipeline.steps.s0_merger.overrides=['trainer.micro_batch_size=0']")
-    assert r.returncode == 1
+                  f"pipeline.steps.s0_merger.overrides=['model.path={tmp_path}/missing/hf']")
+    assert r.returncode == 1, r.stderr[-3000:]
     log = out / "s0_merger" / "console.log"
     assert f"step s0_merger (s0_merger) failed with exit code 2; its log: {log}" in r.stderr
-    assert "trainer.micro_batch_size=0 must be at least 1" in log.read_text()
+    assert f"model.path='{tmp_path}/missing/hf' is not a Hugging Face model directory" in log.read_text()
     assert not (out / "s1_multimodal").exists()  # the chain stopped
     # a config error in a later step fails before anything runs, naming the step
     r = _pipeline(tmp_path / "run2", "pipeline.steps.sft.overrides=['stage.objective.name=nope']")
     assert r.returncode == 2 and "step sft" in r.stderr and "nope" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run2" / "s0_merger").exists()
+    r = _pipeline(tmp_path / "run3", "pipeline.steps.sft.overrides=['trainer.micro_batch_size=0']")
+    assert r.returncode == 2 and "step sft: trainer.micro_batch_size=0 must be at least 1" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run3" / "s0_merger").exists()
 
 
 @pytest.mark.slow

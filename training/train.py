@@ -109,7 +109,7 @@ def _probe_bundle(cfg):
 def check_sample_lengths(job, rank: int) -> None:
     """stage.seq_len against the data: the first PROBE_SAMPLES of each source are encoded and offered to a
     packer with the run's seq_len and overlong policy. A source none of whose samples fits a row is an error
-    here: the loader would otherwise drop its samples one by one, forever, without taking a step (a source
+    here, before any compute, rather than after data.max_skips_in_row fruitless pulls in the loader (a source
     that is only partly too long loses those samples, counted as dropped/<source>/too_long; a warning)."""
     import torch
     import torch.distributed as dist
@@ -123,7 +123,8 @@ def check_sample_lengths(job, rank: int) -> None:
     stage, data = job.stage, job.data
     bundle = _probe_bundle(job.model)
     if bundle is None:
-        log.info("seq_len probe skipped: model.path=%s is a training checkpoint", job.model.path)
+        log.info("seq_len probe skipped: model.path=%s has no config.json (a training checkpoint, or missing: the "
+                 "model build checks it)", job.model.path)
         return
     if rank == 0:  # generates the shapes cache once, before the other ranks read it (as the loop does)
         sources = source_configs(data, stage.mixture)
