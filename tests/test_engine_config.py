@@ -137,18 +137,24 @@ def test_one_rank_runs_zero1_and_zero2_as_stage_0_and_keeps_what_needs_zero():
     assert for_world(EngineConfig(name="zero3", zero_stage=3), 1).zero_stage == 3
 
 
+def _twin_params():
+    """Seeded initial tensors and two identical parameter copies of them, for optimizer-against-optimizer tests."""
+    torch.manual_seed(0)
+    init = [torch.randn(64, 33), torch.randn(50)]
+    return init, [torch.nn.Parameter(p.clone()) for p in init], [torch.nn.Parameter(p.clone()) for p in init]
+
+
+def _decay_groups(params):
+    return [{"params": [params[0]], "weight_decay": 0.1}, {"params": [params[1]], "weight_decay": 0.0}]
+
+
 def test_guarded_adamw_clips_like_torch_and_skips_a_non_finite_step_untouched():
     """Stage 0's optimizer: torch's clip_grad_norm_ then AdamW, bit for bit, with the pre-clip norm reported; a NaN
     gradient leaves weights and optimizer state as they were and raises `overflow` (DeepSpeed's skip signal)."""
-    torch.manual_seed(0)
-    init = [torch.randn(64, 33), torch.randn(50)]
-    a = [torch.nn.Parameter(p.clone()) for p in init]
-    b = [torch.nn.Parameter(p.clone()) for p in init]
+    init, a, b = _twin_params()
     kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
-    opt_a = GuardedAdamW([{"params": [a[0]], "weight_decay": 0.1}, {"params": [a[1]], "weight_decay": 0.0}],
-                         max_norm=0.5, **kw)
-    opt_b = torch.optim.AdamW([{"params": [b[0]], "weight_decay": 0.1}, {"params": [b[1]], "weight_decay": 0.0}],
-                              **kw)
+    opt_a = GuardedAdamW(_decay_groups(a), max_norm=0.5, **kw)
+    opt_b = torch.optim.AdamW(_decay_groups(b), **kw)
     for _ in range(5):
         for pa, pb in zip(a, b):
             pa.grad = 3 * torch.randn_like(pa)
@@ -183,15 +189,10 @@ def test_ds_cpu_adam_steps_like_torch_adamw():
     """The optimizer a GPU run with offload gets: same update as torch AdamW (decoupled decay per group)."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    torch.manual_seed(0)
-    init = [torch.randn(64, 33), torch.randn(50)]
-    a = [torch.nn.Parameter(p.clone()) for p in init]
-    b = [torch.nn.Parameter(p.clone()) for p in init]
+    init, a, b = _twin_params()
     kw = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
-    opt_a = DeepSpeedCPUAdam([{"params": [a[0]], "weight_decay": 0.1}, {"params": [a[1]], "weight_decay": 0.0}],
-                             adamw_mode=True, **kw)
-    opt_b = torch.optim.AdamW([{"params": [b[0]], "weight_decay": 0.1}, {"params": [b[1]], "weight_decay": 0.0}],
-                              **kw)
+    opt_a = DeepSpeedCPUAdam(_decay_groups(a), adamw_mode=True, **kw)
+    opt_b = torch.optim.AdamW(_decay_groups(b), **kw)
     for _ in range(10):
         for pa, pb in zip(a, b):
             pa.grad = torch.randn_like(pa)
