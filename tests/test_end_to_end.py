@@ -13,6 +13,7 @@ import torch
 
 import conftest
 from conftest import REPO, clean_env, cli, load_hf, metrics_rows, run_stage
+from training import loop
 from training.models import ModelConfig, build
 
 pytestmark = pytest.mark.slow
@@ -62,6 +63,26 @@ def test_other_zero_stages_train_and_export_full_weights(engine, tmp_path):
     init = dict(build(ModelConfig(family="qwen2_5_vl")).model.named_parameters())
     assert all(w[k].shape == init[k].shape for k in init)  # ZeRO-3 shards gathered, not empty [0] tensors
     assert any(not torch.equal(w[k], init[k]) for k in init)
+
+
+def test_bf16_on_one_rank_trains_with_deepspeeds_bf16_optimizer(tmp_path, monkeypatch):
+    """The paper recipes' engine.dtype=bf16 on one rank, where engine=zero2 runs as stage 0: DeepSpeed's bf16
+    optimizer (fp32 master weights) steps, reports the gradient norm, and the run exports."""
+    engines = []
+    real = loop.initialize
+
+    def initialize(*args, **kwargs):
+        out = real(*args, **kwargs)
+        engines.append(out[0])
+        return out
+
+    monkeypatch.setattr(loop, "initialize", initialize)
+    run_stage(tmp_path, ["engine.dtype=bf16", "trainer.max_steps=2", "trainer.micro_batch_size=1"])
+    _assert_complete_run(tmp_path, 2)
+    assert engines[0].zero_optimization_stage() == 0 and engines[0].bfloat16_enabled()
+    rows = metrics_rows(tmp_path)
+    assert all(r["grad_norm"] > 0 and r["skipped"] is None for r in rows)
+    assert rows[1]["loss"] < rows[0]["loss"] + 1.0
 
 
 def test_max_steps_zero_exports_the_initial_model_unchanged(tmp_path):
