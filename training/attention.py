@@ -33,14 +33,22 @@ def _segments(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor
     return index, valid
 
 
+_last: list = [None, None, None]  # (cu_seq_lens, device, its classes): every layer of a forward passes the same cu
+
+
 def _length_classes(cu: torch.Tensor, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(index, valid) of each group of non-empty segments whose lengths share a power-of-two class."""
-    cu = cu.to(device=device, dtype=torch.long)
-    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    """(index, valid) of each group of non-empty segments whose lengths share a power-of-two class. Computed once
+    per forward, not per layer: it reads lengths back to the host (a device sync on GPUs)."""
+    if _last[0] is cu and _last[1] == device:
+        return _last[2]
+    c = cu.to(device=device, dtype=torch.long)
+    starts, lengths = c[:-1], c[1:] - c[:-1]
     keep = lengths > 0
     starts, lengths = starts[keep], lengths[keep]
     cls = torch.ceil(torch.log2(lengths.double())).long()
-    return [_segments(starts[cls == c], lengths[cls == c]) for c in torch.unique(cls).tolist()]
+    groups = [_segments(starts[cls == k], lengths[cls == k]) for k in torch.unique(cls).tolist()]
+    _last[:] = [cu, device, groups]
+    return groups
 
 
 def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
