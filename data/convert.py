@@ -1,13 +1,16 @@
 """JSONL records or LLaVA-style JSON -> WebDataset shards of about a target size.
 
     python -m data.convert INPUT OUTPUT_PREFIX [--shard-size 64MB] [--format auto|jsonl|llava] [--media-root DIR]
+                           [--reward NAME ...]
 
 JSONL: one record per line in the project's record format (../shared/DESIGN.md); media paths are relative to
 the JSONL file (or --media-root). LLaVA: a JSON list of `{"id", "image", "conversations": [{"from": "human",
 "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}`; images are relative to the JSON file (or
 --media-root). Every record is validated before anything is written, and every error names the file and line
 (exit code 2). Shards are written under temporary names and renamed only when all are complete, so a failed
-run leaves no partial output. Media are copied as bytes, never decoded.
+run leaves no partial output. Media are copied as bytes, never decoded. An RL record's `reward` may name only a
+built-in reward or a NAME given as `--reward NAME` (one you register in the training config); an import path
+('module:function') or an option that is not a JSON scalar/list is refused: data never chooses code.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.shards import write_tar
+from stages.rewards import REGISTRY, RewardError, check_spec, declared_options
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
@@ -60,11 +64,16 @@ def parse_size(text: str) -> int:
 
 
 # ---- validation -----------------------------------------------------------------------------------
+REWARD_HINT = ("pass --reward NAME for a reward you register in the training config "
+               "(stage.objective.rewards: {NAME: 'package.module:function'})")
+
+
 class _Validator:
     """Checks one record and rewrites its media paths to member names ("0.jpg", "1.mp4", ...)."""
 
-    def __init__(self, file: Path, line: int, media_root: Path):
+    def __init__(self, file: Path, line: int, media_root: Path, rewards=()):
         self.file, self.line, self.root = file, line, media_root
+        self.rewards = rewards  # reward names (beyond the built-ins) the user will register in config
         self.media: dict[str, str] = {}  # member name -> path
         self._names: dict[str, str] = {}  # path -> member name
 
@@ -152,11 +161,24 @@ class _Validator:
                 rec[k] = self.messages(rec[k], k)
         if ("chosen" in rec) != ("rejected" in rec):
             self.fail("a preference record needs both 'chosen' and 'rejected'")
+        self.reward(rec.get("reward"))
         return Item(self.line, rec, self.media)
+
+    def reward(self, spec) -> None:
+        """A reward spec names a built-in or a --reward name, with JSON options (a built-in's: declared ones).
+        Checked by name only: nothing is imported or called."""
+        if spec is None:  # the training config's default_reward applies
+            return
+        known = {n: declared_options(f) for n, f in REGISTRY.items()}
+        known.update({n: None for n in self.rewards if n not in known})  # options checked at training start-up
+        try:
+            check_spec(spec, known, REWARD_HINT)
+        except RewardError as e:
+            self.fail(f"reward {json.dumps(spec)[:160]}: {e}")
 
 
 # ---- readers ------------------------------------------------------------------------------------
-def read_jsonl(path: Path, media_root: Path) -> tuple[list[Item], list[RecordError]]:
+def read_jsonl(path: Path, media_root: Path, rewards=()) -> tuple[list[Item], list[RecordError]]:
     items, errors = [], []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -167,7 +189,7 @@ def read_jsonl(path: Path, media_root: Path) -> tuple[list[Item], list[RecordErr
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise RecordError(path, line_no, f"bad JSON: {e.msg} at column {e.colno}") from None
-                items.append(_Validator(path, line_no, media_root).record(rec))
+                items.append(_Validator(path, line_no, media_root, rewards).record(rec))
             except RecordError as e:
                 errors.append(e)
     return items, errors
@@ -303,8 +325,13 @@ def brace_pattern(prefix: str, n: int) -> str:
 
 
 def convert(input_path: str, prefix: str, shard_size: int = 64 * 10**6, fmt: str = "auto",
-            media_root: str | None = None) -> list[str]:
-    """Validates every record, then writes the shards. Raises ValueError listing every invalid record."""
+            media_root: str | None = None, rewards=()) -> list[str]:
+    """Validates every record, then writes the shards. Raises ValueError listing every invalid record.
+    `rewards`: reward names, beyond the built-ins, that records may name (registered in the training config)."""
+    for name in rewards:
+        if ":" in name or not re.fullmatch(r"[A-Za-z_][\w.-]*", name):
+            raise ValueError(f"--reward {name!r}: give the reward's registered name (as in stage.objective.rewards), "
+                             f"not an import path")
     path = Path(input_path)
     if not path.is_file():
         raise ValueError(f"input file {path} does not exist")
@@ -313,7 +340,7 @@ def convert(input_path: str, prefix: str, shard_size: int = 64 * 10**6, fmt: str
         if not fmt:
             raise ValueError(f"cannot tell the format of {path} from its extension; pass --format jsonl|llava")
     root = Path(media_root) if media_root else path.parent
-    items, errors = (read_jsonl if fmt == "jsonl" else read_llava)(path, root)
+    items, errors = read_jsonl(path, root, tuple(rewards)) if fmt == "jsonl" else read_llava(path, root)
     if errors:
         shown = "\n".join(str(e) for e in errors[:50])
         more = f"\n... and {len(errors) - 50} more" if len(errors) > 50 else ""
@@ -331,9 +358,13 @@ def main(argv=None) -> int:
     ap.add_argument("--format", default="auto", choices=["auto", "jsonl", "llava"],
                     help="auto: .jsonl -> jsonl, .json -> llava")
     ap.add_argument("--media-root", default=None, help="directory media paths are relative to (default: the input's)")
+    ap.add_argument("--reward", action="append", default=[], metavar="NAME",
+                    help="a reward name RL records may use beyond the built-ins, which you register in the training "
+                         "config (stage.objective.rewards: {NAME: 'pkg.mod:fn'}); repeatable")
     args = ap.parse_args(argv)
     try:
-        shards = convert(args.input, args.output_prefix, parse_size(args.shard_size), args.format, args.media_root)
+        shards = convert(args.input, args.output_prefix, parse_size(args.shard_size), args.format, args.media_root,
+                         args.reward)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,25 +4,37 @@ Chat records go through the family's chat template and supervise assistant turns
 role-less documents supervise every text token. Image/video pads are expanded to the merged-patch count here,
 as the HF processor would, so the model sees one embedding slot per merged patch. Preference records give two
 samples (chosen, rejected) sharing a group; RL records give one unsupervised prompt sample.
-A sample that cannot be used raises `data.errors.BadSample` with a fixed reason slug.
+A sample that cannot be used raises `data.errors.BadSample` with a fixed reason slug: records come from shards
+and are untrusted, so every field is type-checked before use (a crafted record must cost one counted sample,
+never the run), and what still slips past the checks is caught as "malformed_record".
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 import torch
 
 from data.errors import BadSample
-from data.video import VideoConfig, VideoProcessor
-from data.vision import ImageProcessor, VisionConfig, decode_image, smart_resize
+from data.video import MAX_VIDEO_FRAMES, VideoConfig, VideoProcessor
+from data.vision import ImageProcessor, VisionConfig, decode_image, refuse_pickle, smart_resize
 
 IGNORE = -100
 CONTENT_TYPES = ("text", "image", "video", "box")
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+ROLES = ("system", "user", "assistant")  # as data.convert checks; the templates differ on others
+LLAVA_PLACEHOLDERS = ("<image>", "<video>")
+# what a crafted record can still raise past the explicit checks: counted as "malformed_record", not a crash
+RECORD_ERRORS = (KeyError, TypeError, AttributeError, IndexError, ValueError, OverflowError, ZeroDivisionError,
+                 RecursionError)
+
+
+class NoFamily(ValueError):
+    """A set-up error (an Encoder built without a family met a video or box), so never counted as bad data."""
 
 
 @dataclass
@@ -53,9 +65,11 @@ class EncoderConfig:
                            frame_list_fps=self.frame_list_fps)
 
 
-def build_encoder(cfg: EncoderConfig, bundle) -> "Encoder":
-    """The encoder of a `training.models.Bundle` (family, tokenizer, image processor)."""
-    return Encoder(bundle.tokenizer, bundle.image_processor, family=bundle.family.name, cfg=cfg)
+def build_encoder(cfg: EncoderConfig, bundle, max_video_frames: int = MAX_VIDEO_FRAMES) -> "Encoder":
+    """The encoder of a `training.models.Bundle` (family, tokenizer, image processor); `max_video_frames` is
+    data.max_video_frames."""
+    return Encoder(bundle.tokenizer, bundle.image_processor, family=bundle.family.name, cfg=cfg,
+                   max_video_frames=max_video_frames)
 
 
 def group_id(source: str, key: str) -> int:
@@ -67,19 +81,41 @@ def _clamp(v: float, hi: int) -> int:
     return max(0, min(hi, int(round(v))))
 
 
+def _number(v) -> bool:
+    """A finite JSON number (json.loads accepts NaN and Infinity; a bool is not a number here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _shape(record) -> Optional[str]:
+    """Which record shape (DESIGN.md "Shard format") this is, None for none of them."""
+    if not isinstance(record, dict):
+        return None
+    if "chosen" in record or "rejected" in record:
+        return "preference"
+    if "answer" in record or "reward" in record:
+        return "rl"
+    return "chat" if "messages" in record else "document" if "content" in record else None
+
+
+def _names(part: dict) -> list:
+    """The member names an image or video part refers to."""
+    v = part[part["type"]]
+    return [v] if isinstance(v, str) else v
+
+
 class Encoder:
     """`encode(raw) -> list[Encoded]`. Build it with `build_encoder`; `family=None` (the old two-argument form)
     handles text and images, which are the same for every family, and refuses boxes and videos."""
 
     def __init__(self, tokenizer, image_processor, family: Optional[str] = None,
-                 cfg: Optional[EncoderConfig] = None):
+                 cfg: Optional[EncoderConfig] = None, max_video_frames: int = MAX_VIDEO_FRAMES):
         if family is not None and family not in FAMILIES:
             raise ValueError(f"family={family!r} is unknown; choose one of {FAMILIES}")
         self.tok, self.family, self.cfg = tokenizer, family, cfg or EncoderConfig()
         self.vision = VisionConfig.from_hf(image_processor, self.cfg.image_min_pixels, self.cfg.image_max_pixels,
                                            self.cfg.resize)
         self.images = ImageProcessor(self.vision)
-        self.videos = VideoProcessor(self.vision, self.cfg.video())
+        self.videos = VideoProcessor(self.vision, replace(self.cfg.video(), max_source_frames=max_video_frames))
         self.merge2 = self.vision.merge_size ** 2
         ids = tokenizer.convert_tokens_to_ids
         self.image_pad, self.video_pad = ids("<|image_pad|>"), ids("<|video_pad|>")
@@ -90,32 +126,50 @@ class Encoder:
     # ------------------------------------------------------------ records -> samples
 
     def encode(self, raw: dict) -> list[dict]:
-        record, key, source = raw["record"], str(raw.get("key", "?")), raw.get("source") or \
-            raw["record"].get("source", "default")
+        key = str(raw.get("key", "?"))
+        try:
+            return self._encode(raw, key)
+        except NoFamily:
+            raise
+        except RECORD_ERRORS as e:  # past the explicit checks, still this record's fault: one counted sample
+            raise BadSample("malformed_record", key, f"{type(e).__name__}: {e}; fix the record (see the record "
+                                                     f"format in DESIGN.md)") from None
+
+    def _encode(self, raw: dict, key: str) -> list[dict]:
+        record = raw.get("record")
+        shape = _shape(record)
+        if shape is None:
+            what = f"keys: {sorted(map(str, record))}" if isinstance(record, dict) else f"a {type(record).__name__}"
+            raise BadSample("unknown_record_shape", key, f"the record has none of 'messages', 'content', 'chosen'/"
+                                                         f"'rejected', 'answer'/'reward' ({what:.200}); see the "
+                                                         f"record format in DESIGN.md")
+        source = raw.get("source") or record.get("source", "default")
         base = dict(key=key, source=source, group=group_id(source, key), raw=raw, kind=None)
-        if "chosen" in record or "rejected" in record:
-            prompt = self._messages(record, key)
-            out = []
-            for kind in ("chosen", "rejected"):
-                reply = self._reply(record, kind, key)
-                out.append(self._chat(prompt + reply, raw, key, base, kind=kind, last_only=True))
-            return out
-        if "answer" in record or "reward" in record:
-            s = self._chat(self._messages(record, key), raw, key, base, kind="prompt", generation_prompt=True)
+        if shape == "document":
+            parts = self._parts(record["content"], key, "'content' of a document")
+            self._check_media(parts, [p["text"] for p in parts if p["type"] == "text"], raw, key)
+            return [self._document(parts, raw, key, base)]
+        prompt = self._messages(record, key)
+        replies = {k: self._reply(record, k, key) for k in ("chosen", "rejected")} if shape == "preference" else {}
+        every = prompt + [m for r in replies.values() for m in r]
+        parts = [p for m in every if isinstance(m["content"], list) for p in m["content"]]
+        texts = [m["content"] for m in every if isinstance(m["content"], str)]
+        self._check_media(parts, texts + [p["text"] for p in parts if p["type"] == "text"], raw, key)
+        if shape == "preference":
+            return [self._chat(prompt + replies[k], raw, key, base, kind=k, last_only=True) for k in replies]
+        if shape == "rl":
+            s = self._chat(prompt, raw, key, base, kind="prompt", generation_prompt=True)
             s.update(answer=record.get("answer"), reward=record.get("reward"))
             return [s]
-        if "messages" in record:
-            return [self._chat(self._messages(record, key), raw, key, base)]
-        if "content" in record:
-            return [self._document(record["content"], raw, key, base)]
-        raise ValueError(f"sample {key!r} of source {source!r}: the record has none of 'messages', 'content', "
-                         f"'chosen'/'rejected', 'answer'/'reward' (keys: {sorted(record)}); see DESIGN.md record format")
+        return [self._chat(prompt, raw, key, base)]
+
+    # ------------------------------------------------------------ checks of the untrusted record
 
     def _messages(self, record: dict, key: str) -> list[dict]:
         msgs = record.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise BadSample("bad_record", key, "'messages' must be a non-empty list")
-        return list(msgs)
+        return [self._message(m, key, f"messages[{i}]") for i, m in enumerate(msgs)]
 
     def _reply(self, record: dict, kind: str, key: str) -> list[dict]:
         r = record.get(kind)
@@ -123,17 +177,84 @@ class Encoder:
             raise BadSample("bad_record", key, f"preference record without {kind!r}")
         if isinstance(r, str):
             r = {"role": "assistant", "content": [{"type": "text", "text": r}]}
-        reply = r if isinstance(r, list) else [r]
-        if not reply or reply[-1].get("role") != "assistant":
+        reply = [self._message(m, key, f"{kind}[{i}]") for i, m in enumerate(r if isinstance(r, list) else [r])]
+        if not reply or reply[-1]["role"] != "assistant":
             raise BadSample("bad_record", key, f"{kind!r} must end with an assistant message")
         return reply
+
+    def _message(self, m, key: str, where: str) -> dict:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES or \
+                "content" not in m:
+            raise BadSample("bad_record", key, f"{where} must be an object with a 'role' in {ROLES} and a "
+                                               f"'content', got {m!r:.80}")
+        if not isinstance(m["content"], str):
+            self._parts(m["content"], key, f"{where} 'content'")
+        return m
+
+    def _parts(self, parts, key: str, where: str) -> list:
+        if not isinstance(parts, list):
+            raise BadSample("bad_record", key, f"{where} must be a string or a list of parts, got "
+                                               f"{type(parts).__name__}")
+        for i, p in enumerate(parts):
+            self._part(p, key, f"{where}[{i}]")
+        return parts
+
+    def _part(self, p, key: str, where: str) -> None:
+        """Types of one content part, so that nothing below meets a field it cannot use."""
+        if not isinstance(p, dict):
+            raise BadSample("bad_record", key, f"{where} must be an object like {{'type': 'text', 'text': ...}}, "
+                                               f"got {p!r:.60}")
+        t = p.get("type")
+        if not isinstance(t, str) or t not in CONTENT_TYPES:
+            raise BadSample("unknown_content_type", key, f"{where}: part type {t!r:.40}; known: {CONTENT_TYPES}")
+        if t in ("video", "box") and self.family is None:
+            raise NoFamily(f"this Encoder was built without a family and cannot encode {t}s; "
+                           "build it with data.encode.build_encoder(cfg, bundle)")
+        v = p.get(t)
+        problem = None
+        if t == "text" and not isinstance(v, str):
+            problem = "'text' must be a string"
+        elif t == "image" and not isinstance(v, str):
+            problem = "'image' must be a member name (a string)"
+        elif t == "video" and not (isinstance(v, str) or isinstance(v, list) and v and
+                                   all(isinstance(n, str) for n in v)):
+            problem = "'video' must be a member name or a non-empty list of frame member names"
+        elif t == "video" and p.get("fps") is not None and not (_number(p["fps"]) and p["fps"] > 0):
+            problem = "'fps' must be a number > 0"
+        elif t == "box" and not (isinstance(v, list) and len(v) == 4 and all(_number(x) for x in v)):
+            problem = "'box' must be [x1, y1, x2, y2], four finite numbers"
+        elif t == "box" and not isinstance(p.get("label", ""), (str, type(None))):
+            problem = "'label' must be a string"
+        elif t == "box" and not isinstance(p.get("image", ""), (str, type(None))):
+            problem = "'image' must be a member name (a string)"
+        if problem:
+            raise BadSample("bad_record", key, f"{where} ({t} part): {problem}, got {p!r:.80}")
+
+    @staticmethod
+    def _check_media(parts: list, texts: list, raw: dict, key: str) -> None:
+        """The sample's media members and the record agree. Otherwise a LLaVA-style record (`<image>` in the text,
+        the image a member no part names) would train as a text-only chat on the literal placeholder."""
+        store = raw.get("media") or {}
+        named = {n for p in parts if p["type"] in ("image", "video") for n in _names(p)}
+        found = sorted({ph for t in texts for ph in LLAVA_PLACEHOLDERS if ph in t})
+        if found and (store or named):  # without media, "<video>" is just text (an HTML page, say)
+            raise BadSample("llava_placeholder", key, f"the text holds LLaVA placeholder(s) {found} beside media "
+                                                      f"{sorted(store)}; media must be image/video parts of the "
+                                                      f"record: convert LLaVA data with `python -m data.convert "
+                                                      f"--format llava`")
+        unreferenced = sorted(set(store) - named)
+        if unreferenced:
+            raise BadSample("unreferenced_media", key, f"members {unreferenced} are in the sample but no image/video "
+                                                       f"part of the record names them; name them in a part or drop "
+                                                       f"them from the shard (LLaVA data: `python -m data.convert "
+                                                       f"--format llava`)")
+
+    # ------------------------------------------------------------ records -> samples
 
     def _chat(self, messages: list[dict], raw: dict, key: str, base: dict, kind=None, last_only=False,
               generation_prompt=False) -> dict:
         parts = []
         for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise BadSample("bad_record", key, f"message {m!r:.80} needs 'role' and 'content'")
             if m["role"] == "assistant" and not self._has_text(m["content"]):
                 raise BadSample("empty_assistant", key)
             if not isinstance(m["content"], str):
@@ -141,7 +262,11 @@ class Encoder:
         media = self._media(parts, raw, key)
         rendered = [m if isinstance(m["content"], str) else
                     dict(m, content=[self._render(p, media, key) for p in m["content"]]) for m in messages]
-        text = self.tok.apply_chat_template(rendered, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            text = self.tok.apply_chat_template(rendered, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja's errors are no ValueError; the template runs on untrusted messages
+            raise BadSample("bad_record", key, f"the chat template refused the messages: {type(e).__name__}: "
+                                               f"{e}") from None
         ids, out = self._tokenize(text, media, key)
         labels = torch.full_like(ids, IGNORE)
         if not generation_prompt:
@@ -151,8 +276,6 @@ class Encoder:
         return dict(base, **out, input_ids=ids, labels=labels, kind=kind)
 
     def _document(self, parts, raw: dict, key: str, base: dict) -> dict:
-        if not isinstance(parts, list):
-            raise BadSample("bad_record", key, "'content' of a document must be a list of parts")
         media = self._media(parts, raw, key)
         vis = {"image": "<|vision_start|><|image_pad|><|vision_end|>",
                "video": "<|vision_start|><|video_pad|><|vision_end|>"}
@@ -175,10 +298,8 @@ class Encoder:
         """Decode and process every image/video part in order: {"images": [...], "videos": [...], "sizes": {}}."""
         store = raw.get("media") or {}
         images, videos, sizes = [], [], {}
-        for p in parts:
-            t = p.get("type") if isinstance(p, dict) else None
-            if t not in CONTENT_TYPES:
-                raise BadSample("unknown_content_type", key, f"part type {t!r}; known: {CONTENT_TYPES}")
+        for p in parts:  # checked by _part
+            t = p["type"]
             if t == "image":
                 name = p.get("image")
                 if name not in store:
@@ -190,11 +311,10 @@ class Encoder:
                     raise BadSample("extreme_aspect_ratio", key, f"{name!r}: {e}") from None
                 sizes[name] = img.size
             elif t == "video":
-                if self.family is None:
-                    raise ValueError("this Encoder was built without a family and cannot encode videos; "
-                                     "build it with data.encode.build_encoder(cfg, bundle)")
-                name = p.get("video")
-                names = name if isinstance(name, list) else [name]
+                name = p["video"]
+                names = _names(p)
+                for n in names:
+                    refuse_pickle(n, key)
                 missing = [n for n in names if n not in store]
                 if missing:
                     raise BadSample("missing_media", key, f"video {missing} not among {sorted(store)}")
@@ -214,8 +334,8 @@ class Encoder:
         Qwen2.5-VL: `{"bbox_2d": [...], "label": ...}` in pixels of the resized image; Qwen3-VL: same JSON on 0-1000.
         The box refers to the image it names (`"image"`) or else the first image of the sample."""
         if self.family is None:
-            raise ValueError("this Encoder was built without a family and cannot render boxes; "
-                             "build it with data.encode.build_encoder(cfg, bundle)")
+            raise NoFamily("this Encoder was built without a family and cannot render boxes; "
+                           "build it with data.encode.build_encoder(cfg, bundle)")
         name = part.get("image") or next((p["image"] for p in media["order"]), None)
         if name not in media["sizes"]:
             raise BadSample("box_without_image", key, f"box {part.get('box')} refers to no image of the sample")

@@ -7,8 +7,19 @@ class BadSample(Exception):
 
     `reason` is a short fixed slug (metrics key), e.g. "undecodable_image", "missing_media",
     "truncated_tar", "token_count_mismatch", "empty_assistant", "too_long", "pickle_member".
+    `detail` names the key, file or member and the fix.
     """
 
     def __init__(self, reason: str, key: str, detail: str = ""):
         self.reason, self.key, self.detail = reason, key, detail
         super().__init__(f"sample {key!r}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+# extensions of formats that can carry pickled objects: such members are refused unread ("pickle_member")
+PICKLE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "joblib", "dill", "npz"})
+
+
+def is_pickle_name(name: str) -> bool:
+    """Whether the last extension of a member or media name is pickle-style. A bare name counts as its own
+    extension: WebDataset names the member `key.pyd` "pyd" (the part after the key), `key.0.pt` "0.pt"."""
+    return str(name).lower().rsplit(".", 1)[-1] in PICKLE_EXTENSIONS

@@ -11,6 +11,8 @@ already consumed is read again. Prefetched micro-batches that were never taken a
 from __future__ import annotations
 
 import copy
+import dataclasses
+import signal
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,7 +24,8 @@ from training.attention import VARLEN
 from data.errors import BadSample
 from data.mixture import Mixture
 from data.pack import PackConfig, collate
-from data.shards import SourceConfig, decode_raw, encode_raw
+from data.shards import MAX_MEMBER_BYTES, SourceConfig, decode_raw, encode_raw
+from data.video import MAX_VIDEO_FRAMES
 
 
 @dataclass
@@ -40,6 +43,8 @@ class DataConfig:
     pack_buffer: int = 64  # samples held open by the packer
     overlong: str = "drop"  # drop | truncate (text-only samples)
     max_skips_in_row: int = 1000  # this many pulled samples in a row skipped or dropped, none packed: an error
+    max_member_bytes: int = MAX_MEMBER_BYTES  # bigger tar members are skipped unread: BadSample member_too_large
+    max_video_frames: int = MAX_VIDEO_FRAMES  # videos of more source frames are never decoded: video_too_long
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
 
 
@@ -56,7 +61,7 @@ def source_configs(cfg: DataConfig, mixture: dict | None) -> list[SourceConfig]:
         srcs = [SourceConfig(name=t, urls=p, weight=float(sh.weights.get(t, 1.0)), shuffle_buffer=sh.shuffle_buffer,
                              seed=sh.seed) for t, p in paths.items()]
     elif cfg.name == "shards":
-        srcs = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in cfg.sources]
+        srcs = [s if isinstance(s, SourceConfig) else _source_config(i, s) for i, s in enumerate(cfg.sources)]
         if not srcs:
             raise ValueError("data=shards needs data.sources: [{name: ..., urls: '/data/x-{0000..0099}.tar', "
                              "weight: 1}]")
@@ -69,6 +74,35 @@ def source_configs(cfg: DataConfig, mixture: dict | None) -> list[SourceConfig]:
     if unknown:
         raise ValueError(f"stage.mixture names {unknown}, which are not data sources {sorted(known)}")
     return [SourceConfig(**{**known[n].__dict__, "weight": float(w)}) for n, w in mixture.items()]
+
+
+SOURCE_EXAMPLE = "{name: docs, urls: '/data/docs-{0000..0099}.tar', weight: 1}"
+
+
+def _source_config(i: int, entry) -> SourceConfig:
+    """One `data.sources` entry as a SourceConfig; a misspelt or missing key or a wrong type names the entry."""
+    fields = {f.name: f for f in dataclasses.fields(SourceConfig)}
+    if not isinstance(entry, dict):
+        raise ValueError(f"data.sources[{i}]={entry!r} is not a mapping; each entry reads like {SOURCE_EXAMPLE}")
+    where = f"data.sources[{i}]" + (f" ({entry['name']})" if "name" in entry else "")
+    unknown = sorted(set(entry) - set(fields))
+    missing = [n for n, f in fields.items() if n not in entry
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if unknown or missing:
+        what = "; ".join(([f"unknown key(s) {unknown}"] if unknown else []) +
+                         ([f"missing key(s) {missing}"] if missing else []))
+        raise ValueError(f"{where}: {what}. Known keys: {list(fields)} (e.g. {SOURCE_EXAMPLE})")
+    types = {"name": ((str,), "a string"), "urls": ((str, list), "a path/pattern string or a list of them"),
+             "weight": ((int, float), "a number"), "shuffle_buffer": ((int,), "an integer"),
+             "seed": ((int,), "an integer"), "shuffle_shards": ((bool,), "true or false")}
+    for key, value in entry.items():
+        ok, need = types.get(key, ((object,), ""))
+        if (not isinstance(value, ok) or (isinstance(value, bool) and bool not in ok)
+                or (key == "urls" and isinstance(value, list) and not all(isinstance(u, str) for u in value))):
+            raise ValueError(f"{where}: {key}={value!r} must be {need}")
+    if not entry.get("weight", 1.0) > 0:
+        raise ValueError(f"{where}: weight={entry['weight']} must be > 0 (leave the source out instead)")
+    return SourceConfig(**entry)
 
 
 @dataclass
@@ -87,11 +121,13 @@ class Chain:
 
     def __init__(self, sources: list[SourceConfig], cfg: DataConfig, bundle, layout: Layout, worker: int,
                  num_workers: int):
+        sources = [s if s.max_member_bytes is not None else  # a source's own limit, else data.max_member_bytes
+                   dataclasses.replace(s, max_member_bytes=cfg.max_member_bytes) for s in sources]
         self.mixture = Mixture({s.name: s.build(layout.rank, layout.world, worker, num_workers) for s in sources},
                                [s.weight for s in sources], cfg.seed, layout.rank, worker,
                                max_bad_fraction=cfg.max_bad_fraction, min_pulls=cfg.min_pulls)
         self.max_skips_in_row, self.skips_in_row = cfg.max_skips_in_row, 0
-        self.encoder = build_encoder(cfg.encoder, bundle)
+        self.encoder = build_encoder(cfg.encoder, bundle, max_video_frames=cfg.max_video_frames)
         self.spec = rope.RopeSpec.from_config(bundle.model.config)
         varlen = getattr(bundle.model.config, "_attn_implementation", None) in VARLEN  # else the dense 4D mask
         self.pack_cfg = PackConfig(seq_len=layout.seq_len, buffer_size=cfg.pack_buffer, overlong=cfg.overlong,
@@ -100,8 +136,14 @@ class Chain:
         self.rows: list = []  # finished rows not yet in a micro-batch
         self.micro_batch = layout.micro_batch
 
+    check = None  # the objective's per-sample check (raises BadSample), set by Pipeline
+
     def encode(self, raw: dict) -> list[dict]:
-        return [rope.attach(self.spec, s) for s in self.encoder.encode(raw)]
+        samples = self.encoder.encode(raw)
+        if self.check is not None:
+            for s in samples:
+                self.check(s)
+        return [rope.attach(self.spec, s) for s in samples]
 
     def next_micro_batch(self) -> dict:
         while len(self.rows) < self.micro_batch:
@@ -156,6 +198,19 @@ def _units(row: list[dict]) -> list[dict]:
     return out
 
 
+def _with_check(chain: Chain, check_sample) -> Chain:
+    chain.check = check_sample
+    return chain
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers share the trainer's process group, so a TERM/USR1/INT sent to the group (scancel, Slurm
+    preemption, the pipeline runner, Ctrl-C) reaches them too; dying there would fail the trainer's step before
+    it can checkpoint. The trainer alone handles those signals and shuts the workers down afterwards."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _Stream(torch.utils.data.IterableDataset):
     """What a DataLoader worker runs: its chain, from the state it is given, forever."""
 
@@ -177,14 +232,14 @@ class _Stream(torch.utils.data.IterableDataset):
 class Pipeline:
     """`next_step()` gives this rank's micro-batches of one optimizer step; `state_dict()` resumes exactly."""
 
-    def __init__(self, cfg: DataConfig, mixture: dict | None, bundle, layout: Layout):
+    def __init__(self, cfg: DataConfig, mixture: dict | None, bundle, layout: Layout, check_sample=None):
         self.cfg, self.layout = cfg, layout
         self.sources = source_configs(cfg, mixture)
         self.n = max(1, cfg.num_workers)
         self.states: list[Optional[dict]] = [None] * self.n
         self.consumed = 0  # micro-batches taken; the next one comes from logical worker consumed % n
         self._metrics: list[dict] = [{} for _ in range(self.n)]
-        self._make = lambda slot: Chain(self.sources, cfg, bundle, layout, slot, self.n)
+        self._make = lambda slot: _with_check(Chain(self.sources, cfg, bundle, layout, slot, self.n), check_sample)
         self._chain = self._make(0) if cfg.num_workers == 0 else None
         self._it = None
 
@@ -192,6 +247,7 @@ class Pipeline:
         if self._it is None:
             ds = _Stream(self._make, self.states, self.consumed % self.n, self.n)
             self._it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
+                                                        worker_init_fn=_ignore_stop_signals,
                                                         persistent_workers=False, prefetch_factor=2))
         return self._it
 
@@ -205,6 +261,12 @@ class Pipeline:
             self.states[slot], self._metrics[slot] = state, metrics
         self.consumed += 1
         return batch
+
+    def close(self) -> None:
+        """Stops the loader workers (they ignore stop signals, so the trainer ends them after its checkpoint)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
     def next_step(self) -> list[dict]:
         return [self._next() for _ in range(self.layout.grad_accum)]

@@ -3,6 +3,8 @@
 A sample is the run of consecutive tar members sharing a key (`<key>.json` + `<key>.0.jpg` ...), as in
 WebDataset; the media name in the record is the part after the key (`"0.jpg"`). Media stay raw bytes (the
 encoder decodes them) and nothing is ever unpickled: a sample with a pickle-style member is refused unread.
+A member bigger than `max_member_bytes` is skipped unread too (its sample is a "member_too_large" BadSample),
+so a crafted header cannot make a reader allocate an arbitrary amount.
 
 Split rule. The `slots = world * num_workers` readers are numbered `s = rank * num_workers + worker`. Every
 epoch all ranks draw the same seeded permutation of the shard list.
@@ -33,12 +35,12 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls as _wds_expand
 from webdataset.tariterators import base_plus_ext
 
-from data.errors import BadSample
+from data.errors import BadSample, is_pickle_name
 
 log = logging.getLogger(__name__)
 
-PICKLE_EXTENSIONS = (".pyd", ".pickle", ".pkl", ".pth", ".pt")
 STATE_VERSION = 1
+MAX_MEMBER_BYTES = 256 * 2**20  # default data.max_member_bytes
 
 
 def expand_urls(urls: Union[str, list]) -> list[str]:
@@ -68,8 +70,11 @@ class _StrictTarInfo(tarfile.TarInfo):
         return super().frombuf(buf, encoding, errors)
 
 
-def _is_pickle(name: str) -> bool:
-    return name.lower().endswith(PICKLE_EXTENSIONS)
+class _TooLarge:
+    """Stands in for the data of a member over max_member_bytes, which is never read."""
+
+    def __init__(self, size: int):
+        self.size = size
 
 
 @dataclass
@@ -82,6 +87,7 @@ class SourceConfig:
     shuffle_buffer: int = 0  # samples held for in-stream shuffling; 0 = off
     seed: int = 0
     shuffle_shards: bool = True  # a new seeded shard order every epoch
+    max_member_bytes: Optional[int] = None  # bigger tar members are skipped unread; None: data.max_member_bytes
 
     def shards(self) -> list[str]:
         shards = expand_urls(self.urls)
@@ -108,6 +114,10 @@ class ShardSource:
                              f"num_workers={num_workers} is not a valid slot")
         if cfg.shuffle_buffer < 0:
             raise ValueError(f"data.sources[{cfg.name}].shuffle_buffer={cfg.shuffle_buffer} must be >= 0")
+        self.max_member_bytes = MAX_MEMBER_BYTES if cfg.max_member_bytes is None else cfg.max_member_bytes
+        if not self.max_member_bytes > 0:
+            raise ValueError(f"data.sources[{cfg.name}].max_member_bytes={cfg.max_member_bytes} must be > 0 "
+                             f"(bytes; data.max_member_bytes sets it for every source)")
         self.cfg, self.name = cfg, cfg.name
         self.rank, self.world, self.worker, self.num_workers = rank, world, worker, num_workers
         self.shards = cfg.shards()
@@ -169,7 +179,8 @@ class ShardSource:
     def _next_member(self):
         """(key, name, data or None, header offset, members before it) of the next sample member, None at the end.
 
-        Data is read only for this slot's samples and never for pickle-style members."""
+        Data is read only for this slot's samples and never for pickle-style members or ones over
+        max_member_bytes (those get a _TooLarge); tarfile's stream mode skips unread data."""
         while True:
             ti = self._tar.next()
             if ti is None:
@@ -183,7 +194,12 @@ class ShardSource:
             if key != self._key:
                 self._key, self._group = key, self._group + 1
             mine = self._group % self.stride == self.phase
-            data = self._tar.extractfile(ti).read() if mine and not _is_pickle(name) else None
+            if not mine or is_pickle_name(name):
+                data = None
+            elif ti.size > self.max_member_bytes:
+                data = _TooLarge(ti.size)
+            else:
+                data = self._tar.extractfile(ti).read()
             return key, name, data, self._base + ti.offset, self._read_members - 1
 
     def _next_group(self):
@@ -248,15 +264,21 @@ class ShardSource:
                          f"that there are at least as many samples as ranks x workers")
 
     def _sample(self, key: str, members: dict, url: str) -> dict:
-        pickles = sorted(n for n in members if _is_pickle(n))
+        pickles = sorted(n for n in members if is_pickle_name(n))
         if pickles:
             raise BadSample("pickle_member", key, f"{url}: members {pickles} are pickle-style; never decoded")
+        big = {n: v.size for n, v in sorted(members.items()) if isinstance(v, _TooLarge)}
+        if big:
+            raise BadSample("member_too_large", key, f"{url}: members {big} (bytes) are over data.max_member_bytes="
+                                                     f"{self.max_member_bytes}; skipped unread. Raise "
+                                                     f"data.max_member_bytes (or this source's max_member_bytes) "
+                                                     f"if they are meant to be read")
         if "json" not in members:
             raise BadSample("missing_json", key, f"{url}: members {sorted(members)}")
         try:
             record = json.loads(members.pop("json"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadSample("bad_json", key, f"{url}: {e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+            raise BadSample("bad_json", key, f"{url}: {type(e).__name__}: {e}"[:500]) from None
         if not isinstance(record, dict):
             raise BadSample("bad_json", key, f"{url}: the record is a {type(record).__name__}, not an object")
         return dict(key=key, source=self.name, record=record, media=members)

@@ -5,6 +5,12 @@ the frame count comes from the source fps, the target fps and min/max frames (ro
 frame may use at most `min(VIDEO_MAX_TOKEN_NUM tokens, total_pixels / nframes * FRAME_FACTOR)` pixels but at
 least 1.05 x min_pixels. Frames are resized with antialiased bicubic on uint8 (what torchvision's tensor
 resize does there), padded to the temporal patch by repeating the last frame and patchified as HF does.
+
+Memory: an mp4 is read twice, never whole into frames. The container's frame count (or, where it stores none,
+a count of its packets, demuxed but not decoded) gives the sampled indices; then the stream is decoded and only
+the sampled frames are kept (as rgb24), so peak memory is the sampled frames, not the clip (a 520 KB mp4 can
+hold 1,200 frames). A source longer than `max_source_frames` (data.max_video_frames) is a "video_too_long"
+BadSample before any decoding.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ FPS_MAX_FRAMES = 768
 VIDEO_MIN_TOKEN_NUM = 128
 VIDEO_MAX_TOKEN_NUM = 768
 MODEL_SEQ_LEN = 128000
+MAX_VIDEO_FRAMES = 100_000  # default data.max_video_frames: ~55 min at 30 fps
 
 
 @dataclass
@@ -43,6 +50,7 @@ class VideoConfig:
     max_pixels: Optional[int] = None
     total_pixels: Optional[int] = None
     frame_list_fps: float = 2.0  # rate of a record's frame-image list when the part gives no "fps"
+    max_source_frames: int = MAX_VIDEO_FRAMES  # longer sources are BadSample "video_too_long", never decoded
 
 
 def _round(n, f): return round(n / f) * f
@@ -80,20 +88,40 @@ def timestamps(indices: Sequence[int], video_fps: float, temporal_patch_size: in
     return [(t[i] + t[i + temporal_patch_size - 1]) / 2 for i in range(0, len(t), temporal_patch_size)]
 
 
-def decode_mp4(data: bytes, name: str, key: str) -> tuple[list, float]:
-    """All frames of the first video stream (as PyAV frames, converted lazily) and the stream's average fps."""
+def mp4_info(data: bytes, name: str, key: str) -> tuple[int, float]:
+    """(frame count, average fps) of the first video stream, without decoding: the container's count, or the
+    number of its packets where it stores none (Matroska/WebM)."""
     import av
 
     try:
         with av.open(io.BytesIO(bytes(data))) as container:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
-            frames = [f for f in container.decode(stream)]
+            total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
     except Exception as e:  # PyAV raises InvalidDataError, IndexError (no stream), ...
         raise BadSample("undecodable_video", key, f"{name!r}: {type(e).__name__}: {e}") from None
-    if not frames or fps <= 0:
-        raise BadSample("undecodable_video", key, f"{name!r}: {len(frames)} frames at fps {fps}")
-    return frames, fps
+    if total <= 0 or not 0 < fps < math.inf:
+        raise BadSample("undecodable_video", key, f"{name!r}: {total} frames at fps {fps}")
+    return total, fps
+
+
+def decode_mp4(data: bytes, name: str, key: str, indices: Sequence[int], limit: int) -> tuple[dict, int]:
+    """({index: uint8 HxWx3} of the frames at `indices`, frames decoded). Every frame is decoded in stream order
+    and dropped at once unless sampled; decoding stops after `limit` + 1 frames (a source over the limit)."""
+    import av
+
+    want, kept, n = set(indices), {}, 0
+    try:
+        with av.open(io.BytesIO(bytes(data))) as container:
+            for frame in container.decode(container.streams.video[0]):
+                if n in want:
+                    kept[n] = frame.to_ndarray(format="rgb24")
+                n += 1
+                if n > limit:
+                    break
+    except Exception as e:  # PyAV raises InvalidDataError, IndexError (no stream), ...
+        raise BadSample("undecodable_video", key, f"{name!r}: {type(e).__name__}: {e}") from None
+    return kept, n
 
 
 @dataclass
@@ -109,6 +137,9 @@ class VideoOut:
 
 class VideoProcessor:
     def __init__(self, vision: VisionConfig, cfg: VideoConfig):
+        if not cfg.max_source_frames >= 1:
+            raise ValueError(f"data.max_video_frames={cfg.max_source_frames} must be >= 1 (source frames of the "
+                             f"longest video decoded)")
         self.vision, self.cfg = vision, cfg
         self.norm = Normaliser(replace(vision, resize="torch"))  # HF video processors: torchvision arithmetic
 
@@ -121,6 +152,7 @@ class VideoProcessor:
         if isinstance(media, (list, tuple)):
             if not media:
                 raise BadSample("undecodable_video", key, f"{name!r}: empty frame list")
+            self._check_length(len(media), None, name, key)
             try:
                 imgs = [np.asarray(decode_image(m, f"{name}[{i}]", key)) for i, m in enumerate(media)]
             except BadSample as e:
@@ -134,14 +166,32 @@ class VideoProcessor:
             rate = float(fps or self.cfg.frame_list_fps)
             return torch.from_numpy(np.stack(imgs)), list(range(n)), rate, rate
         refuse_pickle(name, key)
-        frames, video_fps = decode_mp4(media, name, key)
-        try:
-            n = smart_nframes(self.cfg, len(frames), video_fps)
-        except ValueError as e:
-            raise BadSample("undecodable_video", key, f"{name!r}: {e}") from None
-        idx = torch.linspace(0, len(frames) - 1, n).round().long().tolist()
-        arr = np.stack([frames[i].to_ndarray(format="rgb24") for i in idx])
-        return torch.from_numpy(arr), idx, video_fps, n / max(len(frames), 1e-6) * video_fps
+        total, video_fps = mp4_info(media, name, key)
+        for _ in range(2):  # a second pass only where the container's count is not what decodes
+            self._check_length(total, video_fps, name, key)
+            try:
+                n = smart_nframes(self.cfg, total, video_fps)
+            except ValueError as e:
+                raise BadSample("undecodable_video", key, f"{name!r}: {e}") from None
+            idx = torch.linspace(0, total - 1, n).round().long().tolist()
+            kept, decoded = decode_mp4(media, name, key, idx, self.cfg.max_source_frames)
+            if decoded == total:
+                break
+            total = decoded
+        else:
+            raise BadSample("undecodable_video", key, f"{name!r}: its frame count differs between two decodes")
+        if len({a.shape for a in kept.values()}) != 1:
+            raise BadSample("undecodable_video", key, f"{name!r}: frames differ in size "
+                            f"{sorted({a.shape for a in kept.values()})}")
+        arr = np.stack([kept[i] for i in idx])
+        return torch.from_numpy(arr), idx, video_fps, n / total * video_fps
+
+    def _check_length(self, total: int, fps: Optional[float], name: str, key: str) -> None:
+        limit = self.cfg.max_source_frames
+        if total > limit:
+            at = f" ({total / fps:.0f} s at {fps:.4g} fps)" if fps else ""
+            raise BadSample("video_too_long", key, f"{name!r}: {total} source frames{at}, over "
+                            f"data.max_video_frames={limit}; cut the video or raise data.max_video_frames")
 
     def __call__(self, media, name: str, key: str, fps: Optional[float] = None) -> VideoOut:
         frames, idx, video_fps, sample_fps = self.sample(media, name, key, fps)

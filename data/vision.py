@@ -36,11 +36,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.errors import BadSample
+from data.errors import BadSample, is_pickle_name
 
 MAX_RATIO = 200
-# extensions whose readers can execute code (pickle) or that we never decode as media
-PICKLE_EXTS = frozenset({".pyd", ".pickle", ".pkl", ".pth", ".pt", ".ckpt", ".joblib", ".dill", ".npz"})
+# pickle-capable extensions (never decoded) are data.errors.PICKLE_EXTENSIONS
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
 
 
@@ -83,7 +82,7 @@ def _ext(name: str) -> str:
 
 def refuse_pickle(name: str, key: str) -> None:
     """Raise BadSample("pickle_member") for members whose format can carry pickled objects."""
-    if _ext(name) in PICKLE_EXTS:
+    if is_pickle_name(name):
         raise BadSample("pickle_member", key, f"media {name!r} has a pickle-capable extension; never decoded")
 
 

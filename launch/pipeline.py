@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -237,7 +238,9 @@ def command(launcher: LauncherConfig, step: Step) -> list[str]:
 
 
 class _Forward:
-    """SIGINT/SIGTERM to the runner go to the running step's process group, which checkpoints and exits 143."""
+    """SIGINT/SIGTERM to the runner go to the running step's process group, which checkpoints and exits 143.
+    Between steps (an evaluation, the report) the signal is only noted: `run` checks `got` before each step and
+    each evaluation and stops there."""
 
     def __init__(self):
         self.proc, self.got = None, None
@@ -269,6 +272,8 @@ def run_step(cmd: list[str], step: Step, progress, forward: _Forward) -> int:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
         forward.proc = proc
+        if forward.got is not None:  # the signal came while the process was being started: stop it too
+            os.killpg(proc.pid, signal.SIGTERM)
         while proc.poll() is None:
             progress.update(step)
             time.sleep(0.5)
@@ -289,8 +294,9 @@ def _has_cuda() -> bool:
 # ---------------------------------------------------------------- the runner
 
 
-def run(cfg: DictConfig) -> int:
-    """Runs (or, with launcher=slurm, submits) the chain; returns the process exit code."""
+def run(cfg: DictConfig, resume: Optional[str] = None) -> int:
+    """Runs (or, with launcher=slurm, submits) the chain; returns the process exit code (143: stopped on a
+    signal, resumable). `resume` is the command line that re-runs it, shown in that message."""
     from launch.progress import ChainProgress
 
     p = pipeline_config(cfg.pipeline)
@@ -322,8 +328,13 @@ def run(cfg: DictConfig) -> int:
     (out / "pipeline.json").write_text(json.dumps(_manifest(p, steps, stopped), indent=1) + "\n")
     lead = lc.name == "local" or lc.node_rank == 0  # only node 0 evaluates and reports
     progress = ChainProgress(p.name, selected)
+    again = f"`{resume}`" if resume else "the same command"
     with _Forward() as forward:
         for step in selected:
+            if forward.got is not None:
+                progress.message(f"{_signame(forward.got)}: stopped before step {step.name}; re-run to go on from "
+                                 f"there: {again}")
+                return 143
             if step.done:
                 progress.skipped(step)
             else:
@@ -333,9 +344,9 @@ def run(cfg: DictConfig) -> int:
                                      f"{prev} first (pipeline.from={prev}) or leave out pipeline.only/pipeline.from")
                 progress.start(step)
                 rc = run_step(command(lc, step), step, progress, forward)
-                if rc == 143 or forward.got is not None:
-                    progress.message(f"step {step.name} interrupted (exit {rc}) after a checkpoint; run the same "
-                                     f"command again to resume it. Log: {step.log_path}")
+                if not (rc == 0 and step.done) and (rc == 143 or forward.got is not None):
+                    progress.message(f"step {step.name} interrupted (exit {rc}): {_checkpoint_state(step)}: {again}. "
+                                     f"Log: {step.log_path}")
                     return 143
                 if rc != 0 or not step.done:
                     raise StepFailed(f"step {step.name} ({step.cfg.stage}) failed with exit code {rc}; "
@@ -343,7 +354,15 @@ def run(cfg: DictConfig) -> int:
             if lead and p.eval.enabled:
                 from launch.report import step_eval
 
-                progress.evaluated(step, step_eval(step, p.eval))
+                if forward.got is not None:
+                    progress.message(f"{_signame(forward.got)}: step {step.name} is done; stopped before its held-out "
+                                     f"evaluation; re-run to go on (done steps are skipped): {again}")
+                    return 143
+                progress.evaluated(step, step_eval(step, p.eval))  # a signal now stops after it, below
+        if forward.got is not None:
+            progress.message(f"{_signame(forward.got)}: every step is done; stopped before the report; re-run to "
+                             f"write it (done steps are skipped): {again}")
+            return 143
     if stopped:
         progress.message(stopped)
     if lead:
@@ -352,6 +371,19 @@ def run(cfg: DictConfig) -> int:
         path = write_report(out, p, steps, stopped, evaluate=p.eval.enabled)
         progress.message(f"report: {path}")
     return 0
+
+
+def _signame(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def _checkpoint_state(step: Step) -> str:
+    """What a re-run of `step` starts from: its newest checkpoint (checkpoints/latest) or the beginning."""
+    latest = step.out / "checkpoints" / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else ""
+    if tag.startswith("step_") and tag[5:].isdigit() and (latest.parent / tag).is_dir():
+        return f"checkpoint at step {int(tag[5:])} written; re-run to resume"
+    return "no checkpoint was written; the step will start over on re-run"
 
 
 def _manifest(p: PipelineConfig, steps: list[Step], stopped: Optional[str]) -> dict:
@@ -378,7 +410,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "--cfg" in flags:
             print(OmegaConf.to_yaml(cfg, resolve=True))
             return 0
-        return run(cfg)
+        return run(cfg, resume=shlex.join(["python", "-m", "launch.pipeline", *argv]))
     except (ValueError, StepFailed) as e:
         print(f"pipeline: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1

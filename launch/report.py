@@ -139,6 +139,32 @@ def _plot_chain(names: list[str], evals: list[dict | None], png: Path, dpo_steps
     plt.close(fig)
 
 
+DATA_COUNTERS = ("skipped/", "dropped/", "truncated/")  # training.loop's cumulative `<what>/<source>/<reason>`
+
+
+def _data_counts(d: Path, rows: list[dict]) -> list[str]:
+    """Report lines for the step's samples skipped (bad data) or dropped (too long) per source and reason, from
+    DONE (else the last metrics row); none when nothing was skipped."""
+    try:
+        done = json.loads((d / "DONE").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        done = {}
+    counts = {k: v for k, v in done.items() if k.startswith(DATA_COUNTERS)}
+    if not counts and rows:
+        counts = {k: v for k, v in rows[-1].items() if k.startswith(DATA_COUNTERS)}
+    counts = {k: v for k, v in sorted(counts.items()) if v}
+    if not counts:
+        return []
+    out = ["Data skipped (bad records), dropped (too long) or truncated, whole step:", "",
+           "| data | source | reason | samples |",
+           "|---|---|---|---|"]
+    for key, n in counts.items():
+        what, rest = key.split("/", 1)
+        source, _, reason = rest.rpartition("/")  # a source name may hold a slash, a reason does not
+        out.append(f"| {what} | {source} | {reason} | {n} |")
+    return out + [""]
+
+
 def _fmt(v, spec=".3f") -> str:
     return "–" if v is None else format(v, spec)
 
@@ -222,6 +248,7 @@ def write_report(out: Path, p=None, steps=None, stopped: str | None = None, eval
                     vals = [r[k] for r in tail if k in r]
                     lines.append(f"| {k} | {_fmt(rows[0].get(k))} | {_fmt(sum(vals) / len(vals) if vals else None)} |")
                 lines.append("")
+        lines += _data_counts(d, rows)
         if ev:
             lines += ["| held-out | start | end |", "|---|---|---|"]
             for k in ("caption_loss", "vqa_accuracy", "vqa_accuracy_colour", "vqa_accuracy_count", "vqa_chance",

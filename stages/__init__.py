@@ -42,9 +42,7 @@ class StageConfig:
 
 def build_objective(objective: dict, loss_reduction: str):
     """The objective named by `stage.objective.name`, configured from the rest of that mapping."""
-    from stages import dpo, lm, sapo
-
-    registry = {"lm": lm, "dpo": dpo, "sapo": sapo}
+    registry = _objectives()
     objective = dict(objective)
     name = objective.pop("name", None)
     if name not in registry:
@@ -55,3 +53,16 @@ def build_objective(objective: dict, loss_reduction: str):
     except Exception as e:  # omegaconf names the bad key; say where it lives
         raise ValueError(f"stage.objective ({name}): {e}") from None
     return module.build(cfg, loss_reduction)
+
+
+def needed_kinds(objective: dict) -> Optional[tuple]:
+    """The encoded sample kinds (data/encode.py `kind`) the objective trains on: its module's SAMPLE_KINDS, or
+    None when any sample will do (lm) or the name is unknown (build_objective reports that)."""
+    return getattr(_objectives().get(dict(objective).get("name")), "SAMPLE_KINDS", None)
+
+
+def _objectives() -> dict:
+    """stage.objective.name -> its module (imported on use: the modules import torch and the data code)."""
+    from stages import dpo, lm, sapo
+
+    return {"lm": lm, "dpo": dpo, "sapo": sapo}

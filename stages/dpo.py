@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from stages.rollout import per_sample, token_logps
 
 LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
-REFERENCES = ("model", "precomputed")
+SAMPLE_KINDS = ("chosen", "rejected")  # encoded sample kinds it trains on (stages.needed_kinds)
+REFERENCES = ("model",)
 
 
 @dataclass
@@ -27,11 +28,14 @@ class Config:
     loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust | sigmoid_norm
     label_smoothing: float = 0.0  # sigmoid: cDPO; robust: the assumed flip rate; both need [0, 0.5)
     rpo_alpha: float = 0.0  # > 0 adds alpha * NLL(chosen)/|y_w| per pair (RPO)
-    reference: str = "model"  # model: frozen copy of the starting weights | precomputed: meta["ref_logp"]
+    reference: str = "model"  # model: a frozen copy of the starting weights (the only reference)
 
     def check(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"stage.objective.loss={self.loss!r} is not a DPO loss; choose one of {list(LOSSES)}")
+        if self.reference == "precomputed":  # record ref_logp never reached the batch; chosen/rejected shared a key
+            raise ValueError("stage.objective.reference=precomputed was removed (it could not work); use "
+                             "stage.objective.reference=model, the frozen starting weights")
         if self.reference not in REFERENCES:
             raise ValueError(f"stage.objective.reference={self.reference!r}; choose one of {list(REFERENCES)}")
         if self.beta <= 0:
@@ -76,10 +80,15 @@ def pairs(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     for sid, m in enumerate(meta):
         if m.get("kind") in ("chosen", "rejected"):
             by_group.setdefault(m["group"], {})[m["kind"]] = sid
+    if not by_group:
+        kinds = sorted({str(m.get("kind")) for m in meta})
+        raise ValueError(f"dpo micro-batch holds no preference samples (sample kinds {kinds}): the stage's data has "
+                         f"no preference records (chosen/rejected); point the stage at a preference source "
+                         f"(stage.mixture / data.sources)")
     bad = [g for g, d in by_group.items() if len(d) != 2]
-    if bad or not by_group:
+    if bad:
         keys = [meta[next(iter(by_group[g].values()))].get("key") for g in bad]
-        raise ValueError(f"dpo micro-batch: samples {keys or '(none)'} lack their chosen/rejected partner; the "
+        raise ValueError(f"dpo micro-batch: samples {keys} lack their chosen/rejected partner; the "
                          f"packer must keep a preference group in one micro-batch")
     groups = sorted(by_group)
     return (torch.tensor([by_group[g]["chosen"] for g in groups]),
@@ -96,8 +105,7 @@ class DPOObjective:
     def setup(self, run) -> None:
         """The reference: the starting weights rebuilt from the model config (exact on resume too), frozen,
         sharded like the policy under ZeRO-3 (a DeepSpeed engine without optimizer), else a plain module."""
-        if self.cfg.reference == "model":
-            self.ref = build_reference(run)
+        self.ref = build_reference(run)
 
     # -- protocol ---------------------------------------------------------------------------------------------
     def prepare(self, engine, micro: list[dict]) -> list[dict]:
@@ -114,14 +122,6 @@ class DPOObjective:
 
     def _ref_logps(self, batch: dict, ids: torch.Tensor, n: int) -> torch.Tensor:
         """Summed reference log-probs of all n samples (entries outside `ids` unused)."""
-        if self.cfg.reference == "precomputed":
-            missing = [batch["meta"][i].get("key") for i in ids.tolist() if "ref_logp" not in batch["meta"][i]]
-            if missing:
-                raise ValueError(f"stage.objective.reference=precomputed but samples {missing} carry no ref_logp; "
-                                 f"run the reference pass over the data first or use reference=model")
-            out = torch.zeros(n, dtype=torch.float32)
-            out[ids] = torch.tensor([float(batch["meta"][i]["ref_logp"]) for i in ids.tolist()])
-            return out
         if self.ref is None:
             raise ValueError("the dpo objective has no reference model: the loop must call objective.setup(run) "
                              "after the engine exists")
@@ -195,15 +195,6 @@ def build_reference(run):
         return ref_engine.module
     dtype = next(p.dtype for p in engine.module.parameters())
     return ref.to(device=engine.device, dtype=dtype)
-
-
-def reference_logps(module, batch: dict) -> dict[str, float]:
-    """{sample key: summed reply log-prob} of a micro-batch: the precomputed-reference pass writes these beside
-    the data (meta["ref_logp"]), computed exactly as the in-process reference would."""
-    with torch.no_grad():
-        logps, _ = token_logps(module, batch)
-        sums, _ = per_sample(logps, batch)
-    return {batch["meta"][i]["key"]: float(sums[i]) for i in range(len(batch["meta"]))}
 
 
 def build(cfg: Config, reduction: str) -> DPOObjective:

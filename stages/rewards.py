@@ -1,13 +1,18 @@
 """Verifiable rewards for RL prompts, named by the record's `reward` field.
 
-A reward function maps (completion text, the record's `answer`, keyword options) to a float. The record names
-it either as a string (`"numeric"`, or `"pkg.mod:fn"` for a user function) or as a mapping with options
-(`{"name": "box_iou", "threshold": 0.7}`). Names are resolved once per name and cached; an unknown name is a
-ValueError that names it, so a typo fails on the first prompt instead of silently training on zero reward.
+A reward function maps (completion text, the record's `answer`, keyword options) to a float. Data never chooses
+code: a record may only name a registered reward, a built-in (`REGISTRY`) or one the config registers
+(`stage.objective.rewards: {my_reward: "pkg.mod:fn"}`, imported once when the objective is built), as a string
+(`"numeric"`) or as a mapping with options (`{"name": "box_iou", "threshold": 0.7}`). Options must be JSON values
+and named parameters of the function. A record naming an import path ('module:function'), an unregistered
+name or an undeclared option is refused before anything is imported or called (shards come from third parties:
+`subprocess:run` with options would run a shell). Config names may not shadow built-ins, so a built-in name
+always means the built-in function.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import re
 from typing import Any, Callable
@@ -84,9 +89,13 @@ def box_iou(completion: str, answer: Any, threshold: float = 0.5, **_) -> float:
     return float(iou(nums, [float(x) for x in answer]) >= threshold)
 
 
-def format_check(completion: str, answer: Any = None, pattern: str = r"(?s)^<think>.*</think>.*\S", **_) -> float:
-    """1 if the whole completion matches `pattern` (default: a think block followed by an answer)."""
-    return float(re.fullmatch(pattern, clean(completion)) is not None)
+_THINK = re.compile(r"(?s)^<think>.*</think>.*\S")
+
+
+def format_check(completion: str, answer: Any = None, **_) -> float:
+    """1 if the completion is a think block followed by an answer. The pattern is fixed, not a record option: a
+    regex from a shard could backtrack for hours; register a function in config for another format."""
+    return float(_THINK.fullmatch(clean(completion)) is not None)
 
 
 REGISTRY: dict[str, RewardFn] = {
@@ -95,55 +104,124 @@ REGISTRY: dict[str, RewardFn] = {
 }
 
 
-def _import(path: str) -> RewardFn:
+REGISTER_HINT = ("register a trusted function in the config: stage.objective.rewards: "
+                 "{my_reward: 'package.module:function'}, then name 'my_reward' in the records")
+
+
+class RewardError(ValueError):
+    """A reward spec that names no registered reward (`reason` unknown_reward) or bad options
+    (bad_reward_options); the data loader turns it into a skipped sample of that reason."""
+
+    def __init__(self, reason: str, msg: str):
+        self.reason = reason
+        super().__init__(msg)
+
+
+def _import(path: str, name: str) -> RewardFn:
+    """A config-registered user function (the config is trusted; data never reaches here)."""
     module, _, attr = path.partition(":")
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward {path!r}: cannot import it ({e}); a user reward is named 'package.module:function'"
-                         ) from None
+        raise ValueError(f"stage.objective.rewards.{name}={path!r}: cannot import it ({e}); give the function as "
+                         f"'package.module:function' importable from the training process") from None
     if not callable(fn):
-        raise ValueError(f"reward {path!r} is not callable")
+        raise ValueError(f"stage.objective.rewards.{name}={path!r} is not callable")
     return fn
 
 
-def resolve(name: str) -> RewardFn:
-    """The function for a reward name: a registry key or 'pkg.mod:fn'."""
-    if name in REGISTRY:
-        return REGISTRY[name]
+def declared_options(fn: RewardFn) -> frozenset[str]:
+    """The option names a record may pass: named parameters after (completion, answer). **kwargs accepts none,
+    so a record cannot reach a keyword the function does not name (e.g. subprocess.run's `executable`)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature (some C functions): no options
+        return frozenset()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    skip = {p.name for p in positional[:2]} | {"completion", "answer"}
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                     and p.name not in skip)
+
+
+def _json_value(v) -> bool:
+    return v is None or isinstance(v, (str, bool, int, float)) or (isinstance(v, list) and all(map(_json_value, v)))
+
+
+def check_spec(spec, registered: dict, hint: str = REGISTER_HINT) -> tuple[str, dict]:
+    """(name, options) of a record's reward spec, checked against `registered` (name -> declared option names,
+    or None where the options are not known here). Pure: imports and calls nothing. Raises RewardError."""
+    if isinstance(spec, dict):
+        opts = dict(spec)
+        name = opts.pop("name", None)
+    else:
+        name, opts = spec, {}
+    if not isinstance(name, str) or not name:
+        raise RewardError("unknown_reward", f"reward {spec!r:.120} is not a name or a mapping with a 'name' string; "
+                                            f"registered rewards: {sorted(registered)}")
     if ":" in name:
-        return _import(name)
-    raise ValueError(f"reward {name!r} is unknown; use one of {sorted(REGISTRY)} or a user function "
-                     f"'package.module:function'")
+        raise RewardError("unknown_reward", f"reward {name!r} is an import path; records may only name a registered "
+                                            f"reward ({sorted(registered)}); {hint}")
+    if name not in registered:
+        raise RewardError("unknown_reward", f"reward {name!r} is not registered; registered rewards: "
+                                            f"{sorted(registered)}; {hint}")
+    bad = {k: v for k, v in opts.items() if not _json_value(v)}
+    if bad:
+        raise RewardError("bad_reward_options", f"reward {name!r}: options {sorted(bad)} are not JSON scalars or "
+                                                f"lists of them")
+    allowed = registered[name]
+    if allowed is not None and set(opts) - allowed:
+        raise RewardError("bad_reward_options", f"reward {name!r} takes no option(s) {sorted(set(opts) - allowed)}; "
+                                                f"its options are {sorted(allowed) or 'none'}")
+    return name, opts
 
 
 class Rewards:
-    """Scores completions by each prompt's own `reward` spec; resolved functions are cached by name."""
+    """Scores completions by each prompt's own `reward` spec, which may only name a built-in or a reward of
+    `registry` ({name: 'pkg.mod:fn' or a function}, imported here, once)."""
 
-    def __init__(self, default: str | None = None):
+    def __init__(self, default: str | None = None, registry: dict | None = None):
+        self.fns: dict[str, RewardFn] = dict(REGISTRY)
+        for name, fn in (registry or {}).items():
+            if name in REGISTRY:
+                raise ValueError(f"stage.objective.rewards.{name}: {name!r} is a built-in reward and cannot be "
+                                 f"overridden; register your function under another name")
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.-]*", name):
+                raise ValueError(f"stage.objective.rewards: {name!r} is not a valid reward name (letters, digits, "
+                                 f"_ . -; no ':')")
+            if isinstance(fn, str):
+                if ":" not in fn:
+                    raise ValueError(f"stage.objective.rewards.{name}={fn!r}: give the function as "
+                                     f"'package.module:function'")
+                fn = _import(fn, name)
+            elif not callable(fn):
+                raise ValueError(f"stage.objective.rewards.{name}: {fn!r} is not a function or "
+                                 f"'package.module:function'")
+            self.fns[name] = fn
+        self.options = {n: declared_options(f) for n, f in self.fns.items()}
         self.default = default
-        self._cache: dict[str, RewardFn] = {}
+        if default is not None:
+            try:
+                check_spec(default, self.options)
+            except RewardError as e:
+                raise ValueError(f"stage.objective.default_reward={default!r}: {e}") from None
 
     def spec(self, meta: dict) -> tuple[str, dict]:
-        spec = meta.get("reward", self.default)
+        """(name, options) of a prompt's reward (its record's, else the default); RewardError if unusable."""
+        spec = meta.get("reward")
         if spec is None:
-            raise ValueError(f"RL sample {meta.get('key', '?')} has no 'reward' field and "
-                             f"stage.objective.default_reward is unset; name a reward in the record or the config")
-        if isinstance(spec, dict):
-            opts = dict(spec)
-            name = opts.pop("name", None)
-            if name is None:
-                raise ValueError(f"RL sample {meta.get('key', '?')}: reward mapping {spec} has no 'name'")
-            return name, opts
-        return str(spec), {}
+            spec = self.default
+        if spec is None:
+            raise RewardError("unknown_reward", "the record names no reward and stage.objective.default_reward is "
+                                                f"unset; name one of {sorted(self.fns)} in the record or the config")
+        return check_spec(spec, self.options)
 
-    def check(self, meta: dict) -> None:
-        """Raises now if the prompt's reward cannot be resolved (before any generation is spent on it)."""
-        name, _ = self.spec(meta)
-        if name not in self._cache:
-            self._cache[name] = resolve(name)
+    def check(self, meta: dict) -> tuple[str, dict]:
+        """`spec`, its RewardError (a ValueError) naming the sample: raised before any generation is spent."""
+        try:
+            return self.spec(meta)
+        except RewardError as e:
+            raise RewardError(e.reason, f"RL sample {meta.get('key', '?')!r}: {e}") from None
 
     def __call__(self, completion: str, meta: dict) -> float:
-        name, opts = self.spec(meta)
-        self.check(meta)
-        return float(self._cache[name](completion, meta.get("answer"), **opts))
+        name, opts = self.check(meta)
+        return float(self.fns[name](completion, meta.get("answer"), **opts))

@@ -1,7 +1,7 @@
 """Forward passes and rollouts shared by the preference and RL objectives.
 
 `token_logps` is the one place log-probabilities of targets are taken (policy, reference, rollout policy), so
-DPO, SAPO and the precomputed-reference pass agree to the bit. The rollout helpers turn a micro-batch of RL
+DPO, SAPO and their reference models agree to the bit. The rollout helpers turn a micro-batch of RL
 prompt samples into per-prompt pieces, sample completions with the policy's KV cache, and assemble
 prompt+completion sequences back into micro-batches (one sequence per row, right-padded, 2D mask: the model
 computes its own M-RoPE ids, so no packer is needed for the few thousand tokens of a rollout row). A prompt's

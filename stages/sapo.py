@@ -8,7 +8,9 @@ rollout batch is then split into `mini_batches` optimizer steps, so from the sec
 is off the rollout policy and the gate/clip acts. Prompts that arrive while the buffer still holds mini-batches
 are kept for the next rollout, so every prompt is used once; the steady state is one rollout of
 `mini_batches` steps' prompts every `mini_batches` steps. That buffer (queued mini-batches, kept prompts) is part
-of the checkpoint, so a run resumed mid-rollout trains on exactly what an uninterrupted one would.
+of the checkpoint, so a run resumed mid-rollout trains on exactly what an uninterrupted one would. The rollout's
+reward metrics reach the loop through `step_sums`, so they are logged even when every group is dropped and the
+step trains on nothing.
 
 Loss aggregation is the seq-mean of token-means (SAPO paper, trl's grpo/sapo): `weights` gives 1 per sequence
 and the loop divides by the global sequence count of the mini-batch. The loss formulas are `policy_loss`, a
@@ -17,16 +19,18 @@ pure function checked against trl's GRPOTrainer in tests/test_sapo.py.
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from data.encode import IGNORE
+from data.errors import BadSample
 from stages import rollout
-from stages.rewards import Rewards
+from stages.rewards import RewardError, Rewards
 
 LOSSES = ("sapo", "grpo", "gspo")
+SAMPLE_KINDS = ("prompt",)  # encoded sample kinds it trains on (stages.needed_kinds)
 
 
 @dataclass
@@ -46,7 +50,9 @@ class Config:
     scale_rewards: bool = True  # divide by the group's std (false: Dr.GRPO)
     adv_eps: float = 1.0e-6
     drop_equal_groups: bool = True  # groups with all-equal rewards carry no signal
-    default_reward: Optional[str] = None  # used for prompts whose record names no reward
+    default_reward: Optional[str] = None  # a registered reward for prompts whose record names none
+    # user rewards {name: "pkg.mod:fn"}, imported once at start-up; records may name only these and the built-ins
+    rewards: dict = field(default_factory=dict)
     pass_threshold: float = 1.0  # a rollout with reward >= this counts as passed
 
     def check(self) -> None:
@@ -135,13 +141,14 @@ class RLObjective:
     def __init__(self, cfg: Config):
         cfg.check()
         self.cfg = cfg
-        self.rewards = Rewards(cfg.default_reward)
+        self.rewards = Rewards(cfg.default_reward, cfg.rewards)
         self.ref = None
         self.tokenizer = None
         self.synced = False
         self._queue: list[list[dict]] = []  # mini-batches of the current rollout, each = one step's micro-batches
         self._stash: list[dict] = []  # prompts that arrived while the queue was full
         self.counters = {"rollouts": 0, "groups": 0, "dropped_groups": 0}
+        self._sums: dict = {}  # reward/rollout metrics of rollouts since the last step_sums()
 
     def setup(self, run) -> None:
         """Tokenizer (stop/pad ids, decoding), ZeRO-3 generation sync, and the reference if kl_beta > 0."""
@@ -161,6 +168,23 @@ class RLObjective:
         banned = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                          "<|vision_end|>")]
         return tok.pad_token_id, sorted(set(stops)), [t for t in banned if t is not None]
+
+    def check_sample(self, sample: dict) -> None:
+        """The data loader's check of one encoded sample: an RL prompt's reward must name a registered reward
+        with declared JSON options (BadSample unknown_reward / bad_reward_options); nothing is imported. Samples
+        of other kinds are not this objective's to judge."""
+        if sample.get("kind") != "prompt":
+            return
+        try:
+            self.rewards.spec(sample)
+        except RewardError as e:
+            raise BadSample(e.reason, str(sample.get("key", "?")), str(e)) from None
+
+    def step_sums(self) -> dict:
+        """{metric: [sum, count]} of the rollouts made since the last call, then cleared. The loop adds these every
+        step, trained on or not, so all-equal groups (every weight 0, no micro-batch runs) still log rewards."""
+        out, self._sums = self._sums, {}
+        return out
 
     # -- rollouts ---------------------------------------------------------------------------------------------
     def _prompts(self, micro: list[dict]) -> list[dict]:
@@ -209,7 +233,7 @@ class RLObjective:
         self.counters["rollouts"] += 1
         self.counters["groups"] += n_groups
         self.counters["dropped_groups"] += n_dropped
-        sums: dict = {}
+        sums = self._sums
         N = float(len(comps))
         _add(sums, "reward/mean", float(rewards.sum()), N)
         _add(sums, "reward/group_std", float(std[::G].sum()), n_groups)
@@ -233,7 +257,6 @@ class RLObjective:
             if self.ref is not None:
                 mb["ref_logps"] = rollout.token_logps(self.ref, dev)[0].cpu()
             micro.append(mb)
-        micro[0]["rollout_sums"] = sums
         return [micro[m * n_micro:(m + 1) * n_micro] for m in range(cfg.mini_batches)]
 
     # -- protocol ---------------------------------------------------------------------------------------------
@@ -247,7 +270,7 @@ class RLObjective:
                                   batch.get("ref_logps"))
         w = batch["weights"] if "weights" in batch else self.weights(batch)
         w = w.to(per_seq.device, per_seq.dtype)
-        sums = {k: list(v) for k, v in batch.get("rollout_sums", {}).items()}
+        sums: dict = {}
         live = mask & (w > 0).unsqueeze(1)
         n_tok = float(live.sum())
         for k, v in st.items():

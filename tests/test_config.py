@@ -80,3 +80,62 @@ def test_impossible_trainer_settings_fail_before_any_work(override, key, tmp_pat
     r = cli([override, f"output_dir={tmp_path}", "logger=none"])
     assert r.returncode == 2 and f"trainer.{key}=" in r.stderr + r.stdout
     assert not (tmp_path / "config.yaml").exists()
+
+
+def _check(*overrides):
+    from training.train import check_job
+
+    check_job(to_job(compose(list(overrides))), 1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stage.optimizer.lr=-1", r"stage.optimizer.lr=-1.0 must be a finite number > 0"),
+    ("stage.optimizer.lr=0", r"stage.optimizer.lr=0.0 must be"),
+    ("stage.optimizer.lr=nan", r"stage.optimizer.lr=nan must be"),
+    ("stage.optimizer.weight_decay=-0.1", r"stage.optimizer.weight_decay=-0.1 must be a number >= 0"),
+    ("stage.optimizer.eps=0", r"stage.optimizer.eps=0.0 must be a number > 0"),
+    ("stage.optimizer.grad_clip=-1", r"stage.optimizer.grad_clip=-1.0 must be a number >= 0"),
+    ("stage.optimizer.betas=[0.9]", r"stage.optimizer.betas=\[0.9\] must be two numbers in \[0, 1\)"),
+    ("stage.optimizer.betas=[0.9,1.0]", r"stage.optimizer.betas=\[0.9, 1.0\] must be two numbers"),
+    ("stage.optimizer.betas=[a,0.9]", r"stage.optimizer.betas=\['a', 0.9\] must be two numbers"),
+    ("stage.lr_mult.vision=-1", r"stage.lr_mult.vision=-1 must be a finite number >= 0"),
+    ("stage.lr_mult.llm=x", r"stage.lr_mult.llm=x must be a finite number >= 0"),
+    ("stage.schedule.kind=cosin", r"stage.schedule.kind='cosin' is unknown; choose one of \['cosine', 'linear'"),
+    ("stage.schedule.warmup_ratio=1", r"stage.schedule.warmup_ratio=1.0 must be in \[0, 1\)"),
+    ("stage.schedule.warmup_ratio=-0.1", r"stage.schedule.warmup_ratio=-0.1 must be in \[0, 1\)"),
+    ("stage.schedule.min_lr_ratio=1.5", r"stage.schedule.min_lr_ratio=1.5 must be in \[0, 1\]"),
+])
+def test_optimizer_and_schedule_values_fail_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        _check(override)
+
+
+def test_good_optimizer_and_schedule_values_pass():
+    _check("stage.optimizer.lr=3e-5", "stage.optimizer.betas=[0.0,0.999]", "stage.optimizer.grad_clip=0",
+           "stage.lr_mult.vision=0", "stage.schedule.kind=linear", "stage.schedule.warmup_ratio=0.5",
+           "stage.schedule.min_lr_ratio=1")
+
+
+SHARDS = "data=shards"
+
+
+@pytest.mark.parametrize("sources, message", [
+    ("[{name: docs, url: /d/x.tar}]", r"data.sources\[0\] \(docs\): unknown key\(s\) \['url'\]; missing key\(s\) "
+                                      r"\['urls'\]. Known keys: \['name', 'urls', 'weight'"),
+    ("[{name: a, urls: /d/a.tar}, {urls: /d/b.tar}]", r"data.sources\[1\]: missing key\(s\) \['name'\]"),
+    ("[{name: docs, urls: /d/x.tar, weight: heavy}]", r"data.sources\[0\] \(docs\): weight='heavy' must be a number"),
+    ("[{name: docs, urls: /d/x.tar, weight: 0}]", r"data.sources\[0\] \(docs\): weight=0 must be > 0"),
+    ("[{name: docs, urls: [1, 2]}]", r"data.sources\[0\] \(docs\): urls=\[1, 2\] must be a path/pattern string"),
+    ("[docs]", r"data.sources\[0\]='docs' is not a mapping"),
+])
+def test_data_sources_entries_fail_naming_entry_and_key(sources, message):
+    with pytest.raises(ValueError, match=message):
+        _check(SHARDS, f"data.sources={sources}")
+
+
+def test_data_sources_are_checked_by_check_job_before_any_model(tmp_path):
+    _check(SHARDS, "data.sources=[{name: docs, urls: '/d/x-{0..3}.tar', weight: 2, shuffle_buffer: 8}]")
+    # the CLI: the error comes from check_job, before a model is built or the output directory is written
+    r = cli([SHARDS, "data.sources=[{name: docs, url: /d/x.tar}]", f"output_dir={tmp_path}", "logger=none"])
+    assert r.returncode == 2 and "data.sources[0] (docs): unknown key(s) ['url']" in r.stderr + r.stdout
+    assert not (tmp_path / "config.yaml").exists()

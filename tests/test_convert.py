@@ -198,3 +198,72 @@ def test_cli_module_entry_point(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "data.convert", str(tmp_path / "nope.jsonl"), str(tmp_path / "t")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "nope.jsonl does not exist" in bad.stderr
+
+
+# -- RL rewards: records name registered rewards, never code ---------------------------------------------------
+def _rl(reward) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": "How many?"}], "answer": "3", "reward": reward})
+
+
+def _with_line_5(d: Path, line: str) -> Path:
+    _dataset(d, n=6)
+    lines = (d / "data.jsonl").read_text().splitlines()
+    lines.insert(4, line)
+    (d / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return d / "data.jsonl"
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_crafted_rewards_are_refused_before_any_import(i, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from reward_audit import crafted, evil_module, watching
+
+    module, marker = evil_module(tmp_path, f"evil_convert_{i}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = crafted(module)[i]
+    path = _with_line_5(tmp_path, _rl(spec))
+    assert main([str(path), str(tmp_path / "warm" / "d")]) == 2  # lazy imports of the CLI happen outside the watch
+    capsys.readouterr()
+    imported = []
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real(name, *a))
+    with watching(tmp_path) as events:
+        rc = main([str(path), str(tmp_path / "o" / "d"), "--reward", "mine"])
+    assert rc == 2 and events == [] and imported == [], (events, imported)
+    assert not os.path.exists(marker) and module not in sys.modules and not (tmp_path / "o").exists()
+    err = capsys.readouterr().err
+    assert "data.jsonl:5: reward " in err and "1 invalid record" in err, err
+    assert json.dumps(spec)[:40] in err  # the record's reward field
+    if not (isinstance(spec, dict) and spec.get("name") == module):
+        assert "['box_iou', 'choice', 'exact_match', 'format', 'mine', 'numeric']" in err and "--reward NAME" in err
+    else:  # a --reward-less name with options: refused as unregistered too
+        assert f"'{module}' is not registered" in err
+
+
+@pytest.mark.parametrize("reward,flags,message", [
+    ({"name": "numeric", "executable": "/bin/sh"}, [], r"'numeric' takes no option\(s\) \['executable'\]"),
+    ({"name": "numeric", "abs_tol": {"$ref": 1}}, [], "not JSON scalars"),
+    ({"name": "mine", "k": [1, {"a": 2}]}, ["--reward", "mine"], "not JSON scalars"),
+    ("mine", [], "'mine' is not registered"),
+    (7, [], "not a name or a mapping"),
+])
+def test_bad_reward_options_and_unregistered_names_are_refused(tmp_path, capsys, reward, flags, message):
+    import re
+
+    path = _with_line_5(tmp_path, _rl(reward))
+    assert main([str(path), str(tmp_path / "o" / "d"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "data.jsonl:5: reward " in err and re.search(message, err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_rewards_named_with_reward_flag_and_declared_options_pass(tmp_path, capsys):
+    path = _with_line_5(tmp_path, _rl({"name": "mine", "limit": 3, "tags": ["a", 1, None]}))
+    with open(path, "a") as f:
+        f.write(_rl({"name": "box_iou", "threshold": 0.7}) + "\n" + _rl("format") + "\n")
+    assert main([str(path), str(tmp_path / "o" / "d"), "--reward", "mine", "--reward", "other"]) == 0
+    samples = _read_all(str(tmp_path / "o" / "d-{000000..000000}.tar"), 9)
+    assert samples[4]["record"]["reward"] == {"name": "mine", "limit": 3, "tags": ["a", 1, None]}
+    assert main([str(path), str(tmp_path / "o2" / "d"), "--reward", "pkg.mod:fn"]) == 2
+    assert "--reward 'pkg.mod:fn': give the reward's registered name" in capsys.readouterr().err

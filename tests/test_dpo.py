@@ -230,24 +230,24 @@ def test_reference_equal_to_policy_gives_log2_and_half_margin_zero():
     assert held_out["rewards/accuracy"][1] == 4.0 and abs(held_out["dpo/loss"][0] - 4 * 0.6931472) < 1e-5
 
 
-def test_precomputed_reference_reads_meta_and_names_missing_samples():
-    from stages.dpo import reference_logps
+def test_precomputed_reference_was_removed_with_a_clear_error():
+    """It could not work (record ref_logp never reached the batch; chosen and rejected shared a key)."""
+    with pytest.raises(ValueError, match="reference=precomputed was removed.*stage.objective.reference=model"):
+        DPOObjective(Config(reference="precomputed"))
+    with pytest.raises(ValueError, match=r"stage.objective.reference='ema'; choose one of \['model'\]"):
+        DPOObjective(Config(reference="ema"))
+    import stages.dpo
 
-    policy, ref = tiny("qwen2_vl"), tiny("qwen2_vl", seed=1).model
-    batch = pack(policy.model, dpo_pairs(policy), policy.tokenizer.pad_token_id)
-    for m in batch["meta"]:
-        m["key"] = f"{m['key']}-{m['kind']}"
-    table = reference_logps(ref, batch)  # what the reference pass writes beside the data
-    live = DPOObjective(Config())
-    live.ref = ref
-    want, _ = live.loss_sum(policy.model, batch)
-    pre = DPOObjective(Config(reference="precomputed"))
-    with pytest.raises(ValueError, match="p0-chosen"):
-        pre.loss_sum(policy.model, batch)
-    for m in batch["meta"]:
-        m["ref_logp"] = table[m["key"]]
-    got, _ = pre.loss_sum(policy.model, batch)
-    assert abs(float(got) - float(want)) < 1e-5
+    assert not hasattr(stages.dpo, "reference_logps")
+
+
+def test_a_micro_batch_without_preference_samples_says_the_data_has_none():
+    from stages.dpo import pairs
+
+    meta = [{"kind": None, "key": "doc-1", "group": 0}, {"kind": "prompt", "key": "rl-2", "group": 1}]
+    with pytest.raises(ValueError, match=r"no preference samples \(sample kinds \['None', 'prompt'\]\).*no "
+                                         r"preference records \(chosen/rejected\).*stage.mixture / data.sources"):
+        pairs({"meta": meta})
 
 
 def test_a_pair_split_over_micro_batches_is_an_error():

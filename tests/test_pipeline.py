@@ -148,14 +148,59 @@ def test_interrupted_step_resumes_where_its_checkpoint_left_off(tmp_path):
     proc.send_signal(signal.SIGTERM)  # as Ctrl-C or a scheduler would: the runner forwards it to the step
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
-    assert "interrupted" in err and "run the same command again" in err
     done_before = len(metrics_rows(out / "s0_merger"))
     assert 5 <= done_before < 40 and not (out / "s0_merger" / "DONE").exists()
+    assert f"step s0_merger interrupted (exit 143): checkpoint at step {done_before} written; re-run to resume: " \
+           f"`python -m launch.pipeline output_dir={out} " in err, err[-3000:]
     r = subprocess.run(args, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [x["step"] for x in metrics_rows(out / "s0_merger")] == list(range(1, 41))  # each step exactly once
     log = (out / "s0_merger" / "console.log").read_text()
     assert f"resumed from {out}/s0_merger/checkpoints/step_{done_before:08d} at step {done_before}" in log
+
+
+@pytest.mark.slow
+def test_a_signal_during_a_trainers_start_up_says_no_checkpoint_was_written(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "launch.pipeline", f"output_dir={out}", FEW,
+                             "pipeline.only=[s0_merger]", "pipeline.max_steps=40", "pipeline.eval.enabled=false"],
+                            cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "s0_merger" / "console.log"
+    t0 = time.time()
+    while not log.is_file():  # the runner writes the step's command there, then starts it
+        assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "step s0_merger interrupted" in err and "no checkpoint was written; the step will start over on re-run" \
+        in err and "checkpoint at step" not in err, err[-3000:]
+    assert not (out / "s0_merger" / "checkpoints" / "latest").exists() and not (out / "s0_merger" / "DONE").exists()
+
+
+@pytest.mark.slow
+def test_a_signal_during_a_steps_evaluation_stops_before_the_next_step(tmp_path, monkeypatch, capsys):
+    import os
+
+    from launch import pipeline, report
+
+    evaluated = []
+
+    def step_eval(step, settings):  # Ctrl-C while the runner evaluates the finished step
+        evaluated.append(step.name)
+        os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+    monkeypatch.setattr(report, "step_eval", step_eval)
+    out = tmp_path / "run"
+    cfg = compose("launch", [f"output_dir={out}", FEW, "pipeline.only=[s0_merger,s1_multimodal]",
+                             "pipeline.max_steps=1"])
+    assert pipeline.run(cfg, resume="python -m launch.pipeline again") == 143
+    err = capsys.readouterr().err
+    assert evaluated == ["s0_merger"] and (out / "s0_merger" / "DONE").is_file()
+    assert not (out / "s1_multimodal").exists() and not (out / "report.md").exists()  # the next step never started
+    assert "SIGINT: stopped before step s1_multimodal; re-run to go on from there: " \
+           "`python -m launch.pipeline again`" in err, err[-3000:]
 
 
 @pytest.mark.slow

@@ -402,7 +402,8 @@ out["plain"] = rollout.generate(plain, mine, 3, pad, stops, 0.0, 1.0, 3 + 3 * ra
 out["vit_rows"] = list(rows)
 # a whole RL step: sampled rollouts, the shared-image log-prob passes, backward and step on every rank
 mb = pack(plain, [[p] for p in mine], pad)
-rl = RLObjective(SC(num_generations=4, max_new_tokens=4, drop_equal_groups=False, mini_batches=1))
+rl = RLObjective(SC(num_generations=4, max_new_tokens=4, drop_equal_groups=False, mini_batches=1,
+                    rewards={"odd_length": "reward_helpers:odd_length"}))
 run = types.SimpleNamespace(job=job, bundle=b, engine=engine, rank=rank, world=world, groups=groups)
 rl.setup(run)
 step = rl.prepare(engine, [mb])[0]

@@ -9,7 +9,12 @@ import types
 import pytest
 import torch
 
+from data.errors import BadSample
+from reward_audit import crafted, evil_module, watching
 from stages.sapo import Config, RLObjective, group_advantages, policy_loss
+
+USER_REWARDS = {"odd_length": "reward_helpers:odd_length", "one": "reward_helpers:always_one",
+                "short": "reward_helpers:short_enough"}  # stage.objective.rewards as a user writes it
 
 
 # -- trl reference ---------------------------------------------------------------------------------------------
@@ -115,12 +120,7 @@ def test_config_errors_name_the_key():
 
 
 # -- the objective on a tiny real model ------------------------------------------------------------------------
-def odd_length(completion: str, answer, **_) -> float:
-    """A user reward (named 'test_sapo:odd_length' in the records) that varies within a group."""
-    return float(len(completion) % 2)
-
-
-def _prompts(bundle, reward="test_sapo:odd_length"):
+def _prompts(bundle, reward="odd_length"):
     from test_dpo import chat_sample
 
     return [chat_sample(bundle, "How many shapes are there?", None, True, kind="prompt", group=0, key="q0",
@@ -130,7 +130,7 @@ def _prompts(bundle, reward="test_sapo:odd_length"):
 
 
 def _objective(bundle, **kw):
-    obj = RLObjective(Config(num_generations=4, max_new_tokens=6, mini_batches=2, **kw))
+    obj = RLObjective(Config(num_generations=4, max_new_tokens=6, mini_batches=2, rewards=dict(USER_REWARDS), **kw))
     obj.tokenizer = bundle.tokenizer  # what setup(run) takes from run.bundle
     return obj
 
@@ -165,7 +165,7 @@ def test_rollout_on_policy_loss_then_off_policy_gate_and_prompt_stash():
     tau = torch.where(adv > 0, 1.0, 1.05)
     assert abs(float(ls) - float((-2 / tau * adv).sum())) < 1e-5
     s = stats["sums"]
-    assert abs(s["policy/gate"][0] - s["policy/gate"][1]) < 1e-4 and s["reward/mean"][1] == 8
+    assert abs(s["policy/gate"][0] - s["policy/gate"][1]) < 1e-4 and obj.step_sums()["reward/mean"][1] == 8
     ls.backward()
     opt = torch.optim.SGD([p for p in b.model.parameters() if p.grad is not None], lr=1.0)
     opt.step()
@@ -193,7 +193,7 @@ def test_all_equal_groups_are_dropped_and_counted_with_zero_weight_stand_ins():
     step = obj.prepare(b.model, micro)  # a random model never says "3" or "red": every group all-zero
     assert len(step) == 2  # as many micro-batches as the loop gave (grad accumulation)
     assert all(float(obj.weights(mb).sum()) == 0 for mb in step)
-    assert step[0]["rollout_sums"]["rollout/dropped_groups"] == [4.0, 4.0]
+    assert obj.step_sums()["rollout/dropped_groups"] == [4.0, 4.0]
     assert obj.state_dict()["dropped_groups"] == 4
     ls, _ = obj.loss_sum(b.model, dict(step[0], weights=obj.weights(step[0])))
     assert float(ls) == 0.0
@@ -201,13 +201,108 @@ def test_all_equal_groups_are_dropped_and_counted_with_zero_weight_stand_ins():
     assert held_out["eval/reward"] == [0.0, 2.0] and held_out["eval/pass_rate"][1] == 2.0
 
 
-def test_unknown_reward_fails_before_generation():
+@pytest.mark.parametrize("reward", ["exact", "builtins:eval", {"name": "short", "extra": 1}])
+def test_unknown_reward_fails_before_generation(reward, monkeypatch):
+    """The rollout-time check behind the loader's check_sample: an unusable reward is a ValueError, no generation."""
     from test_dpo import pack, tiny
 
+    from stages import rollout
+
     b = tiny("qwen2_vl")
-    micro = [pack(b.model, [[p] for p in _prompts(b, reward="exact")], b.tokenizer.pad_token_id)]
-    with pytest.raises(ValueError, match="'exact'"):
+    micro = [pack(b.model, [[p] for p in _prompts(b, reward=reward)], b.tokenizer.pad_token_id)]
+    monkeypatch.setattr(rollout, "generate", lambda *a, **k: pytest.fail("generated before checking the reward"))
+    with pytest.raises(ValueError, match="RL sample 'q0': reward"):
         _objective(b).prepare(b.model, micro)
+
+
+def test_rollout_metrics_are_reported_by_step_sums_when_no_group_carries_signal():
+    """Every group all-equal: every weight is 0, so the loop runs no micro-batch (loss_sum is never called); the
+    rewards must still be logged, through step_sums, once per rollout."""
+    from test_dpo import pack, tiny
+
+    torch.manual_seed(0)
+    b = tiny("qwen2_vl")
+    obj = _objective(b)
+    micro = [pack(b.model, [[p] for p in _prompts(b, reward="one")], b.tokenizer.pad_token_id)]
+    assert obj.step_sums() == {}
+    step = obj.prepare(b.model, micro)
+    assert all(float(obj.weights(mb).sum()) == 0 for mb in step)
+    sums = obj.step_sums()
+    assert sums["reward/mean"] == [8.0, 8.0] and sums["reward/pass_rate"] == [8.0, 8.0]
+    assert sums["rollout/dropped_groups"] == [2.0, 2.0] and sums["reward/group_std"] == [0.0, 2.0]
+    assert sums["rollout/response_length"][1] == 8.0
+    assert obj.step_sums() == {}  # cleared: each rollout is counted once
+    obj.prepare(b.model, micro)  # the rollout's second mini-batch: no new rollout, nothing to report
+    assert obj.step_sums() == {}
+    _, stats = obj.loss_sum(b.model, dict(step[0], weights=obj.weights(step[0])))
+    assert not any(k.startswith(("reward/", "rollout/")) for k in stats["sums"])  # not on micro-batch 0 any more
+
+
+# -- the loader's check: data names registered rewards only --------------------------------------------------
+def _sample(reward, kind="prompt"):
+    """An encoder output as the loader hands it to check_sample."""
+    return {"key": "shard-000000007", "source": "third_party", "kind": kind, "reward": reward, "answer": "3"}
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_check_sample_refuses_crafted_rewards_before_any_import(i, tmp_path, monkeypatch):
+    import importlib
+    import os
+    import sys
+
+    module, marker = evil_module(tmp_path, f"evil_sapo_{i}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    obj = RLObjective(Config(rewards=dict(USER_REWARDS)))
+    imported = []
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real(name, *a))
+    with watching(tmp_path) as events:
+        with pytest.raises(BadSample) as e:
+            obj.check_sample(_sample(crafted(module)[i]))
+    assert events == [] and imported == [], (events, imported)
+    assert not os.path.exists(marker) and module not in sys.modules
+    assert e.value.key == "shard-000000007"
+    if e.value.reason == "unknown_reward":
+        for name in ("exact_match", "numeric", "odd_length", "one", "short", "stage.objective.rewards"):
+            assert name in e.value.detail, e.value.detail
+    else:
+        assert e.value.reason == "bad_reward_options" and "'x'" in e.value.detail
+
+
+def test_check_sample_passes_registered_rewards_with_declared_options_only():
+    obj = RLObjective(Config(rewards=dict(USER_REWARDS)))
+    for ok in ("numeric", {"name": "box_iou", "threshold": 0.7}, "one", {"name": "short", "limit": 4, "bonus": 1}):
+        obj.check_sample(_sample(ok))
+    with pytest.raises(BadSample) as e:
+        obj.check_sample(_sample({"name": "short", "extra": True}))  # short_enough takes **extra: still refused
+    assert e.value.reason == "bad_reward_options" and "['bonus', 'limit']" in e.value.detail
+    with pytest.raises(BadSample) as e:
+        obj.check_sample(_sample({"name": "numeric", "abs_tol": {"$eval": "x"}}))
+    assert e.value.reason == "bad_reward_options"
+    with pytest.raises(BadSample, match="names no reward"):
+        obj.check_sample(_sample(None))
+    RLObjective(Config(default_reward="one", rewards=dict(USER_REWARDS))).check_sample(_sample(None))
+    obj.check_sample(_sample("subprocess:run", kind="chosen"))  # not an RL prompt: another stage's check
+    obj.check_sample(_sample(None, kind=None))
+
+
+def test_config_registered_reward_scores_rollouts_through_the_stage_config():
+    """stage.objective.rewards from the stage yaml (empty by default) plus a user entry, resolved at build time."""
+    from omegaconf import OmegaConf
+
+    from conftest import REPO
+    from stages import build_objective
+
+    objective = OmegaConf.to_container(OmegaConf.load(REPO / "conf/stage/sapo.yaml").objective)
+    assert objective["rewards"] == {} and build_objective(objective, "token").rewards.fns.keys() == {
+        "exact_match", "numeric", "choice", "box_iou", "format"}
+    obj = build_objective({**objective, "rewards": {"short": "reward_helpers:short_enough"}}, "token")
+    meta = {"key": "k", "answer": None, "reward": {"name": "short", "limit": 2, "bonus": 0.25}}
+    assert obj.rewards("ab", meta) == 1.25 and obj.rewards("abc", meta) == 0.25
+    with pytest.raises(ValueError, match="stage.objective.rewards.numeric"):
+        build_objective({**objective, "rewards": {"numeric": "reward_helpers:always_one"}}, "token")
+    with pytest.raises(ValueError, match="stage.objective.default_reward='nope'"):
+        build_objective({**objective, "default_reward": "nope"}, "token")
 
 
 TWO_RANKS = r'''
@@ -248,7 +343,8 @@ engine.backward(ls); engine.step()
 torch.manual_seed(rank)
 # ranks decode different numbers of steps (as completions of different lengths do): under ZeRO-3 every decode
 # step all-gathers weights, so generation must keep the finished rank stepping (synced_gpus) or it hangs
-rl = RLObjective(SC(num_generations=4, max_new_tokens=4 + 3 * rank, kl_beta=0.04, drop_equal_groups=False))
+rl = RLObjective(SC(num_generations=4, max_new_tokens=4 + 3 * rank, kl_beta=0.04, drop_equal_groups=False,
+                    rewards={"odd_length": "reward_helpers:odd_length"}))
 rl.setup(run)
 mb = rl.prepare(engine, [rmb])[0]
 mb["weights"] = rl.weights(mb)
@@ -282,3 +378,18 @@ def test_two_ranks_reference_and_rollouts_under_zero(zero, tmp_path):
         assert (r["ref_partitioned"] > 0) == (zero == 3)
         assert math.isfinite(r["rl"]) and r["kl"][0] > 0
     assert rows[0]["lengths"] != rows[1]["lengths"]
+
+
+@pytest.mark.slow
+def test_rewards_are_logged_on_steps_that_train_on_nothing(tmp_path):
+    """End to end through the loop (training/loop.py adds step_sums every step): a random tiny model never says a
+    shapes answer exactly, so every group is all-zero and dropped and no step trains, yet every rollout step logs
+    its reward and dropped-group share."""
+    from conftest import metrics_rows, run_stage
+
+    run_stage(tmp_path, ["stage=sapo", "stage.mixture={rl: 1}", "model=tiny_qwen2_vl", "trainer.micro_batch_size=1",
+                         "trainer.max_steps=2", "stage.objective.num_generations=2",
+                         "stage.objective.max_new_tokens=4", "stage.objective.mini_batches=1"])
+    rows = [r for r in metrics_rows(tmp_path) if "step" in r and "loss" in r]
+    assert len(rows) == 2 and all(r["skipped"] for r in rows), rows
+    assert all(r.get("reward/mean") == 0.0 and r.get("rollout/dropped_groups") == 1.0 for r in rows), rows

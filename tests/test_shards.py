@@ -198,6 +198,64 @@ def test_pickle_members_are_refused_unread(tmp_path):
     assert not os.path.exists(marker)
 
 
+
+def _spy_reads(monkeypatch) -> list[str]:
+    """Names of the tar members whose data the reader opens (tarfile.extractfile), to prove others stay unread."""
+    read: list[str] = []
+    real = tarfile.TarFile.extractfile
+
+    def extractfile(self, member):
+        read.append(member.name)
+        return real(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", extractfile)
+    return read
+
+
+def _outcomes(src, n: int) -> list:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(src)["key"])
+        except BadSample as e:
+            out.append((e.reason, e.key, e.detail))
+    return out
+
+
+def test_bare_and_dotted_pickle_members_are_refused_unread(tmp_path, monkeypatch):
+    """WebDataset names `b.pyd` "pyd" (no dot left) and `c.0.pickle` "0.pickle": both are pickle-style."""
+    payload = pickle.dumps(_Payload(str(tmp_path / "UNPICKLED")))
+    samples = [("a", {"json": b'{"content": []}'}), ("b", {"json": b'{"content": []}', "pyd": payload}),
+               ("c", {"json": b'{"content": []}', "0.pickle": payload}),
+               ("d", {"json": b'{"content": []}', "PT": payload}), ("e", {"json": b'{"content": []}', "x.PKL": payload}),
+               ("f", {"json": b'{"content": []}', "0.jpg": b"img"})]
+    path = str(tmp_path / "p.tar")
+    write_tar(path, samples)
+    read = _spy_reads(monkeypatch)
+    out = _outcomes(SourceConfig(name="t", urls=path).build(), 6)
+    assert [o if isinstance(o, str) else o[:2] for o in out] == \
+        ["a", ("pickle_member", "b"), ("pickle_member", "c"), ("pickle_member", "d"), ("pickle_member", "e"), "f"]
+    assert [o[2].split(": ", 1)[1] for o in out[1:5]] == [
+        f"members [{n!r}] are pickle-style; never decoded" for n in ("pyd", "0.pickle", "PT", "x.PKL")]
+    assert sorted(read) == sorted(["a.json", "b.json", "c.json", "d.json", "e.json", "f.json", "f.0.jpg"])
+
+
+@pytest.mark.parametrize("pipe", [False, True])
+def test_a_member_over_max_member_bytes_is_skipped_unread_and_counted(tmp_path, monkeypatch, pipe):
+    path, big_json = str(tmp_path / "big.tar"), b'{"content": [], "pad": "' + b"x" * 2000 + b'"}'
+    write_tar(path, [("a", {"json": b'{"content": []}', "0.mp4": b"v" * 5000}),
+                     ("b", {"json": b'{"content": []}', "0.jpg": b"i" * 999}), ("c", {"json": big_json})])
+    read = _spy_reads(monkeypatch)
+    src = SourceConfig(name="t", urls=f"pipe:cat {path}" if pipe else path, max_member_bytes=1000).build()
+    out = _outcomes(src, 4)
+    assert [o if isinstance(o, str) else o[:2] for o in out] == \
+        [("member_too_large", "a"), "b", ("member_too_large", "c"), ("member_too_large", "a")]
+    assert "'0.mp4': 5000" in out[0][2] and "data.max_member_bytes=1000" in out[0][2]
+    assert f"'json': {len(big_json)}" in out[2][2]
+    assert "a.0.mp4" not in read and "c.json" not in read and "b.0.jpg" in read
+    with pytest.raises(ValueError, match="max_member_bytes"):
+        SourceConfig(name="t", urls=path, max_member_bytes=0).build()
+
 def test_failing_pipe_is_an_unreadable_shard_and_the_source_goes_on(tmp_path):
     (path,) = make_shards(tmp_path, 1, 2)
     src = SourceConfig(name="t", urls=["pipe:exit 3", path], shuffle_shards=False).build()
@@ -212,16 +270,17 @@ def test_failing_pipe_is_an_unreadable_shard_and_the_source_goes_on(tmp_path):
 
 def test_missing_and_bad_json(tmp_path):
     path = str(tmp_path / "j.tar")
+    deep = b'{"content": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # json.loads: RecursionError
     write_tar(path, [("a", {"0.jpg": b"x"}), ("b", {"json": b"{not json"}), ("c", {"json": b"[1, 2]"}),
-                     ("d", {"json": b'{"content": []}'})])
+                     ("e", {"json": deep}), ("d", {"json": b'{"content": []}'})])
     src = SourceConfig(name="t", urls=path).build()
     reasons = []
-    for _ in range(4):
+    for _ in range(5):
         try:
             reasons.append(next(src)["key"])
         except BadSample as e:
             reasons.append((e.reason, e.key))
-    assert reasons == [("missing_json", "a"), ("bad_json", "b"), ("bad_json", "c"), "d"]
+    assert reasons == [("missing_json", "a"), ("bad_json", "b"), ("bad_json", "c"), ("bad_json", "e"), "d"]
 
 
 def test_metadata_and_non_regular_members_are_ignored(tmp_path):

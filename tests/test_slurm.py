@@ -185,7 +185,7 @@ def test_chain_survives_requeue_and_time_limit_signal_on_a_real_cluster(slurm_cl
     args = [sys.executable, "-m", "launch.pipeline", "launcher=slurm", "launcher.wait=true",
             f"launcher.python={sys.executable}", f"launcher.rdzv_port={_free_port()}", f"output_dir={out}", "pipeline.only=[s0_merger,s1_multimodal]",
             f"pipeline.steps.s0_merger.steps={steps0}", f"pipeline.steps.s1_multimodal.steps={steps1}",
-            "pipeline.eval.enabled=false", "pipeline.common=['logger=none','trainer.micro_batch_size=2','trainer.save_every=4']"]
+            "pipeline.eval.enabled=false", "pipeline.common=['logger=none','trainer.micro_batch_size=2','trainer.save_every=4','data.num_workers=2']"]
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # 1. preempt the first step the way a cluster does: scontrol requeue (Slurm sends SIGTERM, then requeues)
@@ -234,7 +234,7 @@ def test_chain_survives_requeue_and_time_limit_signal_on_a_real_cluster(slurm_cl
     ref = tmp_path / "ref"
     r = subprocess.run([sys.executable, "-m", "launch.pipeline", f"output_dir={ref}", "pipeline.only=[s0_merger]",
                         f"pipeline.steps.s0_merger.steps={steps0}", "pipeline.eval.enabled=false",
-                        "pipeline.common=['logger=none','trainer.micro_batch_size=2','trainer.save_every=4']"],
+                        "pipeline.common=['logger=none','trainer.micro_batch_size=2','trainer.save_every=4','data.num_workers=2']"],
                        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got, want = [x["loss"] for x in metrics_rows(s0)], [x["loss"] for x in metrics_rows(ref / "s0_merger")]

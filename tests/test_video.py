@@ -5,6 +5,7 @@ bicubic, which is what torchvision's tensor resize calls). Patches equal transfo
 `patchify` (its source, run on frames normalised by HF's image arithmetic); Qwen3-VL timestamps and text equal
 `Qwen3VLProcessor`'s own methods."""
 import importlib.util
+import io
 import math
 import sys
 import types
@@ -18,12 +19,22 @@ from PIL import Image
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from data.errors import BadSample
-from data.video import VideoConfig, VideoProcessor, decode_mp4, smart_nframes, timestamps, write_mp4
+from data.video import VideoConfig, VideoProcessor, smart_nframes, timestamps, write_mp4
 from data.vision import Normaliser, VisionConfig, normalise_lut, patchify
 from tests.test_vision import QWEN_VL_UTILS, load_functions
 
 HF_QWEN2_VIDEO = Path(importlib.util.find_spec("transformers").submodule_search_locations[0]) / \
     "models/qwen2_vl/video_processing_qwen2_vl.py"
+
+
+def decode_all(data: bytes) -> tuple[np.ndarray, float]:
+    """Every frame (rgb24) and the average fps, decoded the plain way: the reference our sampled decode equals."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate)
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)]), fps
 
 
 def _frames(n=23, h=90, w=130, seed=0):
@@ -41,8 +52,8 @@ def qvu():
     videos: dict = {}
 
     def read_video(path, start_pts=0.0, end_pts=None, pts_unit="sec", output_format="TCHW"):
-        frames, fps = decode_mp4(videos[path], path, path)
-        arr = torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in frames])).permute(0, 3, 1, 2)
+        frames, fps = decode_all(videos[path])
+        arr = torch.from_numpy(frames).permute(0, 3, 1, 2)
         return arr, None, {"video_fps": fps}
 
     def resize(video, size, interpolation=None, antialias=True):
@@ -226,3 +237,117 @@ def test_bad_videos_raise_bad_sample():
     with pytest.raises(BadSample) as e:
         vp([good], "frames", "s3")  # an mp4 where a frame image belongs
     assert e.value.reason == "undecodable_video"
+
+
+def _mkv(frames: np.ndarray, fps: int) -> bytes:
+    """A Matroska clip: the container stores no frame count (stream.frames == 0)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="matroska") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_sampled_frames_equal_decoding_every_frame(container, case):
+    """Only the sampled frames are kept, yet they are bitwise the frames a full decode gives at
+    linspace(0, total - 1, n).round() (qwen-vl-utils' indices); mkv has no stored count: its packets are counted."""
+    n, h, w, fps, cfg = CASES[case]
+    data = (write_mp4 if container == "mp4" else _mkv)(_frames(n, h, w), fps)
+    every, vfps = decode_all(data)
+    frames, idx, got_fps, sfps = VideoProcessor(VisionConfig(), cfg).sample(data, "v.mp4", "k")
+    k = smart_nframes(cfg, len(every), vfps)
+    assert idx == torch.linspace(0, len(every) - 1, k).round().long().tolist() and got_fps == vfps
+    assert torch.equal(frames, torch.from_numpy(every[idx])) and sfps == k / len(every) * vfps
+
+
+@pytest.mark.parametrize("reported", [20, 40])
+def test_a_container_frame_count_that_is_off_is_corrected_by_the_decode(monkeypatch, reported):
+    import data.video as video
+
+    data = write_mp4(_frames(30, 64, 64), 10)
+    want = VideoProcessor(VisionConfig(), VideoConfig()).sample(data, "v.mp4", "k")
+    real = video.mp4_info
+    monkeypatch.setattr(video, "mp4_info", lambda *a: (reported, real(*a)[1]))
+    got = VideoProcessor(VisionConfig(), VideoConfig()).sample(data, "v.mp4", "k")
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+
+
+def test_a_video_over_max_video_frames_is_refused_before_decoding(monkeypatch):
+    import data.video as video
+
+    vp = VideoProcessor(VisionConfig(), VideoConfig(max_source_frames=20))
+    for data in (write_mp4(_frames(30, 64, 64), 10), _mkv(_frames(30, 64, 64), 10)):
+        with pytest.raises(BadSample) as e:
+            vp.sample(data, "0.mp4", "s1")
+        assert e.value.reason == "video_too_long" and e.value.key == "s1"
+        assert "'0.mp4': 30 source frames (3 s at 10 fps), over data.max_video_frames=20" in e.value.detail
+    assert vp.sample(write_mp4(_frames(20, 64, 64), 10), "0.mp4", "s1")[0].shape[0] == 4  # at the limit: fine
+    with pytest.raises(BadSample, match="video_too_long"):
+        vp.sample([Image.fromarray(f) for f in _frames(21, 8, 8)], "frames", "s1")
+    # a container that under-reports its count stops decoding one frame past the limit
+    monkeypatch.setattr(video, "mp4_info", lambda *a: (10, 10.0))
+    with pytest.raises(BadSample) as e:
+        vp.sample(write_mp4(_frames(30, 64, 64), 10), "0.mp4", "s1")
+    assert e.value.reason == "video_too_long" and "21 source frames" in e.value.detail
+
+
+PEAK_RSS = """
+import re, sys
+import numpy as np
+from data.video import VideoConfig, VideoProcessor, write_mp4
+from data.vision import VisionConfig
+
+def kib(field):
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+vp = VideoProcessor(VisionConfig(), VideoConfig(nframes=16))
+vp.sample(write_mp4(np.zeros((16, 32, 32, 3), np.uint8), 8), "w.mp4", "w")  # codec libraries loaded
+data = open(sys.argv[1], "rb").read()
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS := RSS now
+base = kib("VmRSS")
+frames, idx, _, _ = vp.sample(data, "v.mp4", "k")
+print(kib("VmHWM") - base, len(idx))
+"""
+
+
+def _long_clip(path, n: int, h: int = 240, w: int = 320, fps: int = 30) -> None:
+    """An mp4 of n frames written frame by frame (1,200 frames: ~0.5 MB of mp4, ~90 MB of yuv frames)."""
+    import av
+
+    y, x = np.mgrid[0:h, 0:w]
+    with av.open(str(path), mode="w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for t in range(n):
+            f = np.dstack([(x + 3 * t) % 256, (y + 2 * t) % 256, (x + y) % 256]).astype(np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+
+
+def test_peak_memory_of_a_long_clip_is_that_of_its_sampled_frames(tmp_path):
+    """Each decode runs in a fresh process whose peak-RSS mark is reset just before it (/proc/self/clear_refs:
+    PyAV's frames are C allocations tracemalloc cannot see): 16 frames sampled from 1,200 raise the peak about as
+    much as 16 from 16. Decoding every frame first (the old way) made the ratio ~19."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    peaks = {}
+    for n in (16, 1200):
+        _long_clip(tmp_path / f"c{n}.mp4", n)
+        r = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path / f"c{n}.mp4")], capture_output=True,
+                           text=True, cwd=Path(__file__).resolve().parent.parent, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        peak, sampled = map(int, r.stdout.split())
+        assert sampled == 16
+        peaks[n] = peak
+    assert peaks[16] > 3_600  # KiB: the 16 sampled 320x240 rgb frames themselves are 3.6 MiB
+    assert peaks[1200] / peaks[16] < 2, peaks

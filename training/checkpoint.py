@@ -9,6 +9,7 @@ and an allow-list of the few DeepSpeed classes they contain, so resuming never r
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -43,6 +44,22 @@ class Checkpointer:
         self.root, self.rank, self.keep = Path(root), rank, keep
 
     def latest_tag(self) -> Optional[str]:
+        """The checkpoint to resume from, as rank 0 reads it, on every rank: ranks reading `latest` on their own
+        could see different files while another job (or a dying one) writes it."""
+        found = [self._latest_tag() if self.rank == 0 else None]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(found, src=0)
+        if isinstance(found[0], Exception):
+            raise found[0]
+        return found[0]
+
+    def _latest_tag(self):
+        try:
+            return self._read_latest()
+        except ValueError as e:  # raised on every rank, not on rank 0 alone
+            return e
+
+    def _read_latest(self) -> Optional[str]:
         f = self.root / "latest"
         if not f.is_file():
             return None
@@ -58,10 +75,17 @@ class Checkpointer:
         if self.rank == 0 and work.exists():  # left by a crash during an earlier save of this step
             shutil.rmtree(work)
         self._barrier()
-        engine.save_checkpoint(str(self.root), tag=work.name, save_latest=False)
-        (work / f"trainer_rank{self.rank}.json").write_text(json.dumps(trainer_state, indent=1))
-        save_file({"torch": torch.get_rng_state()}, str(work / f"rng_rank{self.rank}.safetensors"))
-        self._barrier()
+        error = None
+        try:
+            engine.save_checkpoint(str(self.root), tag=work.name, save_latest=False)
+            (work / f"trainer_rank{self.rank}.json").write_text(json.dumps(trainer_state, indent=1))
+            save_file({"torch": torch.get_rng_state()}, str(work / f"rng_rank{self.rank}.safetensors"))
+        except (OSError, RuntimeError) as e:  # torch's writer says "unexpected pos ..." for a full disk
+            error = e
+        if not self._all_ok(error is None, engine.device):
+            if self.rank == 0:
+                shutil.rmtree(work, ignore_errors=True)  # a half-written checkpoint must not keep the disk full
+            raise RuntimeError(_write_failed(work, error)) from error
         final = self.root / tag
         if self.rank == 0:
             if final.exists():  # renamed by a run that crashed before moving `latest`: never the latest
@@ -73,6 +97,15 @@ class Checkpointer:
             self._prune(tag)
         self._barrier()
         return final
+
+    @staticmethod
+    def _all_ok(ok: bool, device) -> bool:
+        """Did every rank write its part (an all-reduce that is also the barrier before the rename)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return ok
+        t = torch.tensor([int(ok)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
 
     @staticmethod
     def _barrier() -> None:
@@ -105,3 +138,18 @@ class Checkpointer:
                              f"resume with the original number of processes")
         torch.set_rng_state(load_file(str(d / f"rng_rank{self.rank}.safetensors"))["torch"])
         return json.loads(f.read_text())
+
+
+def _write_failed(work: Path, error: Exception | None) -> str:
+    """What a failed checkpoint write tells the user: which path, how much space is left, what was kept."""
+    try:
+        free = shutil.disk_usage(work.parent).free
+    except OSError:
+        free = None
+    where = f"{work} (free space there: {free / 2**20:.1f} MiB)" if free is not None else str(work)
+    why = f"{type(error).__name__}: {error}" if error is not None else "another rank failed to write its part"
+    full = getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < 64 * 2**20)
+    hint = "no space left on device: free space or point output_dir at a larger file system" if full else \
+        "check that the directory is writable and has room"
+    return (f"writing checkpoint {where} failed ({why}); {hint}. The unfinished checkpoint was removed and "
+            f"the previous one (checkpoints/latest) is still in charge, so re-running the same command resumes")

@@ -159,12 +159,13 @@ def _sampled(bundle: models.Bundle, enc: dict, cfg: EvalConfig, gen: torch.Gener
 
 
 @torch.no_grad()
-def rl_reward(bundle: models.Bundle, cfg: EvalConfig) -> dict:
+def rl_reward(bundle: models.Bundle, cfg: EvalConfig, registry: dict | None = None) -> dict:
     """Mean reward on held-out RL prompts, each scored by its record's reward function: of the greedy answer, and
-    of `rl_samples` answers sampled at temperature 1 (the expected reward RL maximises; seeded)."""
+    of `rl_samples` answers sampled at temperature 1 (the expected reward RL maximises; seeded). Records may
+    name only registered rewards: the built-ins, plus `registry` ({name: 'pkg.mod:fn'}) when given."""
     from stages.rewards import Rewards
 
-    rewards, greedy, sampled = Rewards(), 0.0, 0.0
+    rewards, greedy, sampled = Rewards(registry=registry), 0.0, 0.0
     gen = torch.Generator().manual_seed(cfg.seed)
     for i in range(cfg.samples):
         record, media = _generated(cfg, "rl", i)

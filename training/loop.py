@@ -22,6 +22,7 @@ from training.engine import EngineConfig, initialize
 from training.metrics import LoggerConfig, Metrics
 
 log = logging.getLogger("training")
+DATA_COUNTERS = ("skipped/", "dropped/", "truncated/")  # data.pipeline.Chain.metrics() keys
 
 
 @dataclass
@@ -61,16 +62,20 @@ def _add_sums(into: dict, part: dict) -> None:
         acc[0], acc[1] = acc[0] + s, acc[1] + n
 
 
-def _gather_sums(sums: dict) -> dict:
-    """sum/count of each objective metric over all ranks (e.g. loss per source; keys may differ by rank)."""
-    parts = [sums]
+def _gather_sums(sums: dict, counts: dict) -> tuple[dict, dict]:
+    """sum/count of each objective metric over all ranks (e.g. loss per source; keys may differ by rank), and
+    the data counters (`skipped/<source>/<reason>`, ...) summed over ranks, in one collective."""
+    parts = [(sums, counts)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, sums)
+        dist.all_gather_object(parts, (sums, counts))
     total: dict = {}
-    for part in parts:
-        _add_sums(total, part)
-    return {k: s / n for k, (s, n) in sorted(total.items()) if n > 0}
+    data: dict = {}
+    for part_sums, part_counts in parts:
+        _add_sums(total, part_sums)
+        for k, v in part_counts.items():
+            data[k] = data.get(k, 0) + int(v)
+    return {k: s / n for k, (s, n) in sorted(total.items()) if n > 0}, dict(sorted(data.items()))
 
 
 def _to(batch: dict, device) -> dict:
@@ -89,9 +94,10 @@ def _full_state_dict(engine) -> dict:
 
 
 class _StopOnSignal:
-    """SIGTERM/SIGUSR1 (preemption, SLURM's --signal) ask for a checkpoint at the end of the current step."""
+    """SIGTERM/SIGUSR1 (preemption, SLURM's --signal) and a first Ctrl-C ask for a checkpoint at the end of the
+    current step; a second Ctrl-C stops at once (KeyboardInterrupt, no checkpoint)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __enter__(self):
         self.signum = None
@@ -103,6 +109,11 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.signum is not None:
+                raise KeyboardInterrupt
+            log.warning("Ctrl-C: checkpointing at the end of this step, then stopping (Ctrl-C again: stop now, "
+                        "without a checkpoint)")
         self.signum = signum
 
 
@@ -137,10 +148,14 @@ def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | Non
         if rank == 0:
             models.export_hf(r.bundle, r.bundle.model.state_dict(), out / "hf")
         return _finish(out, rank, {"steps": 0, "final_loss": None})
-    _start_engine(r, resolved_yaml)
-    with _StopOnSignal() as stop:
-        summary = _train(r, stop)
-    r.metrics.close()
+    try:
+        _start_engine(r, resolved_yaml)
+        with _StopOnSignal() as stop:
+            summary = _train(r, stop)
+    finally:
+        r.loader.close()  # loader workers ignore signals (data/pipeline.py); they stop here, after the checkpoint
+        if r.metrics is not None:
+            r.metrics.close()
     if summary.get("interrupted"):
         return summary
     state_dict = _full_state_dict(r.engine)
@@ -162,7 +177,8 @@ def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int)
         source_configs(job.data, stage.mixture)
     if dist.is_initialized():
         dist.barrier()
-    loader = Pipeline(job.data, stage.mixture, bundle, layout)
+    # the objective's own record checks (e.g. RL rewards must be registered) make a bad record a counted skip
+    loader = Pipeline(job.data, stage.mixture, bundle, layout, check_sample=getattr(objective, "check_sample", None))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(resolved_yaml)
@@ -180,8 +196,13 @@ def _start_engine(r: Run, resolved_yaml: str) -> None:
     r.peak_flops = flops.peak_flops(job.engine.dtype)
     if hasattr(r.objective, "setup"):  # e.g. DPO's reference model
         r.objective.setup(r)
-    tag = r.ckpt.latest_tag()
-    if tag is not None:
+    tag = r.ckpt.latest_tag()  # rank 0 decides; every rank resumes from the same checkpoint
+    if tag is None:
+        if (r.out / "metrics.jsonl").is_file():
+            log.warning("no checkpoint in %s: starting over at step 1 (the rows an earlier attempt logged in "
+                        "metrics.jsonl are dropped)", r.out / "checkpoints")
+        r.metrics.start_over()  # rows of a run killed before its first checkpoint are not this run's
+    else:
         state = r.ckpt.load(r.engine, tag)
         r.start, r.skipped_before = state["step"], state.get("skipped_steps", 0)
         r.loader.load_state_dict(state["data"])
@@ -194,7 +215,7 @@ def _start_engine(r: Run, resolved_yaml: str) -> None:
 def _train(r: Run, stop: _StopOnSignal) -> dict:
     """The loop: one optimizer step per iteration, metrics, checkpoints, the bad-step guard."""
     tr = r.job.trainer
-    loss, tokens_seen, bad_in_row, skipped = None, 0.0, 0, 0
+    loss, tokens_seen, bad_in_row, skipped, data_counts = None, 0.0, 0, 0, {}
     for step in range(r.start, tr.max_steps):
         row, stopping = _step(r, step, stop)
         tokens_seen += row["tokens"]
@@ -210,6 +231,7 @@ def _train(r: Run, stop: _StopOnSignal) -> dict:
         else:
             bad_in_row, loss = 0, row["loss"]
         row["skipped_steps"] = skipped + r.skipped_before
+        data_counts = {k: v for k, v in row.items() if k.startswith(DATA_COUNTERS)}
         r.metrics.log(row, r.start)
         if (tr.save_every and (step + 1) % tr.save_every == 0) or step + 1 == tr.max_steps or stopping:
             r.ckpt.save(r.engine, step + 1, {"step": step + 1, "data": r.loader.state_dict(),
@@ -219,7 +241,8 @@ def _train(r: Run, stop: _StopOnSignal) -> dict:
             log.warning("stopping on a signal: checkpoint written at step %d; re-run the same command to resume",
                         step + 1)
             return {"interrupted": True, "step": step + 1}
-    return {"steps": tr.max_steps, "final_loss": loss, "tokens": tokens_seen, "skipped_steps": skipped}
+    return {"steps": tr.max_steps, "final_loss": loss, "tokens": tokens_seen, "skipped_steps": skipped,
+            **data_counts}
 
 
 def _objective_state(objective) -> dict:
@@ -254,6 +277,8 @@ def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
             _add_sums(sums, stats.get("sums", {}))
     else:  # every rank sees the same global sum, so every rank skips together; no collective is left half-done
         skipped = "no supervised tokens in the global batch"
+    if hasattr(obj, "step_sums"):  # metrics of work done this step whether or not it trained (RL rollouts)
+        _add_sums(sums, obj.step_sums())
     tok = sum(float((mb["sample_ids"] >= 0).sum()) for mb in micro)
     sup = sum(float((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
     n_samples = sum(len(mb["sources"]) for mb in micro)
@@ -278,7 +303,9 @@ def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
     if r.peak_flops:
         row["mfu"] = flops / world / dt / r.peak_flops
     row.update(lrs)
-    row.update(_gather_sums(sums))
+    means, counts = _gather_sums(sums, r.loader.metrics())
+    row.update(means)
+    row.update(counts)  # cumulative skipped/dropped/truncated samples per source and reason, all ranks
     return row, bool(stopping)
 
 

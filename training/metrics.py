@@ -34,12 +34,15 @@ class Metrics:
         elif cfg.name not in ("wandb", "none"):
             raise ValueError(f"logger.name={cfg.name!r}; choose wandb or none")
 
+    def start_over(self) -> None:
+        """A run with no checkpoint starts at step 1: rows a killed earlier attempt logged are dropped."""
+        if self.rank == 0 and self.path.is_file():
+            _write_atomic(self.path, [])
+
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines a killed run logged after its last checkpoint, so steps are not duplicated."""
-        if self.rank != 0 or not self.path.is_file():
-            return
-        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        self.path.write_text("".join(l + "\n" for l in keep))
+        if self.rank == 0 and self.path.is_file():
+            _write_atomic(self.path, [r for r in read_rows(self.path) if r["step"] <= step])
 
     def log(self, row: dict, start_step: int) -> None:
         if self.rank != 0:
@@ -58,3 +61,33 @@ class Metrics:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def read_rows(path: Path, tolerant: bool = False) -> list[dict]:
+    """The rows of a metrics.jsonl. A last line cut short by a kill is dropped (with a warning); a bad line
+    before it means the file was edited or damaged otherwise: an error naming the file and line (`tolerant`,
+    for plots and reports: skipped with a warning)."""
+    lines = [(i, l) for i, l in enumerate(Path(path).read_text().splitlines(), 1) if l.strip()]
+    rows = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "step" not in row:
+                raise ValueError("not a metrics row")
+        except ValueError as e:
+            if n == len(lines) - 1 or tolerant:
+                log.warning("%s:%d: skipping a line that is not a metrics row (%s)", path, i, e)
+                continue
+            raise ValueError(f"{path}:{i}: not a metrics row ({e}); repair or delete that line") from None
+        rows.append(row)
+    return rows
+
+
+def _write_atomic(path: Path, rows: list[dict]) -> None:
+    """Rewrite the file as a whole or not at all (a kill mid-write leaves the old file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

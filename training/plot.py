@@ -5,7 +5,6 @@ plots under the first DIR. Skipped steps (loss null) leave gaps instead of fake 
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,7 +18,9 @@ PANELS = {
 
 
 def read(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from training.metrics import read_rows
+
+    return read_rows(run / "metrics.jsonl", tolerant=True)  # a live or killed run's torn last line is skipped
 
 
 def plot(runs: list[Path], out: Path | None = None) -> list[Path]:

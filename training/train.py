@@ -6,9 +6,11 @@ process layout (rank, world size) is read from the launcher's environment once a
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -80,8 +82,46 @@ def check_job(job, world: int) -> None:
             raise ValueError(f"{key} names unknown group(s) {unknown}; groups are {list(models.GROUPS)}")
     if stage.seq_len < 1:
         raise ValueError(f"stage.seq_len={stage.seq_len} must be >= 1 (tokens per packed row)")
+    _check_optimization(stage)
+    if job.data.name != "shapes":  # shards: the entries of data.sources and stage.mixture (reads no file)
+        from data.pipeline import source_configs
+
+        source_configs(job.data, stage.mixture)
     # zero stage, dtype, offload combinations, engine.raw batch keys vs trainer.* and the world size
     deepspeed_config(job.engine, tr.micro_batch_size, tr.grad_accum, world, stage.optimizer.grad_clip)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_optimization(stage) -> None:
+    """stage.optimizer, stage.lr_mult and stage.schedule (training/engine.py): values torch or the schedule would
+    reject late, or silently misuse, fail with the key."""
+    opt, sch = stage.optimizer, stage.schedule
+    for key, ok, need in (("lr", _number(opt.lr) and opt.lr > 0, "a finite number > 0 (e.g. 1e-5)"),
+                          ("weight_decay", _number(opt.weight_decay) and opt.weight_decay >= 0, "a number >= 0"),
+                          ("eps", _number(opt.eps) and opt.eps > 0, "a number > 0 (e.g. 1e-8)"),
+                          ("grad_clip", _number(opt.grad_clip) and opt.grad_clip >= 0, "a number >= 0 (0: off)")):
+        if not ok:
+            raise ValueError(f"stage.optimizer.{key}={getattr(opt, key)} must be {need}")
+    betas = list(opt.betas) if isinstance(opt.betas, (list, tuple)) else None
+    if betas is None or len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"stage.optimizer.betas={opt.betas} must be two numbers in [0, 1), e.g. "
+                         f"stage.optimizer.betas=[0.9,0.95]")
+    for group, mult in stage.lr_mult.items():
+        if not (_number(mult) and mult >= 0):
+            raise ValueError(f"stage.lr_mult.{group}={mult} must be a finite number >= 0 (the group's lr is "
+                             f"stage.optimizer.lr times it; leave the group out of stage.trainable to freeze it)")
+    kinds = ("cosine", "linear", "constant")
+    if sch.kind not in kinds:
+        raise ValueError(f"stage.schedule.kind={sch.kind!r} is unknown; choose one of {list(kinds)}")
+    if not (_number(sch.warmup_ratio) and 0 <= sch.warmup_ratio < 1):
+        raise ValueError(f"stage.schedule.warmup_ratio={sch.warmup_ratio} must be in [0, 1) (a fraction of "
+                         f"trainer.max_steps)")
+    if not (_number(sch.min_lr_ratio) and 0 <= sch.min_lr_ratio <= 1):
+        raise ValueError(f"stage.schedule.min_lr_ratio={sch.min_lr_ratio} must be in [0, 1] (the final lr as a "
+                         f"fraction of stage.optimizer.lr)")
 
 
 PROBE_SAMPLES = 16  # first samples of each data source encoded by the seq_len check
@@ -110,7 +150,8 @@ def check_sample_lengths(job, rank: int) -> None:
     """stage.seq_len against the data: the first PROBE_SAMPLES of each source are encoded and offered to a
     packer with the run's seq_len and overlong policy. A source none of whose samples fits a row is an error
     here, before any compute, rather than after data.max_skips_in_row fruitless pulls in the loader (a source
-    that is only partly too long loses those samples, counted as dropped/<source>/too_long; a warning)."""
+    that is only partly too long loses those samples, counted as dropped/<source>/too_long; a warning). The
+    same samples' kinds are checked against the objective's (`_check_sample_kinds`)."""
     import torch
     import torch.distributed as dist
 
@@ -133,11 +174,11 @@ def check_sample_lengths(job, rank: int) -> None:
     if rank != 0:
         sources = source_configs(data, stage.mixture)
     encoder = build_encoder(data.encoder, bundle)
-    none_fit, some_dropped = {}, {}
+    none_fit, some_dropped, kinds = {}, {}, {}
     for src in sources:
         it = SourceConfig(**{**src.__dict__, "shuffle_buffer": 0}).build(0, 1, 0, 1)  # the first samples, in order
         packer = PackConfig(seq_len=stage.seq_len, buffer_size=1, overlong=data.overlong).build()
-        lengths, fit = [], 0
+        lengths, fit, kinds[src.name] = [], 0, set()
         try:
             for _ in range(PROBE_SAMPLES):
                 try:
@@ -148,6 +189,7 @@ def check_sample_lengths(job, rank: int) -> None:
                     break
                 for u in units:  # lengths are all the packer looks at; M-RoPE ids are not needed for that
                     u.setdefault("position_ids", torch.zeros(3, len(u["input_ids"]), dtype=torch.long))
+                kinds[src.name].update(u["kind"] for u in units)
                 dropped = _dropped(packer)
                 packer.add(units)
                 lengths.append(sum(len(u["input_ids"]) for u in units))
@@ -158,6 +200,7 @@ def check_sample_lengths(job, rank: int) -> None:
             none_fit[src.name] = (min(lengths), max(lengths))
         elif fit < len(lengths):
             some_dropped[src.name] = (len(lengths) - fit, len(lengths), max(lengths))
+    _check_sample_kinds(job, kinds)
     if none_fit:
         need = max(hi for _, hi in none_fit.values())
         found = ", ".join(f"{n}: {lo}-{hi} tokens" for n, (lo, hi) in none_fit.items())
@@ -170,6 +213,42 @@ def check_sample_lengths(job, rank: int) -> None:
                     "and will be dropped (counted as dropped/%s/...)", stage.seq_len, n, of, name, hi, name)
 
 
+# the records that give an encoded sample kind (data/encode.py), and the data=shapes task that holds them
+KIND_RECORDS = {"chosen": ("preference records (a 'chosen' and a 'rejected' reply)", "preference"),
+                "rejected": ("preference records (a 'chosen' and a 'rejected' reply)", "preference"),
+                "prompt": ("RL prompts (records with an 'answer' or a 'reward')", "rl")}
+
+
+def _check_sample_kinds(job, kinds: dict) -> None:
+    """The objective against the data: one that trains on some sample kinds only (stages.needed_kinds: dpo
+    chosen/rejected, sapo prompt) needs a source whose probed samples have them, else it would fail at step 1.
+    `kinds`: {source: the kinds of its probed samples}. A source with none of them alone is a warning."""
+    from stages import needed_kinds
+
+    need = needed_kinds(job.stage.objective)
+    if not need:
+        return
+    useless = {n: ks for n, ks in kinds.items() if not ks & set(need)}
+    if not useless:
+        return
+    name, want = job.stage.objective.get("name"), "/".join(need)
+    gave = "; ".join(f"{n}: {', '.join(sorted(k or 'plain' for k in ks)) or 'no usable sample'}"
+                     for n, ks in useless.items())
+    records, task = KIND_RECORDS.get(need[0], (f"records that encode to kind {want}", None))
+    if len(useless) < len(kinds):
+        log.warning("stage.objective.name=%s trains on samples of kind %s only; the first %d samples of data "
+                    "source(s) %s have none (%s): they give it nothing to train on; leave them out with "
+                    "stage.mixture", name, want, PROBE_SAMPLES, sorted(useless), gave)
+        return
+    if job.data.name == "shapes" and task:
+        fix = f"stage.mixture={{{task}: 1}} (data=shapes: the task `{task}` has them)"
+    else:
+        fix = "stage.mixture={SOURCE: 1} naming a source of them, or data.sources entries pointing at such records"
+    raise ValueError(f"stage.objective.name={name} trains on samples of kind {want}, but none of the first "
+                     f"{PROBE_SAMPLES} samples of data source(s) {sorted(useless)} is one (kinds they gave: {gave}). "
+                     f"It needs {records}: set {fix}")
+
+
 def _dropped(packer) -> int:
     return sum(n for reasons in packer.stats["dropped"].values() for n in reasons.values())
 
@@ -179,12 +258,40 @@ def run_config(cfg: DictConfig) -> dict | None:
 
     job = to_job(cfg)
     rank, world = init_distributed()
+    from training.rundir import watch_launcher
+
+    watch_launcher()
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     check_job(job, world)
-    if job.trainer.max_steps > 0 and not (Path(job.output_dir) / "DONE").is_file():
-        check_sample_lengths(job, rank)
-    return run(job, OmegaConf.to_yaml(cfg, resolve=True), rank, world)
+    with own_output_dir(Path(job.output_dir), rank):
+        if job.trainer.max_steps > 0 and not (Path(job.output_dir) / "DONE").is_file():
+            check_sample_lengths(job, rank)
+        return run(job, OmegaConf.to_yaml(cfg, resolve=True), rank, world)
+
+
+@contextmanager
+def own_output_dir(out: Path, rank: int):
+    """Rank 0 holds the output directory's lock for the run's life (training/rundir.py); every rank learns
+    whether it got it, so a refused launch stops on all ranks with the same message."""
+    import torch.distributed as dist
+
+    from training.rundir import RunLock
+
+    lock, refused = RunLock(out), [None]
+    if rank == 0:
+        try:
+            lock.__enter__()
+        except ValueError as e:
+            refused[0] = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(refused, src=0)
+    if refused[0]:
+        raise ValueError(refused[0])
+    try:
+        yield
+    finally:
+        lock.__exit__()
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
