@@ -6,7 +6,9 @@ class BadSample(Exception):
     """A sample that cannot be used: skipped, counted per source and reason, logged once with its key.
 
     `reason` is a short fixed slug (metrics key), e.g. "undecodable_image", "missing_media",
-    "truncated_tar", "token_count_mismatch", "empty_assistant", "too_long", "pickle_member".
+    "truncated_tar", "token_count_mismatch", "empty_assistant", "too_long", "pickle_member",
+    "member_too_large", "video_too_long", "unknown_record_shape", "bad_record", "malformed_record",
+    "llava_placeholder", "unreferenced_media".
     `detail` names the key, file or member and the fix.
     """
 

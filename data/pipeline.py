@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -94,7 +96,8 @@ def _source_config(i: int, entry) -> SourceConfig:
         raise ValueError(f"{where}: {what}. Known keys: {list(fields)} (e.g. {SOURCE_EXAMPLE})")
     types = {"name": ((str,), "a string"), "urls": ((str, list), "a path/pattern string or a list of them"),
              "weight": ((int, float), "a number"), "shuffle_buffer": ((int,), "an integer"),
-             "seed": ((int,), "an integer"), "shuffle_shards": ((bool,), "true or false")}
+             "seed": ((int,), "an integer"), "shuffle_shards": ((bool,), "true or false"),
+             "max_member_bytes": ((int, type(None)), "a byte count")}
     for key, value in entry.items():
         ok, need = types.get(key, ((object,), ""))
         if (not isinstance(value, ok) or (isinstance(value, bool) and bool not in ok)
@@ -204,11 +207,23 @@ def _with_check(chain: Chain, check_sample) -> Chain:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers share the trainer's process group, so a TERM/USR1/INT sent to the group (scancel, Slurm
-    preemption, the pipeline runner, Ctrl-C) reaches them too; dying there would fail the trainer's step before
-    it can checkpoint. The trainer alone handles those signals and shuts the workers down afterwards."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    """Loader workers share the trainer's process group (and its Slurm job), so a TERM/USR1/INT sent to all of
+    them (scancel, Slurm preemption, the pipeline runner, Ctrl-C) reaches the workers too; dying there would fail
+    the trainer's step before it can checkpoint. The trainer alone handles those signals and then shuts its
+    workers down itself: a SIGTERM from the trainer (DataLoader's terminate, multiprocessing's exit clean-up)
+    still ends a worker, one from anyone else is ignored. The sender is only known to `sigwaitinfo`, so SIGTERM
+    is blocked and waited for in a thread."""
+    for sig in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    trainer = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm-from-trainer", daemon=True).start()
 
 
 class _Stream(torch.utils.data.IterableDataset):

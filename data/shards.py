@@ -115,7 +115,8 @@ class ShardSource:
         if cfg.shuffle_buffer < 0:
             raise ValueError(f"data.sources[{cfg.name}].shuffle_buffer={cfg.shuffle_buffer} must be >= 0")
         self.max_member_bytes = MAX_MEMBER_BYTES if cfg.max_member_bytes is None else cfg.max_member_bytes
-        if not self.max_member_bytes > 0:
+        if isinstance(self.max_member_bytes, bool) or not isinstance(self.max_member_bytes, int) or \
+                self.max_member_bytes <= 0:
             raise ValueError(f"data.sources[{cfg.name}].max_member_bytes={cfg.max_member_bytes} must be > 0 "
                              f"(bytes; data.max_member_bytes sets it for every source)")
         self.cfg, self.name = cfg, cfg.name

@@ -353,6 +353,8 @@ engine.backward(ls); engine.step()
 out["rl"], out["kl"] = float(ls), st["sums"]["policy/kl"]
 out["lengths"] = mb["attention_mask"].sum(-1).tolist()
 open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w").write(json.dumps(out))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # torn down at interpreter exit, gloo's threads can abort the process
 '''
 
 

@@ -253,8 +253,9 @@ def test_a_member_over_max_member_bytes_is_skipped_unread_and_counted(tmp_path, 
     assert "'0.mp4': 5000" in out[0][2] and "data.max_member_bytes=1000" in out[0][2]
     assert f"'json': {len(big_json)}" in out[2][2]
     assert "a.0.mp4" not in read and "c.json" not in read and "b.0.jpg" in read
-    with pytest.raises(ValueError, match="max_member_bytes"):
-        SourceConfig(name="t", urls=path, max_member_bytes=0).build()
+    for bad in (0, "256MB"):
+        with pytest.raises(ValueError, match="max_member_bytes"):
+            SourceConfig(name="t", urls=path, max_member_bytes=bad).build()
 
 def test_failing_pipe_is_an_unreadable_shard_and_the_source_goes_on(tmp_path):
     (path,) = make_shards(tmp_path, 1, 2)

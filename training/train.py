@@ -173,10 +173,12 @@ def check_sample_lengths(job, rank: int) -> None:
         dist.barrier()
     if rank != 0:
         sources = source_configs(data, stage.mixture)
-    encoder = build_encoder(data.encoder, bundle)
+    encoder = build_encoder(data.encoder, bundle, max_video_frames=data.max_video_frames)  # the loader's limits
     none_fit, some_dropped, kinds = {}, {}, {}
     for src in sources:
-        it = SourceConfig(**{**src.__dict__, "shuffle_buffer": 0}).build(0, 1, 0, 1)  # the first samples, in order
+        it = SourceConfig(**{**src.__dict__, "shuffle_buffer": 0,  # the first samples, in order
+                             "max_member_bytes": data.max_member_bytes if src.max_member_bytes is None
+                             else src.max_member_bytes}).build(0, 1, 0, 1)
         packer = PackConfig(seq_len=stage.seq_len, buffer_size=1, overlong=data.overlong).build()
         lengths, fit, kinds[src.name] = [], 0, set()
         try:
