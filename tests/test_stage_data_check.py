@@ -3,7 +3,6 @@ A mismatch fails in training.train.run_config before the loop builds a model or 
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 
@@ -23,14 +22,12 @@ def loop_run(monkeypatch):
     ("sapo", "{caption: 1, vqa: 2}", "prompt", "stage.mixture={rl: 1}"),
 ])
 def test_objective_without_its_sample_kind_fails_before_the_engine(tmp_path, loop_run, stage, mixture, needs, fix):
-    t0 = time.time()
     with pytest.raises(ValueError) as e:
         run_stage(tmp_path, [f"stage={stage}", f"stage.mixture={mixture}", "trainer.max_steps=2"])
     msg = str(e.value)
     assert f"stage.objective.name={stage} trains on samples of kind {needs}" in msg
     assert "data source(s) ['caption'" in msg and "caption: plain" in msg and fix in msg
     assert not loop_run and not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.yaml").exists()
-    assert time.time() - t0 < 60  # a tiny model's tokenizer and 16 samples per source, no engine
 
 
 @pytest.mark.parametrize("stage, mixture", [("dpo", "{preference: 1}"), ("sapo", "{rl: 1}"), ("sft", "{caption: 1}")])
