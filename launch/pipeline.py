@@ -192,7 +192,7 @@ def check_steps(steps: list[Step], world=lambda step: 1) -> Optional[tuple[Step,
             raise ValueError(f"step {step.name}: {e}") from None
         try:
             check_job(job, world(step))
-            build_objective(job.stage.objective, job.stage.loss_reduction)
+            build_objective(job.stage.objective)
         except NotImplementedError as e:
             return step, str(e)
         except ValueError as e:

@@ -1,4 +1,5 @@
-"""Stage = data: trainable groups, objective, sequence length, loss reduction, optimizer, schedule.
+"""Stage = data: trainable groups, objective (with its own keys, e.g. the lm loss reduction), sequence length,
+optimizer, schedule.
 
 The training loop never branches on a stage name; it asks `build_objective` for the loss of the
 stage's objective kind and applies the stage's trainable groups and learning rates.
@@ -33,14 +34,13 @@ class StageConfig:
     trainable: list = field(default_factory=lambda: ["vision", "merger", "llm"])
     objective: Any = field(default_factory=lambda: {"name": "lm"})  # validated by the objective's own config
     seq_len: int = 8192
-    loss_reduction: str = "token"  # token | sample | sqrt
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     lr_mult: dict = field(default_factory=lambda: {"vision": 1.0, "merger": 1.0, "llm": 1.0})
     mixture: Optional[dict] = None  # {data source: weight}; None = every source of `data=`
 
 
-def build_objective(objective: dict, loss_reduction: str):
+def build_objective(objective: dict):
     """The objective named by `stage.objective.name`, configured from the rest of that mapping."""
     registry = _objectives()
     objective = dict(objective)
@@ -52,7 +52,7 @@ def build_objective(objective: dict, loss_reduction: str):
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(module.Config), objective))
     except Exception as e:  # omegaconf names the bad key; say where it lives
         raise ValueError(f"stage.objective ({name}): {e}") from None
-    return module.build(cfg, loss_reduction)
+    return module.build(cfg)
 
 
 def needed_kinds(objective: dict) -> Optional[tuple]:

@@ -9,12 +9,12 @@ checked against trl's DPOTrainer in tests/test_dpo.py.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from stages.objective import Context, Objective
 from stages.rollout import per_sample, token_logps
 
 LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
@@ -95,35 +95,26 @@ def pairs(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor([by_group[g]["rejected"] for g in groups]))
 
 
-class DPOObjective:
+class DPOObjective(Objective):
     def __init__(self, cfg: Config):
         cfg.check()
         self.cfg = cfg
         self.ref = None
 
     # -- set-up -----------------------------------------------------------------------------------------------
-    def setup(self, run) -> None:
-        """The reference: the starting weights rebuilt from the model config (exact on resume too), frozen,
-        sharded like the policy under ZeRO-3 (a DeepSpeed engine without optimizer), else a plain module."""
-        self.ref = build_reference(run)
+    def setup(self, ctx: Context) -> None:
+        """The reference: the starting weights rebuilt from the model config (exact on resume too), frozen and
+        placed like the policy by the engine (sharded under ZeRO-3)."""
+        self.ref = ctx.engine.build_frozen(ctx.starting_model())
 
     # -- protocol ---------------------------------------------------------------------------------------------
-    def prepare(self, engine, micro: list[dict]) -> list[dict]:
-        return micro
-
     def weights(self, batch: dict) -> torch.Tensor:
         return torch.ones(len(pairs(batch)[0]))
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     def _ref_logps(self, batch: dict, ids: torch.Tensor, n: int) -> torch.Tensor:
         """Summed reference log-probs of all n samples (entries outside `ids` unused)."""
         if self.ref is None:
-            raise ValueError("the dpo objective has no reference model: the loop must call objective.setup(run) "
+            raise ValueError("the dpo objective has no reference model: the loop must call objective.setup(ctx) "
                              "after the engine exists")
         with torch.no_grad():
             logps, _ = token_logps(self.ref, batch)
@@ -174,28 +165,5 @@ class DPOObjective:
         return out
 
 
-def build_reference(run):
-    """A frozen copy of the stage's starting weights, placed like the policy."""
-    import deepspeed
-
-    from training import models
-    from training.engine import deepspeed_config
-
-    ref = models.build(run.job.model).model
-    ref.requires_grad_(False)
-    ref.eval()
-    engine = run.engine
-    if engine.zero_optimization_partition_weights():
-        tr = run.job.trainer
-        eng_cfg = copy.deepcopy(run.job.engine)
-        eng_cfg.offload_optimizer = False
-        cfg = deepspeed_config(eng_cfg, tr.micro_batch_size, tr.grad_accum, run.world, 0.0)
-        ref_engine, *_ = deepspeed.initialize(model=ref, config=cfg)
-        ref_engine.eval()
-        return ref_engine.module
-    dtype = next(p.dtype for p in engine.module.parameters())
-    return ref.to(device=engine.device, dtype=dtype)
-
-
-def build(cfg: Config, reduction: str) -> DPOObjective:
+def build(cfg: Config) -> DPOObjective:
     return DPOObjective(cfg)

@@ -3,24 +3,29 @@
 The loss is computed here, not by the HF model: the HF loss averages per micro-batch, which makes the
 gradient depend on how the global batch is split over ranks and accumulation steps. Here each token
 carries a weight (token: 1, sample: 1/n_i, sqrt: n_i^-1/2, n_i the supervised tokens of its sample) and
-the trainer divides by the weight sum of the whole global batch.
+the trainer divides by the weight sum of the whole global batch. The reduction is this objective's own key,
+`stage.objective.loss_reduction` (DPO and RL weigh pairs and sequences, so it means nothing to them).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from data.encode import IGNORE
-from stages import forward
+from stages.objective import Objective, source_sums
 
 REDUCTIONS = ("token", "sample", "sqrt")
 
 
 @dataclass
 class Config:
-    pass
+    loss_reduction: str = "token"  # token | sample | sqrt
+
+    def check(self) -> None:
+        if self.loss_reduction not in REDUCTIONS:
+            raise ValueError(f"stage.objective.loss_reduction={self.loss_reduction!r}; choose one of "
+                             f"{list(REDUCTIONS)}")
 
 
 def token_weights(labels: torch.Tensor, sample_ids: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -42,32 +47,25 @@ def token_weights(labels: torch.Tensor, sample_ids: torch.Tensor, reduction: str
     return w
 
 
-class LMObjective:
-    def __init__(self, cfg: Config, reduction: str):
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"stage.loss_reduction={reduction!r}; choose one of {list(REDUCTIONS)}")
-        self.cfg, self.reduction = cfg, reduction
+class LMObjective(Objective):
+    def __init__(self, cfg: Config):
+        cfg.check()
+        self.cfg = cfg
 
     def weights(self, batch: dict) -> torch.Tensor:
-        return token_weights(batch["labels"], batch["sample_ids"], self.reduction)
+        return token_weights(batch["labels"], batch["sample_ids"], self.cfg.loss_reduction)
 
     def loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Σ w·ℓ over the micro-batch (to be divided by the global weight sum) plus per-source CE sums."""
-        logits, zero = forward.logits(model, batch)
-        target = batch["labels"][:, 1:]
-        ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
-                             reduction="none").view_as(target)
-        sup = target != IGNORE
+        ce, _ = model(batch, nll=True)
         sid = batch["sample_ids"][:, 1:]
-        ce_d = ce.detach()
-        sums: dict[str, list[float]] = {}
-        for i, src in enumerate(batch["sources"]):  # sample id i comes from source sources[i]
-            m = sup & (sid == i)
-            s = sums.setdefault(f"loss/{src}", [0.0, 0.0])
-            s[0] += float(ce_d[m].sum())
-            s[1] += float(m.sum())
-        return (ce * batch["weights"]).sum() + zero, {"sums": sums}
+        sup = (batch["labels"][:, 1:] != IGNORE) & (sid >= 0)
+        n = len(batch["sources"])  # sample id i comes from source sources[i]
+        idx = sid[sup]
+        per_sample = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add_(0, idx, ce.detach()[sup])
+        counts = torch.bincount(idx, minlength=n)
+        return (ce * batch["weights"]).sum(), {"sums": source_sums(per_sample, counts, batch["sources"], "loss")}
 
 
-def build(cfg: Config, reduction: str) -> LMObjective:
-    return LMObjective(cfg, reduction)
+def build(cfg: Config) -> LMObjective:
+    return LMObjective(cfg)

@@ -14,28 +14,16 @@ import torch
 import torch.distributed as dist
 
 from data.encode import IGNORE
-from stages import forward
+from training import vlm
 
 VISUAL = (("pixel_values", "image_grid_thw", 1), ("pixel_values_videos", "video_grid_thw", 2))
 
 
 def token_logps(model, batch: dict, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(labels[:, t+1] | ...) at every position t ([B, L-1], 0 where unsupervised) and, if asked, the
-    detached entropy of the next-token distribution there. The forward is stages.forward's (same modules on
-    every rank); its zero term is folded into the log-probs so the dummy ViT pass joins the backward."""
-    logits, zero = forward.logits(model, batch)
-    logits = logits[:, :-1].float()
-    target = batch["labels"][:, 1:]
-    sup = target != IGNORE
-    lse = torch.logsumexp(logits, -1)
-    picked = logits.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    logps = torch.where(sup, picked - lse, torch.zeros_like(lse)) + zero
-    ent = None
-    if entropy:
-        with torch.no_grad():
-            p = torch.softmax(logits, -1)
-            ent = torch.where(sup, lse - (p * logits).sum(-1), torch.zeros_like(lse))
-    return logps, ent
+    detached entropy of the next-token distribution there: the model step of training/vlm.py (same modules on
+    every rank, no [L, V] logits), through the engine when `model` is one."""
+    return vlm.step_module(model)(batch, entropy=entropy)
 
 
 def on(batch: dict, device) -> dict:
@@ -103,6 +91,16 @@ def _cat_visual(pieces: list[dict], batch: dict) -> None:
                 batch["second_per_grid_ts"] = torch.cat([p["second_per_grid_ts"] for p in have])
 
 
+def tile_features(out, order: list[int]):
+    """An encoder output of get_image/video_features (per-grid pieces) with its pieces in `order`: HF generate's
+    `mm_encoder_outputs`."""
+    out.pooler_output = [out.pooler_output[g] for g in order]
+    ds = getattr(out, "deepstack_features", None)
+    if ds:
+        out.deepstack_features = [[layer[g] for g in order] for layer in ds]
+    return out
+
+
 def _any_rank(flags: list[bool], device, synced: bool) -> list[bool]:
     """Per flag: does any rank have it (a MAX all-reduce when ranks must run the same modules)."""
     if not synced or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -118,19 +116,20 @@ def encode_prompts(hf, prompts: list[dict], owner: torch.Tensor, synced: bool, d
     Each prompt's images and videos go through the ViT once; the features are tiled per row. With `synced`
     (ZeRO-3, several ranks) a rank without an image (video) while another rank has one runs the ViT on a dummy
     image at the same point, so every rank joins the same parameter all-gathers."""
-    have = [[p for p in prompts if grid_key in p] for _, _, grid_key in forward.MODALITIES]
+    step = vlm.VLM(hf)
+    have = [[p for p in prompts if grid_key in p] for _, _, grid_key, _ in vlm.MODALITIES]
     need = _any_rank([bool(h) for h in have], device, synced)
     enc, grids = {}, {}
-    for (modality, pix_key, grid_key), mine, wanted in zip(forward.MODALITIES, have, need):
+    for (modality, pix_key, grid_key, _), mine, wanted in zip(vlm.MODALITIES, have, need):
         if not mine:
             if wanted:
-                forward.dummy_vision(hf)
+                step.dummy_vision()
             continue
         counts = torch.tensor([len(p[grid_key]) if grid_key in p else 0 for p in prompts])
-        order = forward.tile_order(counts, owner)
+        order = vlm.tile_order(counts, owner)
         g = torch.cat([p[grid_key] for p in mine])
-        out = forward.encode(hf, modality, torch.cat([p[pix_key] for p in mine]).to(device), g.to(device))
-        enc[modality] = forward.tile_features(out, order)
+        out = step.encode(modality, torch.cat([p[pix_key] for p in mine]).to(device), g.to(device))
+        enc[modality] = tile_features(out, order)
         grids[grid_key] = g[order].to(device)
         if modality == "video" and all("second_per_grid_ts" in p for p in mine):
             grids["second_per_grid_ts"] = torch.cat([p["second_per_grid_ts"] for p in mine])[order].to(device)
@@ -149,6 +148,7 @@ def generate(module, prompts: list[dict], n: int, pad_id: int, stop_ids: list[in
     stepping until all are done, which ZeRO-3 needs (each forward all-gathers the partitioned weights). `banned`
     tokens (the vision placeholders) are never sampled: one in a completion would ask the model for an image it
     does not have."""
+    module = vlm.hf_model(module)
     device = next(module.parameters()).device
     P = max(len(p["input_ids"]) for p in prompts)
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
@@ -185,7 +185,7 @@ def collate_sequences(prompts: list[dict], completions: list[list[int]], pad_id:
 
     Rows of one prompt (the same dict) share its images: the pixels are stored once per distinct prompt,
     `visual_owner` maps each row to its prompt and `visual_counts` gives each prompt's (image, video) grid
-    counts, so stages.forward runs the ViT once per image and tiles the features over the rows."""
+    counts, so the model step (training/vlm.py) runs the ViT once per image and tiles the features over the rows."""
     rows = [torch.cat([p["input_ids"], torch.tensor(c, dtype=torch.long)]) for p, c in zip(prompts, completions)]
     B, L = len(rows), max(len(r) for r in rows)
     batch = {
@@ -208,10 +208,10 @@ def collate_sequences(prompts: list[dict], completions: list[list[int]], pad_id:
             distinct.append(p)
         owner.append(index[id(p)])
     _cat_visual(distinct, batch)
-    if any(grid_key in batch for _, _, grid_key in forward.MODALITIES):
+    if any(grid_key in batch for _, _, grid_key, _ in vlm.MODALITIES):
         batch["visual_owner"] = torch.tensor(owner, dtype=torch.long)
         batch["visual_counts"] = torch.tensor(
-            [[len(p[g]) if g in p else 0 for _, _, g in forward.MODALITIES] for p in distinct], dtype=torch.long)
+            [[len(p[g]) if g in p else 0 for _, _, g, _ in vlm.MODALITIES] for p in distinct], dtype=torch.long)
     batch["sources"] = [p["source"] for p in prompts]
     batch["meta"] = [dict(p["meta"]) for p in prompts]
     return batch

@@ -27,6 +27,7 @@ import torch
 from data.encode import IGNORE
 from data.errors import BadSample
 from stages import rollout
+from stages.objective import Context, Objective
 from stages.rewards import RewardError, Rewards
 
 LOSSES = ("sapo", "grpo", "gspo")
@@ -137,7 +138,7 @@ def _add(sums: dict, key: str, total: float, count: float) -> None:
     acc[1] += count
 
 
-class RLObjective:
+class RLObjective(Objective):
     def __init__(self, cfg: Config):
         cfg.check()
         self.cfg = cfg
@@ -150,19 +151,17 @@ class RLObjective:
         self.counters = {"rollouts": 0, "groups": 0, "dropped_groups": 0}
         self._sums: dict = {}  # reward/rollout metrics of rollouts since the last step_sums()
 
-    def setup(self, run) -> None:
+    def setup(self, ctx: Context) -> None:
         """Tokenizer (stop/pad ids, decoding), ZeRO-3 generation sync, and the reference if kl_beta > 0."""
-        self.tokenizer = run.bundle.tokenizer
-        self.synced = bool(run.engine.zero_optimization_partition_weights()) and run.world > 1
+        self.tokenizer = ctx.bundle.tokenizer
+        self.synced = ctx.engine.partitioned and ctx.engine.world > 1
         if self.cfg.kl_beta > 0:
-            from stages.dpo import build_reference
-
-            self.ref = build_reference(run)
+            self.ref = ctx.engine.build_frozen(ctx.starting_model())
 
     def _ids(self) -> tuple[int, list[int], list[int]]:
         """pad id, stop ids, and the vision placeholder ids a completion must never contain."""
         if self.tokenizer is None:
-            raise ValueError("the RL objective has no tokenizer: the loop must call objective.setup(run) first")
+            raise ValueError("the RL objective has no tokenizer: the loop must call objective.setup(ctx) first")
         tok = self.tokenizer
         stops = [t for t in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if t is not None]
         banned = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
@@ -221,7 +220,7 @@ class RLObjective:
         cfg = self.cfg
         pad, stops, banned = self._ids()
         G = cfg.num_generations
-        comps = rollout.generate(getattr(engine, "module", engine), prompts, G, pad, stops, cfg.temperature,
+        comps = rollout.generate(engine, prompts, G, pad, stops, cfg.temperature,
                                  cfg.top_p, cfg.max_new_tokens, self.synced, banned)
         owners = [prompts[i // G] for i in range(len(comps))]
         texts = self.tokenizer.batch_decode(comps, skip_special_tokens=False)
@@ -287,7 +286,7 @@ class RLObjective:
         pad, stops, banned = self._ids()
         prompts = self._prompts(micro)
         temp = 0.0 if greedy else self.cfg.temperature
-        comps = rollout.generate(getattr(engine, "module", engine), prompts, 1, pad, stops, temp, self.cfg.top_p,
+        comps = rollout.generate(engine, prompts, 1, pad, stops, temp, self.cfg.top_p,
                                  self.cfg.max_new_tokens, self.synced, banned)
         texts = self.tokenizer.batch_decode(comps, skip_special_tokens=False)
         r = [self.rewards(t, p["meta"]) for t, p in zip(texts, prompts)]
@@ -350,5 +349,5 @@ def _from_json(x):
     return x
 
 
-def build(cfg: Config, reduction: str) -> RLObjective:
+def build(cfg: Config) -> RLObjective:
     return RLObjective(cfg)

@@ -1,11 +1,11 @@
-"""Resumable checkpoints: DeepSpeed's model/optimizer/scheduler shards plus our per-rank trainer state.
+"""Resumable checkpoints: the engine's model/optimizer/scheduler files plus our per-rank trainer state.
 
-Layout: checkpoints/step_00000010/{DeepSpeed files, trainer_rank{r}.json, rng_rank{r}.safetensors} and
+Layout: checkpoints/step_00000010/{engine files, trainer_rank{r}.json, rng_rank{r}.safetensors} and
 checkpoints/latest naming the newest complete one. Every rank writes into step_XXXXXXXX.tmp; after all
 ranks finished, rank 0 renames it to step_XXXXXXXX and then replaces `latest` (tmp + rename), so a crash
 mid-save leaves only a .tmp directory behind and the previous checkpoint in charge.
-Our own state is JSON and safetensors; DeepSpeed's .pt shards are read with torch.load(weights_only=True)
-and an allow-list of the few DeepSpeed classes they contain, so resuming never runs arbitrary pickle code.
+Our own state is JSON and safetensors; the engine reads its own files without unpickling (the DeepSpeed
+engine: torch.load(weights_only=True) with an allow-list), so resuming never runs arbitrary pickle code.
 """
 from __future__ import annotations
 
@@ -19,20 +19,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-
-
-def _safe_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-def _weights_only_load(path: str, map_location=None):
-    """Replaces DeepSpeed's checkpoint-engine load, which would unpickle arbitrary objects."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _tag(step: int) -> str:
@@ -77,7 +63,7 @@ class Checkpointer:
         self._barrier()
         error = None
         try:
-            engine.save_checkpoint(str(self.root), tag=work.name, save_latest=False)
+            engine.save(work)
             (work / f"trainer_rank{self.rank}.json").write_text(json.dumps(trainer_state, indent=1))
             save_file({"torch": torch.get_rng_state()}, str(work / f"rng_rank{self.rank}.safetensors"))
         except (OSError, RuntimeError) as e:  # torch's writer says "unexpected pos ..." for a full disk
@@ -123,15 +109,12 @@ class Checkpointer:
         d = self.root / tag
         written_by = len(list(d.glob("trainer_rank*.json")))
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if written_by != world:  # before DeepSpeed, whose own error does not say what to do
+        if written_by != world:  # before the engine, whose own error does not say what to do
             raise ValueError(f"{d} was written by {written_by} data-parallel ranks but this run has {world}; the "
                              f"optimizer shards and each rank's data position belong to the original layout, so "
                              f"resume with {written_by} processes, or start a new stage from its weights "
                              f"(model.path={d.parent.parent}/hf after it finishes)")
-        engine.checkpoint_engine.load = _weights_only_load
-        path, _ = engine.load_checkpoint(str(self.root), tag=tag)
-        if path is None:
-            raise ValueError(f"DeepSpeed could not load checkpoint {self.root / tag}")
+        engine.load(d)
         f = d / f"trainer_rank{self.rank}.json"
         if not f.is_file():
             raise ValueError(f"{f} is missing: the checkpoint was written by fewer ranks than this run has; "

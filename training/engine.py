@@ -1,32 +1,32 @@
-"""DeepSpeed adapter: the DeepSpeed config is generated from the `engine=` group; raw keys pass through.
+"""The Engine protocol: what the loop, checkpoints, objectives and export ask of a training engine.
 
-Optimizer and LR schedule are built here (client-side) so that parameter groups carry the stage's
-per-group learning-rate multipliers and only trainable parameters get optimizer state.
+An engine owns the model's placement (sharding, devices), its optimizer and LR schedule, gradient reduction
+and its checkpoint files. The loop sees only this protocol, so a new engine (megatron-core with TP/PP) is an
+implementation, not a change to the loop. `engine=` configs pick one by `engine.kind`; DeepSpeed
+(training/engines/deepspeed.py) is the one today, and the only module that imports deepspeed.
 
-CPU offload (`engine.offload_optimizer`, ZeRO 1-3; `engine.offload_params`, ZeRO-3): on a GPU the optimizer
-that steps the offloaded fp32 state is DeepSpeedCPUAdam (AVX, many threads; DeepSpeed's own choice). With
-DS_ACCELERATOR=cpu the parameters and the optimizer state live in host memory anyway, so offloading moves
-nothing: torch's AdamW stays (the same optimizer as without offload, and no 2-minute JIT build of the
-cpu_adam op) and DeepSpeed's "client optimizer with offload" refusal is switched off
-(`zero_force_ds_cpu_optimizer: false`).
+Optimizer parameter groups and the LR schedule are engine-independent and live here: one torch param group per
+(trainable group, decay/no-decay), so each carries the stage's per-group learning-rate multiplier, and only
+trainable parameters get optimizer state.
 """
 from __future__ import annotations
 
-import dataclasses
-import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol
 
 import torch
 
 from stages import StageConfig
 
-log = logging.getLogger("training")
-
 
 @dataclass
 class EngineConfig:
+    """`engine=` config group (conf/engine/*.yaml)."""
+
     name: str = "zero2"
+    kind: str = "deepspeed"  # the implementation (training/engines/<kind>.py)
     zero_stage: int = 2
     offload_optimizer: bool = False
     offload_params: bool = False  # ZeRO-3 only
@@ -34,80 +34,67 @@ class EngineConfig:
     raw: dict = field(default_factory=dict)  # merged last into the generated DeepSpeed config
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+class Engine(Protocol):
+    """A model under training. `engine(batch, **kw)` runs the model step (training/vlm.py VLM.forward)."""
+
+    model: torch.nn.Module  # the step module (a VLM) as the engine holds it
+    device: torch.device
+    world: int  # processes
+    dp_size: int  # data-parallel ranks: data shards and the loss normalisation count these
+    dp_rank: int
+    groups: dict  # process groups by name: "dp" (and later "sp", "tp", "pp"); None = the default group
+    partitioned: bool  # parameters are sharded, so each module's forward is a collective on every rank
+
+    def __call__(self, batch: dict, **kw): ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulates d loss / d params; `loss` is this rank's share of the global mean (the engine undoes its own
+        gradient averaging over data-parallel ranks)."""
+
+    def step(self) -> tuple[Optional[float], bool]:
+        """Applies the accumulated gradients: (gradient norm before clipping, skipped as non-finite)."""
+
+    @property
+    def param_groups(self) -> list[dict]: ...
+
+    def full_state_dict(self, rank: int = 0) -> Optional[dict]:
+        """Full weights (CPU) on `rank`, None on the others; partitioned weights are gathered one at a time."""
+
+    def save(self, path: Path) -> None: ...
+
+    def load(self, path: Path) -> None: ...
+
+    def build_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen copy placed like the trained model (reference models); returns what to call."""
 
 
-def deepspeed_config(cfg: EngineConfig, micro_batch: int, grad_accum: int, world: int, grad_clip: float) -> dict:
-    if cfg.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"engine.zero_stage={cfg.zero_stage}; choose 0, 1, 2 or 3")
-    if cfg.dtype not in ("fp32", "bf16"):
-        raise ValueError(f"engine.dtype={cfg.dtype!r}; choose fp32 or bf16")
-    if cfg.offload_params and cfg.zero_stage != 3:
-        raise ValueError("engine.offload_params=true needs engine.zero_stage=3 (use engine=zero3)")
-    if cfg.offload_optimizer and cfg.zero_stage == 0:
-        raise ValueError("engine.offload_optimizer=true needs ZeRO (engine.zero_stage 1, 2 or 3): without ZeRO "
-                         "DeepSpeed ignores it; use engine=zero2 or engine=zero3")
-    check_batch_geometry(cfg.raw, micro_batch, grad_accum, world)
-    zero: dict = {"stage": cfg.zero_stage}
-    if cfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if cfg.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
-    ds = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": micro_batch * grad_accum * world,
-        "gradient_clipping": grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": cfg.dtype == "bf16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,  # our own metrics replace DeepSpeed's prints
-        "wall_clock_breakdown": False,
-    }
-    if (cfg.offload_optimizer or cfg.offload_params) and not use_ds_cpu_adam(cfg):
-        ds["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on host memory is right here (module docstring)
-    return _merge(ds, cfg.raw)
+def build(model: torch.nn.Module, groups: dict, stage: StageConfig, cfg: EngineConfig, micro_batch: int,
+          grad_accum: int, world: int, max_steps: int) -> Engine:
+    return _kind(cfg).Engine(model, groups, stage, cfg, micro_batch, grad_accum, world, max_steps)
 
 
-# DeepSpeed's batch keys; the trainer's micro-batch loop and data layout follow trainer.*, so raw copies of
-# them may only repeat what trainer.* and the world size already say
-_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+def check(cfg: EngineConfig, micro_batch: int, grad_accum: int, world: int, grad_clip: float) -> None:
+    """Engine settings that can never work, before any model is built (ValueError naming the key)."""
+    _kind(cfg).check(cfg, micro_batch, grad_accum, world, grad_clip)
 
 
-def check_batch_geometry(raw: dict, micro_batch: int, grad_accum: int, world: int) -> None:
-    """engine.raw may not set a batch geometry that differs from trainer.* (DeepSpeed would step at other
-    boundaries than the loop's micro-batches, or assert after the model is built)."""
-    want = {"train_batch_size": micro_batch * grad_accum * world, "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": grad_accum}
-    for key in _BATCH_KEYS:
-        if key not in raw or raw[key] in (None, "auto") or int(raw[key]) == want[key]:
-            continue
-        got = int(raw[key])
-        if key == "train_batch_size":
-            per_step = micro_batch * world
-            fix = (f"set trainer.grad_accum={got // per_step} instead" if got % per_step == 0 and got > 0 else
-                   f"it must be a multiple of trainer.micro_batch_size x world size = {per_step}; set "
-                   f"trainer.grad_accum (and trainer.micro_batch_size) instead")
-            raise ValueError(f"engine.raw.train_batch_size={got} but trainer.micro_batch_size ({micro_batch}) x "
-                             f"trainer.grad_accum ({grad_accum}) x world size ({world}) = {want[key]}; {fix}, and "
-                             f"leave the batch keys out of engine.raw")
-        name = "trainer.micro_batch_size" if key == "train_micro_batch_size_per_gpu" else "trainer.grad_accum"
-        raise ValueError(f"engine.raw.{key}={got} contradicts {name}={want[key]}; set {name}={got} instead and "
-                         f"leave the batch keys out of engine.raw")
+def init_distributed(cfg: Optional[EngineConfig] = None) -> None:
+    _kind(cfg or EngineConfig()).init_distributed()
 
 
-def use_ds_cpu_adam(cfg: EngineConfig) -> bool:
-    """DeepSpeedCPUAdam steps offloaded optimizer state when the model runs on an accelerator; on the CPU
-    accelerator there is nothing to offload from and torch's AdamW (the non-offloaded optimizer) is kept."""
-    if not (cfg.offload_optimizer or cfg.offload_params):
-        return False
-    from deepspeed.accelerator import get_accelerator
+def checkpoint_weights(step_dir: Path) -> dict:
+    """Full weights of a training checkpoint directory (the next stage may start from one)."""
+    from training.engines import deepspeed
 
-    return get_accelerator().device_name() != "cpu"
+    return deepspeed.checkpoint_weights(step_dir)
+
+
+def _kind(cfg: EngineConfig):
+    if cfg.kind != "deepspeed":
+        raise ValueError(f"engine.kind={cfg.kind!r} is unknown; choose deepspeed")
+    from training.engines import deepspeed
+
+    return deepspeed
 
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
@@ -151,68 +138,3 @@ def lr_lambda(stage: StageConfig, max_steps: int):
     return f
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    """torch AdamW for DeepSpeed without ZeRO in fp32, where DeepSpeed's step clips but neither reports the
-    gradient norm nor skips a non-finite step (a NaN would reach every weight); ZeRO's optimizers and the bf16
-    one do both. This one does them the same way: the global norm of the (already all-reduced) gradients before
-    clipping is `_global_grad_norm`; a non-finite norm sets `overflow`, so the update is skipped and DeepSpeed
-    counts the step in `skipped_steps` and leaves the lr schedule alone; else the gradients are clipped to
-    `max_norm` (0: no clipping) and AdamW steps."""
-
-    def __init__(self, params, max_norm: float, **kw):
-        super().__init__(params, **kw)
-        self.max_norm, self.overflow, self._global_grad_norm = float(max_norm), False, None
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
-        self._global_grad_norm = float(norm)
-        self.overflow = not math.isfinite(self._global_grad_norm)
-        if self.overflow:
-            return None
-        if self.max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
-        return super().step(closure)
-
-
-def for_world(cfg: EngineConfig, world: int) -> EngineConfig:
-    """The engine config to run with `world` data-parallel ranks.
-
-    ZeRO-1/2 partition optimizer state and gradients over the ranks. With one rank they partition nothing and
-    still cost a flat fp32 copy of every trainable weight and a gradient copy per backward (15% of the tiny
-    model's step on CPU, training/bench.py), so a one-rank run of a ZeRO-1/2 recipe runs as stage 0: the same
-    AdamW update and clipping within float32 round-off (the gradient norm is summed in another order), and
-    GuardedAdamW keeps the grad-norm metric and the non-finite skip. Optimizer offload needs ZeRO and keeps it.
-    ZeRO-3 is kept, so that a one-GPU debug run of a ZeRO-3 recipe exercises the real parameter gathering."""
-    if world == 1 and cfg.zero_stage in (1, 2) and not cfg.offload_optimizer:
-        log.info("engine %s with one rank: ZeRO-%d partitions nothing there; running DeepSpeed without ZeRO "
-                 "(stage 0)", cfg.name, cfg.zero_stage)
-        return dataclasses.replace(cfg, zero_stage=0)
-    return cfg
-
-
-def initialize(model, groups, stage: StageConfig, cfg: EngineConfig, micro_batch: int, grad_accum: int,
-               world: int, max_steps: int):
-    import deepspeed
-
-    cfg = for_world(cfg, world)
-
-    param_groups = optimizer_groups(model, groups, stage)
-    kw = dict(lr=stage.optimizer.lr, betas=tuple(stage.optimizer.betas), eps=stage.optimizer.eps)
-    grad_clip = stage.optimizer.grad_clip
-    if use_ds_cpu_adam(cfg):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        opt = DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kw)  # decoupled decay, per group as in AdamW
-    elif cfg.zero_stage == 0 and cfg.dtype == "fp32":
-        opt, grad_clip = GuardedAdamW(param_groups, max_norm=grad_clip, **kw), 0.0  # it clips, not DeepSpeed
-    else:
-        opt = torch.optim.AdamW(param_groups, **kw)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage, max_steps))
-    ds_cfg = deepspeed_config(cfg, micro_batch, grad_accum, world, grad_clip)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                                           config=ds_cfg)
-    if world == 1 and cfg.zero_stage == 0:
-        engine.enable_backward_allreduce = False  # an all-reduce over one rank: flattening and copying, no change
-    return engine, ds_cfg

@@ -6,7 +6,6 @@ import logging
 import math
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +15,13 @@ import torch.distributed as dist
 from data.encode import IGNORE
 from data.pipeline import DataConfig, Layout, Pipeline, source_configs
 from stages import StageConfig, build_objective
+from stages.objective import Context
+from training import engine as engines
 from training import flops, models
 from training.checkpoint import Checkpointer
-from training.engine import EngineConfig, initialize
+from training.engine import EngineConfig
 from training.metrics import LoggerConfig, Metrics
+from training.vlm import VLM
 
 log = logging.getLogger("training")
 DATA_COUNTERS = ("skipped/", "dropped/", "truncated/")  # data.pipeline.Chain.metrics() keys
@@ -82,17 +84,6 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _full_state_dict(engine) -> dict:
-    """Full weights on every rank; partitioned (ZeRO-3) weights are gathered first."""
-    import deepspeed
-
-    module = engine.module
-    gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-              if engine.zero_optimization_partition_weights() else nullcontext())
-    with gather:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
 class _StopOnSignal:
     """SIGTERM/SIGUSR1 (preemption, SLURM's --signal) and a first Ctrl-C ask for a checkpoint at the end of the
     current step; a second Ctrl-C stops at once (KeyboardInterrupt, no checkpoint)."""
@@ -126,10 +117,11 @@ class Run:
     rank: int
     world: int
     bundle: models.Bundle
+    model: VLM  # the step module over bundle.model (training/vlm.py)
     groups: dict  # parameter names per group (vision, merger, llm)
     loader: Pipeline
     objective: object
-    engine: object = None
+    engine: engines.Engine | None = None
     ckpt: Checkpointer | None = None
     metrics: Metrics | None = None
     flops: object = None  # training.flops.FlopModel
@@ -158,7 +150,7 @@ def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | Non
             r.metrics.close()
     if summary.get("interrupted"):
         return summary
-    state_dict = _full_state_dict(r.engine)
+    state_dict = r.engine.full_state_dict(rank=0)
     if rank == 0:
         models.export_hf(r.bundle, state_dict, out / "hf")
     return _finish(out, rank, summary)
@@ -170,7 +162,7 @@ def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int)
     bundle = models.build(job.model)
     groups = models.param_groups(bundle.model, bundle.family)
     models.apply_trainable(bundle.model, groups, stage.trainable)
-    objective = build_objective(stage.objective, stage.loss_reduction)  # fails before any compute
+    objective = build_objective(stage.objective)  # fails before any compute
     layout = Layout(rank=rank, world=world, micro_batch=tr.micro_batch_size, grad_accum=tr.grad_accum,
                     seq_len=stage.seq_len)
     if rank == 0:  # the shapes cache is generated once, before the other ranks read it
@@ -178,24 +170,23 @@ def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int)
     if dist.is_initialized():
         dist.barrier()
     # the objective's own record checks (e.g. RL rewards must be registered) make a bad record a counted skip
-    loader = Pipeline(job.data, stage.mixture, bundle, layout, check_sample=getattr(objective, "check_sample", None))
+    loader = Pipeline(job.data, stage.mixture, bundle, layout, check_sample=objective.check_sample)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(resolved_yaml)
-    return Run(job, out, rank, world, bundle, groups, loader, objective)
+    return Run(job, out, rank, world, bundle, VLM(bundle.model, job.model.loss_chunk), groups, loader, objective)
 
 
 def _start_engine(r: Run, resolved_yaml: str) -> None:
-    """DeepSpeed engine, metrics sinks, and the state of the latest checkpoint if there is one."""
+    """The engine, metrics sinks, and the state of the latest checkpoint if there is one."""
     job, tr = r.job, r.job.trainer
-    r.engine, _ = initialize(r.bundle.model, r.groups, job.stage, job.engine, tr.micro_batch_size, tr.grad_accum,
-                             r.world, tr.max_steps)
+    r.engine = engines.build(r.model, r.groups, job.stage, job.engine, tr.micro_batch_size, tr.grad_accum, r.world,
+                             tr.max_steps)
     r.ckpt = Checkpointer(r.out / "checkpoints", r.rank, tr.keep_checkpoints)
     r.metrics = Metrics(job.logger, r.out, r.rank, tr.max_steps, config={"yaml": resolved_yaml})
     r.flops = flops.build(r.bundle.model, job.stage.trainable)
     r.peak_flops = flops.peak_flops(job.engine.dtype)
-    if hasattr(r.objective, "setup"):  # e.g. DPO's reference model
-        r.objective.setup(r)
+    r.objective.setup(Context(r.engine, r.bundle, lambda: VLM(models.build(job.model).model, job.model.loss_chunk)))
     tag = r.ckpt.latest_tag()  # rank 0 decides; every rank resumes from the same checkpoint
     if tag is None:
         if (r.out / "metrics.jsonl").is_file():
@@ -206,8 +197,7 @@ def _start_engine(r: Run, resolved_yaml: str) -> None:
         state = r.ckpt.load(r.engine, tag)
         r.start, r.skipped_before = state["step"], state.get("skipped_steps", 0)
         r.loader.load_state_dict(state["data"])
-        if hasattr(r.objective, "load_state_dict"):
-            r.objective.load_state_dict(state.get("objective", {}))
+        r.objective.load_state_dict(state.get("objective", {}))
         r.metrics.truncate_after(r.start)
         log.info("resumed from %s at step %d", r.out / "checkpoints" / tag, r.start)
 
@@ -236,7 +226,7 @@ def _train(r: Run, stop: _StopOnSignal) -> dict:
         if (tr.save_every and (step + 1) % tr.save_every == 0) or step + 1 == tr.max_steps or stopping:
             r.ckpt.save(r.engine, step + 1, {"step": step + 1, "data": r.loader.state_dict(),
                                              "skipped_steps": row["skipped_steps"],
-                                             "objective": _objective_state(r.objective)})
+                                             "objective": r.objective.state_dict()})
         if stopping:
             log.warning("stopping on a signal: checkpoint written at step %d; re-run the same command to resume",
                         step + 1)
@@ -245,60 +235,53 @@ def _train(r: Run, stop: _StopOnSignal) -> dict:
             **data_counts}
 
 
-def _objective_state(objective) -> dict:
-    return objective.state_dict() if hasattr(objective, "state_dict") else {}
-
-
 def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
     """One optimizer step: the step's micro-batches, the global weight sum, forward/backward, step."""
-    stage, engine, world, obj = r.job.stage, r.engine, r.world, r.objective
+    stage, engine, obj = r.job.stage, r.engine, r.objective
     t0 = time.time()
     # learning rates this step uses; "lr" is the stage's base lr (group lr / its multiplier)
-    lrs = {f"lr/{g['name']}": g["lr"] for g in engine.optimizer.param_groups}
-    g0 = engine.optimizer.param_groups[0]
+    lrs = {f"lr/{g['name']}": g["lr"] for g in engine.param_groups}
+    g0 = engine.param_groups[0]
     base_lr = g0["lr"] / float(stage.lr_mult.get(g0["group"], 1.0))
     micro = r.loader.next_step()
     t_data = time.time() - t0
-    if hasattr(obj, "prepare"):  # RL: rollouts replace the prompts
-        micro = obj.prepare(engine, micro)
+    micro = obj.prepare(engine, micro)  # RL: rollouts replace the prompts
     for mb in micro:
         mb["weights"] = obj.weights(mb)
     # the global weight sum over all ranks and micro-batches: the gradient is then split-independent
     (weight_sum,) = _sum([float(sum(mb["weights"].sum() for mb in micro))], engine.device)
-    loss_sum, sums, skipped = 0.0, {}, None
-    skipped_before = engine.skipped_steps
+    loss_sum, sums, skipped, norm = torch.zeros((), dtype=torch.float64), {}, None, None
     if weight_sum > 0:
         for mb in micro:
             ls, stats = obj.loss_sum(engine, _to(mb, engine.device))
-            # DeepSpeed averages gradients over ranks: scale by world so the reduced gradient is the sum
-            engine.backward(ls * (world / weight_sum), scale_wrt_gas=False)
-            engine.step()
-            loss_sum += float(ls.detach())
+            engine.backward(ls * (1.0 / weight_sum))
+            loss_sum += ls.detach().double().cpu()
             _add_sums(sums, stats.get("sums", {}))
+        norm, bad = engine.step()
     else:  # every rank sees the same global sum, so every rank skips together; no collective is left half-done
-        skipped = "no supervised tokens in the global batch"
-    if hasattr(obj, "step_sums"):  # metrics of work done this step whether or not it trained (RL rollouts)
-        _add_sums(sums, obj.step_sums())
+        skipped, bad = "no supervised tokens in the global batch", False
+    _add_sums(sums, obj.step_sums())  # metrics of work done this step whether or not it trained (RL rollouts)
     tok = sum(float((mb["sample_ids"] >= 0).sum()) for mb in micro)
     sup = sum(float((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
     n_samples = sum(len(mb["sources"]) for mb in micro)
     flops = sum(r.flops.micro_batch(mb) for mb in micro)
     # the stop flag rides on this all-reduce, so every rank sees a signal any rank got
     loss_sum, tok, sup, n_samples, flops, stopping = _sum(
-        [loss_sum, tok, sup, n_samples, flops, float(stop.signum is not None)], engine.device)
+        [float(loss_sum), tok, sup, n_samples, flops, float(stop.signum is not None)], engine.device)
     loss = loss_sum / weight_sum if weight_sum > 0 else None
-    if skipped is None and (engine.skipped_steps > skipped_before or not math.isfinite(loss)):
-        if engine.skipped_steps == skipped_before:
+    if skipped is None and (bad or not math.isfinite(loss)):
+        if not bad:
             raise RuntimeError(
-                f"step {step + 1}: non-finite loss but DeepSpeed applied the update (it checks gradients only "
-                f"when clipping is on or in bf16); set stage.optimizer.grad_clip > 0. The last good checkpoint in "
-                f"{r.out / 'checkpoints'} is kept")
+                f"step {step + 1}: non-finite loss but the engine applied the update (DeepSpeed checks gradients "
+                f"only when clipping is on or in bf16); set stage.optimizer.grad_clip > 0. The last good checkpoint "
+                f"in {r.out / 'checkpoints'} is kept")
         skipped, loss = "non-finite", None
     dt = time.time() - t0
+    world = r.world
     row = {"step": step + 1, "loss": loss, "lr": base_lr, "tokens": tok, "samples": n_samples,
            "supervised_tokens": sup, "tokens_per_s": tok / dt, "samples_per_s": n_samples / dt,
            "step_time_s": dt, "data_wait_frac": t_data / dt, "flops_per_s": flops / world / dt,
-           "grad_norm": _finite_or_none(engine.get_global_grad_norm()) if not skipped else None,
+           "grad_norm": _finite_or_none(norm) if not skipped else None,
            "peak_mem_gb": _peak_mem_gb(), "skipped": skipped}
     if r.peak_flops:
         row["mfu"] = flops / world / dt / r.peak_flops

@@ -107,6 +107,7 @@ class ModelConfig:
     dtype: str = "float32"  # parameters as loaded; the engine config decides bf16 training
     attn_implementation: str = "sdpa_varlen"  # training/attention.py: packed rows by cu_seqlens, no L x L mask
     gradient_checkpointing: bool = False
+    loss_chunk: int = 0  # tokens per lm_head chunk of the loss (training/vlm.py); 0: fp32 logits of ~256 MiB a chunk
     min_pixels: int = 56 * 56
     max_pixels: int = 128 * 128
     extra: dict = field(default_factory=dict)  # extra kwargs for from_pretrained
@@ -165,34 +166,6 @@ def _training_checkpoint(path: Path) -> Optional[Path]:
     return path if path.name.startswith("step_") and any(path.glob("*model_states.pt")) else None
 
 
-def _checkpoint_weights(step_dir: Path) -> dict:
-    """Full weights of a DeepSpeed checkpoint (ZeRO-1/2: the saved module; ZeRO-3: its shards consolidated),
-    read with torch.load(weights_only=True) only."""
-    from training.checkpoint import _weights_only_load
-
-    states = step_dir / "mp_rank_00_model_states.pt"
-    if not states.is_file():  # ZeRO-3 names rank 0's file after its partition
-        states = step_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    module = _weights_only_load(str(states))["module"]
-    if module and all(v.numel() > 0 for v in module.values()):
-        return module
-    from deepspeed.utils import zero_to_fp32
-
-    from training.checkpoint import _safe_globals
-
-    real = torch.load  # zero_to_fp32 unpickles; make its loads weights-only for the duration
-
-    def safe_load(f, map_location=None, **kw):
-        with torch.serialization.safe_globals(_safe_globals()):
-            return real(f, map_location=map_location, weights_only=True)
-
-    torch.load = safe_load
-    try:
-        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
-    finally:
-        torch.load = real
-
-
 def _build_from_checkpoint(cfg: ModelConfig, step_dir: Path) -> Bundle:
     """A stage's training checkpoint as the next stage's start: the architecture of the run that wrote it
     (its config.yaml), its weights, and (by construction) no optimizer state."""
@@ -208,8 +181,11 @@ def _build_from_checkpoint(cfg: ModelConfig, step_dir: Path) -> Bundle:
         raise ValueError(f"model.path={cfg.path!r} was trained as {prev['family']!r} but model.family is "
                          f"{cfg.family!r}; use model=tiny_{prev['family']} or model={prev['family']}")
     bundle = build(ModelConfig(**{**prev, "dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation,
-                                  "gradient_checkpointing": cfg.gradient_checkpointing}))
-    missing, unexpected = bundle.model.load_state_dict(_checkpoint_weights(step_dir), strict=False)
+                                  "gradient_checkpointing": cfg.gradient_checkpointing,
+                                  "loss_chunk": cfg.loss_chunk}))
+    from training.engine import checkpoint_weights
+
+    missing, unexpected = bundle.model.load_state_dict(checkpoint_weights(step_dir), strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {step_dir} does not fit its own model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")

@@ -28,6 +28,10 @@ def to_job(cfg: DictConfig):
     for key in cfg:
         if key not in schema:
             raise ValueError(f"unknown top-level config key {key!r}; known: {sorted(schema.keys())}")
+    if "stage" in cfg and "loss_reduction" in cfg.stage:
+        raise ValueError(f"stage.loss_reduction={cfg.stage.loss_reduction} moved to the lm objective: set "
+                         f"stage.objective.loss_reduction={cfg.stage.loss_reduction} (DPO and RL weigh pairs and "
+                         f"sequences and have no reduction)")
     try:
         merged = OmegaConf.merge(schema, cfg)
     except Exception as e:  # omegaconf's message names the key and the dataclass
@@ -50,12 +54,11 @@ def init_distributed() -> tuple[int, int]:
                           MASTER_PORT=str(_free_port()))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
+    from training import engine
+
+    engine.init_distributed()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size()
@@ -64,8 +67,7 @@ def init_distributed() -> tuple[int, int]:
 def check_job(job, world: int) -> None:
     """Settings that can never work fail here, before a model is built or a step runs, with a ValueError that
     names the key and the fix. Pure checks of the typed config; the data probe is `check_sample_lengths`."""
-    from training import models
-    from training.engine import deepspeed_config
+    from training import engine, models
 
     tr, stage = job.trainer, job.stage
     for key in ("micro_batch_size", "grad_accum"):
@@ -87,8 +89,8 @@ def check_job(job, world: int) -> None:
         from data.pipeline import source_configs
 
         source_configs(job.data, stage.mixture)
-    # zero stage, dtype, offload combinations, engine.raw batch keys vs trainer.* and the world size
-    deepspeed_config(job.engine, tr.micro_batch_size, tr.grad_accum, world, stage.optimizer.grad_clip)
+    # the engine's own: zero stage, dtype, offload combinations, engine.raw batch keys vs trainer.* and the world
+    engine.check(job.engine, tr.micro_batch_size, tr.grad_accum, world, stage.optimizer.grad_clip)
 
 
 def _number(v) -> bool:

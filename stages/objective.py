@@ -1,0 +1,62 @@
+"""The Objective protocol: what the training loop asks of a stage's loss, with defaults for the optional parts.
+
+The loop calls, per optimizer step: `prepare(model, micro)` (RL: rollouts replace the prompts), `weights(batch)`
+per micro-batch (the loop divides by the global sum), `loss_sum(model, batch)` -> (Σ weight × loss, {"sums":
+{metric: [sum, count]}}), then `step_sums()` (metrics of work done this step whether or not it trained). The
+loader calls `check_sample(sample)` on each encoded sample (raise data.errors.BadSample to skip it, counted).
+`state_dict`/`load_state_dict` ride in the checkpoint. `setup(ctx)` runs once the engine exists, with only what an
+objective may need (`Context`), not the whole run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Context:
+    """What an objective's set-up sees: the engine (its `build_frozen`, device, process groups), the model bundle
+    (tokenizer, family) and a builder of the stage's starting weights as a fresh step module (references)."""
+
+    engine: object  # training.engine.Engine
+    bundle: object  # training.models.Bundle
+    starting_model: Callable[[], torch.nn.Module]
+
+
+class Objective:
+    """Base class with the protocol's defaults; `weights` and `loss_sum` are the objective's own."""
+
+    def setup(self, ctx: Context) -> None:
+        pass
+
+    def check_sample(self, sample: dict) -> None:
+        pass
+
+    def prepare(self, model, micro: list[dict]) -> list[dict]:
+        return micro
+
+    def weights(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def step_sums(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def source_sums(values: torch.Tensor, counts: torch.Tensor, sample_source: list[str], prefix: str) -> dict:
+    """{prefix/source: [sum, count]} from per-sample sums and counts (one host transfer for the micro-batch)."""
+    names = sorted(set(sample_source))
+    idx = torch.tensor([names.index(s) for s in sample_source], device=values.device)
+    v = torch.zeros(len(names), dtype=torch.float64, device=values.device).index_add_(0, idx, values.double())
+    c = torch.zeros(len(names), dtype=torch.float64, device=values.device).index_add_(0, idx, counts.double())
+    return {f"{prefix}/{n}": [s, k] for n, s, k in zip(names, v.tolist(), c.tolist())}

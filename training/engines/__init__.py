@@ -1,0 +1,1 @@
+"""Engine implementations of training.engine.Engine, one module per kind."""

@@ -1,0 +1,248 @@
+"""The model step, top to bottom: visual encoding -> merge into the text embeddings -> decoder -> token log-probs.
+
+`VLM` wraps an HF Qwen-VL `*ForConditionalGeneration` without copying it: its children are the HF model's own
+`model` and `lm_head`, so parameter names (and checkpoints, groups, exports) are the HF names. Engines wrap a
+`VLM`; a forward is `model(batch)` and returns per-token log-probs of the batch's labels, never logits:
+
+1. **Visual encoding**: each modality's pixels through the family's ViT + merger (`get_image_features` /
+   `get_video_features`: per-grid merged features and, for Qwen3-VL, the DeepStack features). Rollout rows that
+   share a prompt store its images once (`visual_owner`: row -> prompt, `visual_counts`: grids per prompt and
+   modality); each distinct image is encoded once and its features are tiled over the rows, so the gradient of
+   a shared image is the sum over its rows.
+   A micro-batch without media runs the ViT on one dummy 2x2-patch image and adds 0 x its output to the result.
+   Under ZeRO-3 every module's forward all-gathers its parameters, so a rank that skipped the ViT while another
+   ran it would hang; the dummy keeps every rank's collectives in step (same order: text embedding, then ViT),
+   with zero gradient and no effect on the numbers.
+2. **Merge**: the features replace the placeholder tokens' embeddings (image, then video); the visual-position
+   mask and the DeepStack features (image and video joined in sequence order) go to the decoder. What differs
+   between the families is data (token ids in the config, DeepStack features present or not), not a branch here.
+3. **Decoder**: the HF text model on `inputs_embeds` with the packed M-RoPE ids; packed rows are one flattened
+   sequence cut by `cu_seqlens` (training/attention.py), rollout rows are right-padded with a 2-D mask.
+4. **Log-probs** (`token_logps`): lm_head on the supervised positions only, `loss_chunk` tokens at a time, fp32
+   log-softmax per chunk, each chunk recomputed in backward: no [L, V] logits exist, only one chunk's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+from data.encode import IGNORE
+from data.pack import varlen_inputs
+
+# (modality, pixel key, grid key, placeholder-token id in the config)
+MODALITIES = (("image", "pixel_values", "image_grid_thw", "image_token_id"),
+              ("video", "pixel_values_videos", "video_grid_thw", "video_token_id"))
+CHUNK_BYTES = 256 * 2**20  # fp32 logits of one loss chunk when model.loss_chunk=0
+
+
+class VLM(torch.nn.Module):
+    """The training step's module over an HF Qwen-VL model (its `model` and `lm_head`, shared, not copied)."""
+
+    def __init__(self, hf: PreTrainedModel, loss_chunk: int = 0):
+        super().__init__()
+        self.model, self.lm_head = hf.model, hf.lm_head
+        self.__dict__["hf"] = hf  # for generation and export; not a child, so every parameter is registered once
+        vocab = hf.config.get_text_config().vocab_size
+        self.loss_chunk = loss_chunk or max(1, CHUNK_BYTES // (4 * vocab))
+        # set by an engine whose lm_head calls are collectives (ZeRO-3): ranks then agree on the chunk count
+        self.__dict__["sync_group"] = None
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    def forward(self, batch: dict, entropy: bool = False, nll: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log p(labels[:, t+1] | ...) [B, L-1], 0 where unsupervised, or with `nll` the cross-entropy -log p;
+        the detached entropy there, if asked)."""
+        hidden, zero = self.hidden_states(batch)
+        out, ent = token_logps(self.lm_head, hidden, batch["labels"], self.loss_chunk, entropy, self.sync_group, nll)
+        return out + zero, ent
+
+    def hidden_states(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final hidden states [B, L, H], a zero scalar carrying the dummy ViT pass) of a micro-batch in the
+        data/README.md contract."""
+        B, L = batch["input_ids"].shape
+        packed = batch.get("attention_mask") is None and batch.get("cu_seqlens") is not None
+        ids = batch["input_ids"].reshape(1, B * L) if packed else batch["input_ids"]
+        embeds = self.model.get_input_embeddings()(ids)
+        features = self.encode_visual(batch)
+        zero = embeds.new_zeros((), dtype=torch.float32) if features else self.dummy_vision()
+        embeds, deepstack = self.merge(ids, embeds, features)
+        out = self.model.language_model(input_ids=None, inputs_embeds=embeds, use_cache=False,
+                                        **self.decoder_inputs(batch, ids, embeds, packed), **deepstack)
+        return out.last_hidden_state.view(B, L, -1), zero
+
+    # -- 1. visual encoding --------------------------------------------------------------------------------
+    def encode(self, modality: str, pixels: torch.Tensor, grids: torch.Tensor):
+        """The family's ViT + merger: per-grid merged features (and per-layer, per-grid DeepStack features)."""
+        fn = self.model.get_image_features if modality == "image" else self.model.get_video_features
+        return fn(pixels, grids, return_dict=True)
+
+    def encode_visual(self, batch: dict) -> dict:
+        """{modality: (features [n, H], DeepStack features per layer or None)} for the batch's media, in the order
+        of the placeholder tokens (rows sharing a prompt's images get them tiled)."""
+        out = {}
+        for col, (modality, pix_key, grid_key, _) in enumerate(MODALITIES):
+            if batch.get(pix_key) is None:
+                continue
+            enc = self.encode(modality, batch[pix_key], batch[grid_key])
+            pieces, ds = list(enc.pooler_output), getattr(enc, "deepstack_features", None)
+            if batch.get("visual_owner") is not None:
+                order = tile_order(batch["visual_counts"][:, col], batch["visual_owner"])
+                pieces = [pieces[g] for g in order]
+                ds = [[layer[g] for g in order] for layer in ds] if ds else ds
+            out[modality] = (torch.cat(pieces), [torch.cat(layer) for layer in ds] if ds else None)
+        return out
+
+    def dummy_vision(self) -> torch.Tensor:
+        """0 x the ViT (and every merger) on a minimal image: the vision collectives of a media-less micro-batch."""
+        visual = self.model.visual
+        cfg = visual.config
+        merge = cfg.spatial_merge_size
+        dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        param = next(visual.parameters())
+        pixels = torch.zeros(merge * merge, dim, device=param.device, dtype=param.dtype)
+        out = visual(pixels, grid_thw=torch.tensor([[1, merge, merge]], device=param.device), return_dict=True)
+        # only what the step consumes (merged embeddings, DeepStack features): the same backward graph
+        used = [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]
+        return sum(t.float().sum() for t in _tensors(used)) * 0.0
+
+    # -- 2. merge --------------------------------------------------------------------------------------------
+    def merge(self, ids: torch.Tensor, embeds: torch.Tensor, features: dict) -> tuple[torch.Tensor, dict]:
+        """Placeholder embeddings replaced by the visual features; the decoder's DeepStack inputs (or none)."""
+        masks = {}
+        for modality, _, _, token_key in MODALITIES:
+            if modality not in features:
+                continue
+            feats = features[modality][0].to(embeds.device, embeds.dtype)
+            mask = ids == getattr(self.model.config, token_key)
+            if int(mask.sum()) != feats.shape[0]:
+                raise ValueError(f"{modality} features and placeholder tokens do not match: {int(mask.sum())} "
+                                 f"tokens, {feats.shape[0]} features")
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats)
+            masks[modality] = mask
+        have = [m for m in masks if features[m][1] is not None]
+        if not have:
+            return embeds, {}
+        visual = masks[have[0]] if len(have) == 1 else masks["image"] | masks["video"]
+        layers = []
+        for k in range(len(features[have[0]][1])):  # image and video features joined in sequence order
+            joint = features[have[0]][1][k].new_zeros(int(visual.sum()), embeds.shape[-1])
+            for m in have:
+                joint[masks[m][visual]] = features[m][1][k]
+            layers.append(joint)
+        return embeds, {"visual_pos_masks": visual, "deepstack_visual_embeds": layers}
+
+    # -- 3. decoder inputs -----------------------------------------------------------------------------------
+    def decoder_inputs(self, batch: dict, ids: torch.Tensor, embeds: torch.Tensor, packed: bool) -> dict:
+        """Position ids and attention inputs: the packer's (packed rows), or HF's own M-RoPE ids for padded rows."""
+        if packed:
+            inputs = varlen_inputs(batch, self.config._attn_implementation)
+            return {k: inputs[k] for k in ("position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k",
+                                           "max_length_q", "max_length_k") if k in inputs}
+        out = {"attention_mask": batch.get("attention_mask")}
+        if batch.get("position_ids") is not None:
+            out["position_ids"] = batch["position_ids"]
+            return out
+        extra = {"second_per_grid_ts": batch["second_per_grid_ts"]} if batch.get("second_per_grid_ts") is not None \
+            else {}
+        grids = {g: batch.get(g) for _, _, g, _ in MODALITIES}
+        if batch.get("visual_owner") is not None:  # rows sharing a prompt: its grids once per row
+            for col, (_, _, g, _) in enumerate(MODALITIES):
+                if grids[g] is not None:
+                    order = tile_order(batch["visual_counts"][:, col], batch["visual_owner"])
+                    grids[g] = grids[g][order]
+                    if g == "video_grid_thw" and extra:
+                        extra["second_per_grid_ts"] = extra["second_per_grid_ts"][order]
+        out["position_ids"] = self.model.compute_3d_position_ids(
+            input_ids=ids, inputs_embeds=embeds, attention_mask=batch.get("attention_mask"), past_key_values=None,
+            mm_token_type_ids=batch.get("mm_token_type_ids"), **grids, **extra)
+        return out
+
+
+# -- 4. log-probs from hidden states, chunked ------------------------------------------------------------------
+def _chunk_logps(lm_head, h: torch.Tensor, target: torch.Tensor, entropy: bool, nll: bool):
+    """One chunk: fp32 logits -> log p of the targets (nll: F.cross_entropy's -log p, the lm objective's
+    arithmetic; the preference and RL objectives' log-probs are logsumexp's; they differ in the last bit)."""
+    logits = lm_head(h).float()
+    if nll:
+        out = F.cross_entropy(logits, target, reduction="none")
+    else:
+        out = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    if not entropy:
+        return out, None
+    with torch.no_grad():
+        return out, torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+def token_logps(lm_head, hidden: torch.Tensor, labels: torch.Tensor, chunk: int, entropy: bool = False,
+                sync_group=None, nll: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(labels[:, t+1]) from hidden[:, t] ([B, L-1], 0 where unsupervised; with `nll` -log p) and the
+    detached entropy.
+
+    Only supervised positions reach lm_head, `chunk` at a time; with gradients on, each chunk's logits are
+    recomputed in backward (checkpoint), so the peak is one chunk's fp32 logits. At least one chunk runs even
+    without supervised tokens, so lm_head and the decoder stay in the backward graph on every rank (zero
+    gradients, the same reductions). With `sync_group` (an engine whose lm_head call is a collective, ZeRO-3)
+    every rank runs the largest chunk count of the group."""
+    target = labels[:, 1:]
+    sup = target != IGNORE
+    h = hidden[:, :-1][sup]
+    t = target[sup]
+    n = max(1, -(-len(t) // chunk))
+    if sync_group is not None:
+        count = torch.tensor([n], device=hidden.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=sync_group)
+        n = int(count)
+    grad = torch.is_grad_enabled()
+    logps, ents = [], []
+    for i in range(n):
+        hs, ts = h[i * chunk:(i + 1) * chunk], t[i * chunk:(i + 1) * chunk]
+        if grad:
+            lp, e = checkpoint(_chunk_logps, lm_head, hs, ts, entropy, nll, use_reentrant=False)
+        else:
+            lp, e = _chunk_logps(lm_head, hs, ts, entropy, nll)
+        logps.append(lp)
+        ents.append(e)
+    flat = torch.cat(logps)
+    out = torch.zeros(sup.shape, dtype=flat.dtype, device=flat.device).masked_scatter(sup, flat)
+    if not len(t):  # keep the (empty) chunk in the graph
+        out = out + flat.sum()
+    ent = None
+    if entropy:
+        ent = torch.zeros(sup.shape, dtype=flat.dtype, device=flat.device).masked_scatter(sup, torch.cat(ents))
+    return out, ent
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+def tile_order(counts: torch.Tensor, owner: torch.Tensor) -> list[int]:
+    """Grid indices in row order when row i shows the `counts[owner[i]]` grids of its owner (owners' grids are
+    stored one after another)."""
+    start = [0] + torch.cumsum(counts, 0).tolist()
+    return [g for u in owner.tolist() for g in range(start[u], start[u] + int(counts[u]))]
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+    elif hasattr(x, "values"):
+        for v in x.values():
+            yield from _tensors(v)
+
+
+def step_module(model) -> torch.nn.Module:
+    """What a forward calls: an engine or a VLM as it is; a bare HF model wrapped (sharing its modules)."""
+    return VLM(model) if isinstance(model, PreTrainedModel) else model
+
+
+def hf_model(model) -> PreTrainedModel:
+    """The HF model under an engine, a VLM or itself (generation and export use it)."""
+    model = getattr(model, "model", model) if not isinstance(model, (VLM, PreTrainedModel)) else model
+    model = getattr(model, "module", model)
+    return model.hf if isinstance(model, VLM) else model
