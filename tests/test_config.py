@@ -26,7 +26,8 @@ def test_every_stage_and_tiny_model_composes_into_typed_config(stage, model):
     job = to_job(compose([f"stage={stage}", f"model={model}"]))
     assert job.stage.name == stage and job.model.name == model
     assert set(job.stage.trainable) <= {"vision", "merger", "llm"}
-    assert job.stage.loss_reduction in ("token", "sample", "sqrt")
+    if job.stage.objective["name"] == "lm":
+        assert job.stage.objective["loss_reduction"] in ("token", "sample", "sqrt")
 
 
 def test_stage_trainable_sets_follow_the_papers():
@@ -60,11 +61,16 @@ def test_typo_inside_a_group_file_fails_naming_key():
 
 def test_objective_keys_are_validated_by_the_objective():
     with pytest.raises(ValueError, match="betta"):
-        build_objective({"name": "lm", "betta": 0.1}, "token")
+        build_objective({"name": "lm", "betta": 0.1})
     with pytest.raises(ValueError, match="unknown"):
-        build_objective({"name": "ppo"}, "token")
-    with pytest.raises(ValueError, match="loss_reduction"):
-        build_objective({"name": "lm"}, "mean")
+        build_objective({"name": "ppo"})
+    with pytest.raises(ValueError, match="stage.objective.loss_reduction='mean'"):
+        build_objective({"name": "lm", "loss_reduction": "mean"})
+
+
+def test_the_old_stage_loss_reduction_key_says_where_it_moved():
+    with pytest.raises(ValueError, match="stage.loss_reduction=sample moved .* stage.objective.loss_reduction=sample"):
+        to_job(compose(["+stage.loss_reduction=sample"]))
 
 
 def test_cfg_job_prints_the_resolved_config():

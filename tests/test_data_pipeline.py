@@ -7,7 +7,7 @@ import torch
 from data import shapes
 from data.pipeline import DataConfig, Layout, Pipeline
 from data.shards import write_tar
-from stages import forward
+from training.vlm import VLM
 from training.models import ModelConfig, build
 
 
@@ -35,8 +35,8 @@ def test_micro_batches_run_through_the_model(bundle):
     # the model configs default to sdpa_varlen: segments by cu_seqlens, no 4D mask
     assert mb["input_ids"].shape == (2, 256) and "attention_mask" not in mb and int(mb["cu_seqlens"][-1]) == 512
     assert len(mb["sources"]) == int(mb["sample_ids"].max()) + 1
-    logits, _ = forward.logits(bundle.model, mb)
-    assert logits.shape[:2] == (2, 256) and torch.isfinite(logits).all()
+    logps, _ = VLM(bundle.model)(mb)
+    assert logps.shape == (2, 255) and torch.isfinite(logps).all() and (logps <= 0).all()
 
 
 @pytest.mark.parametrize("workers", [0, 2])

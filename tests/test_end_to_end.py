@@ -69,17 +69,17 @@ def test_bf16_on_one_rank_trains_with_deepspeeds_bf16_optimizer(tmp_path, monkey
     """The paper recipes' engine.dtype=bf16 on one rank, where engine=zero2 runs as stage 0: DeepSpeed's bf16
     optimizer (fp32 master weights) steps, reports the gradient norm, and the run exports."""
     engines = []
-    real = loop.initialize
+    real = loop.engines.build
 
     def initialize(*args, **kwargs):
         out = real(*args, **kwargs)
-        engines.append(out[0])
+        engines.append(out)
         return out
 
-    monkeypatch.setattr(loop, "initialize", initialize)
+    monkeypatch.setattr(loop.engines, "build", initialize)
     run_stage(tmp_path, ["engine.dtype=bf16", "trainer.max_steps=2", "trainer.micro_batch_size=1"])
     _assert_complete_run(tmp_path, 2)
-    assert engines[0].zero_optimization_stage() == 0 and engines[0].bfloat16_enabled()
+    assert engines[0].ds.zero_optimization_stage() == 0 and engines[0].ds.bfloat16_enabled()
     rows = metrics_rows(tmp_path)
     assert all(r["grad_norm"] > 0 and r["skipped"] is None for r in rows)
     assert rows[1]["loss"] < rows[0]["loss"] + 1.0

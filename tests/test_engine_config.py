@@ -1,13 +1,13 @@
 """Engine configuration: CPU offload against the non-offloaded run, and impossible settings failing before any work.
 
 Offload on DS_ACCELERATOR=cpu: parameters and optimizer state already live in host memory, so the engine keeps
-torch's AdamW (training/engine.py) and DeepSpeed moves nothing; what the tests check is that DeepSpeed's offload
+torch's AdamW (training/engines/deepspeed.py) and DeepSpeed moves nothing; what the tests check is that DeepSpeed's offload
 code paths (ZeRO-1/2 CPU-offload optimizer, ZeRO-3 offloaded optimizer and parameters) train exactly like the
 plain ones. They do, bit for bit, with gradient clipping off. With clipping on (every stage's default), the
 offloaded ZeRO-1/2 optimizer computes the global gradient norm in its own order, so the clip coefficient can
 differ in the last bit and the weights after a few steps differ at float32 round-off (measured 1.2e-7): that
 case is checked with a tolerance. With one rank the non-offloaded ZeRO-1/2 references run as stage 0
-(training/engine.py `for_world`) while the offloaded runs keep ZeRO: the comparison also pins that stage 0 with
+(training/engines/deepspeed.py `for_world`) while the offloaded runs keep ZeRO: the comparison also pins that stage 0 with
 GuardedAdamW steps like ZeRO's flat-buffer optimizer.
 """
 import copy
@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from conftest import compose, run_stage
 from training import loop
-from training.engine import EngineConfig, GuardedAdamW, deepspeed_config, for_world, use_ds_cpu_adam
+from training.engine import EngineConfig
+from training.engines.deepspeed import GuardedAdamW, deepspeed_config, for_world, use_ds_cpu_adam
 
 STEPS = ["trainer.max_steps=3", "trainer.save_every=0"]
 NO_CLIP = "stage.optimizer.grad_clip=0.0"
@@ -40,14 +41,14 @@ def one_thread():
 def _train(out: Path, overrides: list[str], monkeypatch) -> tuple[dict, object]:
     """Weights of the HF export after the run, and the DeepSpeed engine the loop used."""
     engines = []
-    real = loop.initialize
+    real = loop.engines.build
 
     def initialize(*args, **kwargs):
-        engine, ds_cfg = real(*args, **kwargs)
+        engine = real(*args, **kwargs)
         engines.append(engine)
-        return engine, ds_cfg
+        return engine
 
-    monkeypatch.setattr(loop, "initialize", initialize)
+    monkeypatch.setattr(loop.engines, "build", initialize)
     run_stage(out, [*STEPS, *overrides])
     return load_file(str(out / "hf" / "model.safetensors")), engines[0]
 
@@ -89,9 +90,9 @@ def test_cpu_offload_trains_exactly_like_the_non_offloaded_run(engine, offload, 
                                                               monkeypatch):
     weights, eng = _train(tmp_path, [f"engine={engine}", *offload, NO_CLIP], monkeypatch)
     # the offload paths really ran, with the optimizer the engine picks for the CPU accelerator
-    assert eng.zero_cpu_offload() == ("engine.offload_optimizer=true" in offload)
-    assert bool(eng.zero_offload_param()) == ("engine.offload_params=true" in offload)
-    assert type(eng.basic_optimizer) is torch.optim.AdamW
+    assert eng.ds.zero_cpu_offload() == ("engine.offload_optimizer=true" in offload)
+    assert bool(eng.ds.zero_offload_param()) == ("engine.offload_params=true" in offload)
+    assert type(eng.ds.basic_optimizer) is torch.optim.AdamW
     ref = reference(engine, clip=False)
     assert _moved(ref, initial) > 1e-4  # three real steps happened
     assert all(torch.equal(weights[k], ref[k]) for k in ref), max(
@@ -102,7 +103,7 @@ def test_cpu_offload_trains_exactly_like_the_non_offloaded_run(engine, offload, 
 def test_cpu_offload_with_gradient_clipping_matches_within_float32_roundoff(engine, reference, initial, tmp_path,
                                                                            monkeypatch):
     weights, eng = _train(tmp_path, [f"engine={engine}", "engine.offload_optimizer=true"], monkeypatch)
-    assert eng.zero_cpu_offload()
+    assert eng.ds.zero_cpu_offload()
     ref = reference(engine, clip=True)
     moved = _moved(ref, initial)
     diff = max(float((weights[k] - ref[k]).abs().max()) for k in ref)

@@ -35,7 +35,7 @@ def test_a_non_finite_step_is_skipped_and_leaves_the_weights_alone(tmp_path, mon
     assert [r["skipped"] for r in rows] == [None, "non-finite", None]
     assert rows[1]["loss"] is None and math.isfinite(rows[2]["loss"]) and rows[2]["skipped_steps"] == 1
     assert summary["skipped_steps"] == 1
-    from training.checkpoint import _weights_only_load
+    from training.engines.deepspeed import _weights_only_load
 
     def module_states(step):  # the weights as DeepSpeed saved them after that step
         return _weights_only_load(str(tmp_path / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt"))[

@@ -35,7 +35,7 @@ def test_micro_batch_and_accumulation_split_does_not_change_training(reduction, 
     runs = {}
     for mbs, ga in ((4, 1), (2, 2), (1, 4)):
         out = tmp_path / f"{mbs}x{ga}"
-        run_stage(out, [f"stage.loss_reduction={reduction}", "trainer.max_steps=3", "trainer.save_every=0",
+        run_stage(out, [f"stage.objective.loss_reduction={reduction}", "trainer.max_steps=3", "trainer.save_every=0",
                         f"trainer.micro_batch_size={mbs}", f"trainer.grad_accum={ga}", "model=tiny_qwen2_5_vl"])
         losses = [row["loss"] for row in metrics_rows(out)]
         runs[(mbs, ga)] = (losses, load_hf(out / "hf"))

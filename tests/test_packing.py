@@ -175,11 +175,11 @@ def test_varlen_flattening_keeps_the_losses(bundle, packed):
 
 
 def test_sdpa_varlen_through_the_trainer_forward_equals_each_sample_alone(bundle, packed):
-    """attn_implementation="sdpa_varlen" (training/attention.py): the trainer's forward (stages/forward.logits) on
+    """attn_implementation="sdpa_varlen" (training/attention.py): the trainer's step (training/vlm.py) on
     the varlen collate (no 4D mask) gives each sample's loss alone, for all families with images, videos and text
     mixed in rows; the ViT (per-image SDPA chunks) and a padded generation-style batch match plain "sdpa"."""
     from data.pack import collate
-    from stages.forward import logits as trainer_logits
+    from training.vlm import VLM
 
     samples, rows, cfg, _ = packed
     batch = collate(rows, PackConfig(seq_len=cfg.seq_len, buffer_size=4, pad_id=cfg.pad_id, attention="varlen"))
@@ -190,8 +190,7 @@ def test_sdpa_varlen_through_the_trainer_forward_equals_each_sample_alone(bundle
     model.config._attn_implementation = "sdpa_varlen"
     try:
         with torch.no_grad():
-            out, _ = trainer_logits(model, batch)
-            ce = _ce(out, batch["labels"])
+            ce, _ = VLM(model)(batch, nll=True)
             sid = batch["sample_ids"][:, 1:]
             ours = torch.zeros(len(batch["meta"])).index_add_(0, sid[sid >= 0], ce[sid >= 0])
             s = image_sample(bundle, 5)
@@ -216,7 +215,7 @@ def test_packed_rows_on_gpu_give_each_sample_its_loss_alone(bundle, packed, impl
     tolerance)."""
     import copy
 
-    from stages.forward import logits as trainer_logits
+    from training.vlm import VLM
 
     if impl == "flash_attention_2":
         pytest.importorskip("flash_attn", reason="flash_attention_2 needs the flash-attn package")
@@ -231,8 +230,8 @@ def test_packed_rows_on_gpu_give_each_sample_its_loss_alone(bundle, packed, impl
             getattr(model.config, sub)._attn_implementation = impl
     by_key = {s["key"]: s for s in samples}
     with torch.no_grad():
-        out, _ = trainer_logits(model, batch)
-        ce, sid = _ce(out, batch["labels"]), batch["sample_ids"][:, 1:]
+        ce, _ = VLM(model)(batch, nll=True)
+        sid = batch["sample_ids"][:, 1:]
         ours = torch.zeros(len(batch["meta"]), device="cuda").index_add_(0, sid[sid >= 0], ce[sid >= 0]).cpu()
         alone = []
         for m in batch["meta"]:

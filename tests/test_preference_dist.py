@@ -134,7 +134,7 @@ r.objective.weights = checked
 loop._start_engine(r, "")
 with loop._StopOnSignal() as stop:
     loop._train(r, stop)
-state = loop._full_state_dict(r.engine)
+state = r.engine.full_state_dict(rank=0)
 Path(out, f"groups_rank{rank}.json").write_text(json.dumps(seen))
 if rank == 0:
     save_file({k: v.contiguous() for k, v in state.items()}, str(Path(out) / "weights.safetensors"))
@@ -371,7 +371,9 @@ import torch
 from training.train import init_distributed
 from training import models
 from training.loop import JobConfig
-from training.engine import EngineConfig, initialize
+from training.engine import EngineConfig, build as build_engine
+from training.vlm import VLM
+from stages.objective import Context
 from stages import StageConfig, rollout
 from stages.sapo import RLObjective, Config as SC
 from test_dpo import pack
@@ -389,22 +391,22 @@ groups = models.param_groups(b.model, b.family)
 models.apply_trainable(b.model, groups, job.stage.trainable)
 prompts = _prompts(b)
 mine = [prompts[0]] if rank == 0 else [prompts[1]]  # rank 0: an image prompt; rank 1: text only
-engine, _ = initialize(b.model, groups, job.stage, job.engine, 1, 1, world, 10)
+engine = build_engine(VLM(b.model), groups, job.stage, job.engine, 1, 1, world, 10)
 tok = b.tokenizer
 pad, stops = tok.pad_token_id, [tok.convert_tokens_to_ids("<|im_end|>")]
 rows = []
-engine.module.model.visual.register_forward_pre_hook(
+engine.model.model.visual.register_forward_pre_hook(
     lambda m, a, k: rows.append(int((a[0] if a else k["hidden_states"]).shape[0])), with_kwargs=True)
 out = {}
 # greedy: identical to the unsharded model; the text-only rank joins the ViT's all-gathers with a dummy image
-out["greedy"] = rollout.generate(engine.module, mine, 3, pad, stops, 0.0, 1.0, 3 + 3 * rank, synced=True)
+out["greedy"] = rollout.generate(engine, mine, 3, pad, stops, 0.0, 1.0, 3 + 3 * rank, synced=True)
 out["plain"] = rollout.generate(plain, mine, 3, pad, stops, 0.0, 1.0, 3 + 3 * rank, synced=False)
 out["vit_rows"] = list(rows)
 # a whole RL step: sampled rollouts, the shared-image log-prob passes, backward and step on every rank
 mb = pack(plain, [[p] for p in mine], pad)
 rl = RLObjective(SC(num_generations=4, max_new_tokens=4, drop_equal_groups=False, mini_batches=1,
                     rewards={"odd_length": "reward_helpers:odd_length"}))
-run = types.SimpleNamespace(job=job, bundle=b, engine=engine, rank=rank, world=world, groups=groups)
+run = Context(engine, b, lambda: VLM(models.build(job.model).model))
 rl.setup(run)
 step = rl.prepare(engine, [mb])[0]
 step["weights"] = rl.weights(step)

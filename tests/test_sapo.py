@@ -294,15 +294,15 @@ def test_config_registered_reward_scores_rollouts_through_the_stage_config():
     from stages import build_objective
 
     objective = OmegaConf.to_container(OmegaConf.load(REPO / "conf/stage/sapo.yaml").objective)
-    assert objective["rewards"] == {} and build_objective(objective, "token").rewards.fns.keys() == {
+    assert objective["rewards"] == {} and build_objective(objective).rewards.fns.keys() == {
         "exact_match", "numeric", "choice", "box_iou", "format"}
-    obj = build_objective({**objective, "rewards": {"short": "reward_helpers:short_enough"}}, "token")
+    obj = build_objective({**objective, "rewards": {"short": "reward_helpers:short_enough"}})
     meta = {"key": "k", "answer": None, "reward": {"name": "short", "limit": 2, "bonus": 0.25}}
     assert obj.rewards("ab", meta) == 1.25 and obj.rewards("abc", meta) == 0.25
     with pytest.raises(ValueError, match="stage.objective.rewards.numeric"):
-        build_objective({**objective, "rewards": {"numeric": "reward_helpers:always_one"}}, "token")
+        build_objective({**objective, "rewards": {"numeric": "reward_helpers:always_one"}})
     with pytest.raises(ValueError, match="stage.objective.default_reward='nope'"):
-        build_objective({**objective, "default_reward": "nope"}, "token")
+        build_objective({**objective, "default_reward": "nope"})
 
 
 TWO_RANKS = r'''
@@ -312,7 +312,9 @@ import torch
 from training.train import init_distributed
 from training import models
 from training.loop import JobConfig
-from training.engine import EngineConfig, initialize
+from training.engine import EngineConfig, build as build_engine
+from training.vlm import VLM
+from stages.objective import Context
 from stages import StageConfig
 from stages.dpo import DPOObjective, Config as DC
 from stages.sapo import RLObjective, Config as SC
@@ -331,8 +333,8 @@ models.apply_trainable(b.model, groups, job.stage.trainable)
 helper = models.build(job.model)  # batches need get_rope_index, not the (partitioned) weights
 dmb = pack(helper.model, dpo_pairs(helper), helper.tokenizer.pad_token_id)
 rmb = pack(helper.model, [[p] for p in _prompts(helper)], helper.tokenizer.pad_token_id)
-engine, _ = initialize(b.model, groups, job.stage, job.engine, 1, 1, world, 10)
-run = types.SimpleNamespace(job=job, bundle=b, engine=engine, rank=rank, world=world, groups=groups)
+engine = build_engine(VLM(b.model), groups, job.stage, job.engine, 1, 1, world, 10)
+run = Context(engine, b, lambda: VLM(models.build(job.model).model))
 out = {}
 dpo = DPOObjective(DC()); dpo.setup(run)
 out["ref_partitioned"] = sum(hasattr(p, "ds_id") for p in dpo.ref.parameters())

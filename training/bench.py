@@ -178,8 +178,11 @@ def model_only(job, steps, args, repeats: int = 3) -> dict:
     from stages import lm
     from training import models
 
+    from training.vlm import VLM
+
     bundle = models.build(job.model)
     model = bundle.model
+    step = VLM(model, job.model.loss_chunk)
     layout = dp.Layout(rank=0, world=1, micro_batch=args.rows, grad_accum=1, seq_len=args.seq_len)
     pipe = dp.Pipeline(job.data, job.stage.mixture, bundle, layout)
     n = min(len(steps), 12)
@@ -187,11 +190,11 @@ def model_only(job, steps, args, repeats: int = 3) -> dict:
     encoder = build_encoder(job.data.encoder, bundle)
     padded = [pad_to_longest([encoder.encode(r)[0] for r in samples], bundle.tokenizer.pad_token_id)
               for samples, _ in steps[:n]]
-    obj = lm.LMObjective(lm.Config(), job.stage.loss_reduction)
+    obj = lm.LMObjective(lm.Config(**{k: v for k, v in job.stage.objective.items() if k != "name"}))
 
     def ours(mb):
         mb = dict(mb, weights=obj.weights(mb))
-        ls, _ = obj.loss_sum(model, mb)
+        ls, _ = obj.loss_sum(step, mb)
         (ls / mb["weights"].sum()).backward()
 
     def hf(batch):

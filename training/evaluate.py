@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from data import shapes
 from data.encode import IGNORE
 from training import models
+from training.vlm import VLM
 
 
 @dataclass
@@ -64,6 +64,14 @@ def _inputs(enc: dict, ids: torch.Tensor, mm: torch.Tensor) -> dict:
     return inputs
 
 
+def _nll(bundle: models.Bundle, enc: dict) -> tuple[float, int]:
+    """(summed cross-entropy of the supervised tokens, their count): the training step's chunked loss path."""
+    batch = _inputs(enc, enc["input_ids"], enc["mm_token_type_ids"])
+    batch["labels"] = enc["labels"][None]
+    ce, _ = VLM(bundle.model)(batch, nll=True)
+    return float(ce.sum()), int((enc["labels"][1:] != IGNORE).sum())
+
+
 def _held_out(cfg: EvalConfig, task: str) -> shapes.ShapesConfig:
     return dataclasses.replace(shapes.ShapesConfig(), seed=cfg.seed, tasks=[task])
 
@@ -73,11 +81,8 @@ def caption_loss(bundle: models.Bundle, cfg: EvalConfig) -> float:
     source = _held_out(cfg, "caption")
     total, count = 0.0, 0
     for i in range(cfg.samples):
-        enc = encode(bundle, *shapes.sample(source, i), key=f"caption/{i}")[0]
-        logits = bundle.model(**_inputs(enc, enc["input_ids"], enc["mm_token_type_ids"]), use_cache=False).logits[0]
-        target = enc["labels"][1:]
-        ce = F.cross_entropy(logits[:-1].float(), target, ignore_index=IGNORE, reduction="sum")
-        total, count = total + float(ce), count + int((target != IGNORE).sum())
+        ce, n = _nll(bundle, encode(bundle, *shapes.sample(source, i), key=f"caption/{i}")[0])
+        total, count = total + ce, count + n
     return total / max(count, 1)
 
 
@@ -99,7 +104,8 @@ def _greedy(bundle: models.Bundle, enc: dict, ids: torch.Tensor, mm: torch.Tenso
     stop = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
     new = []
     for _ in range(cfg.max_new_tokens):  # no KV cache: a few tokens on a tiny prompt
-        nxt = int(_next_logits(bundle, bundle.model(**_inputs(enc, ids, mm), use_cache=False).logits)[0].argmax())
+        nxt = int(_next_logits(bundle, bundle.model(**_inputs(enc, ids, mm), use_cache=False,
+                                                            logits_to_keep=1).logits)[0].argmax())
         if nxt in stop:
             break
         new.append(nxt)
@@ -120,9 +126,7 @@ def preference(bundle: models.Bundle, cfg: EvalConfig) -> dict:
         record, media = _generated(cfg, "preference", i)
         logp = []
         for s in encode(bundle, record, media, key=f"preference/{i}"):
-            logits = bundle.model(**_inputs(s, s["input_ids"], s["mm_token_type_ids"]), use_cache=False).logits[0]
-            target = s["labels"][1:]
-            logp.append(-float(F.cross_entropy(logits[:-1].float(), target, ignore_index=IGNORE, reduction="sum")))
+            logp.append(-_nll(bundle, s)[0])
         margins.append(logp[0] - logp[1])
     return {"pref_accuracy": sum(m > 0 for m in margins) / max(len(margins), 1), "pref_margins": margins}
 
@@ -146,7 +150,8 @@ def _sampled(bundle: models.Bundle, enc: dict, cfg: EvalConfig, gen: torch.Gener
     out, live = [[] for _ in range(k)], [True] * k
     for _ in range(cfg.max_new_tokens):
         logits = _next_logits(bundle, bundle.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                   mm_token_type_ids=mm, **extra, use_cache=False).logits)
+                                                   mm_token_type_ids=mm, **extra, use_cache=False,
+                                                   logits_to_keep=1).logits)
         nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
         for j, t in enumerate(nxt.tolist()):
             live[j] = live[j] and t not in stop

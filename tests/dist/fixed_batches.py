@@ -76,7 +76,7 @@ def main(out: str, *args: str) -> None:
     job = to_job(compose([f"model=tiny_{opts['family']}", f"engine={opts['engine']}", "logger=none",
                           f"output_dir={out}", f"trainer.max_steps={steps}", f"trainer.micro_batch_size={micro}",
                           f"trainer.grad_accum={ga}", "trainer.save_every=0", f"stage.optimizer.lr={opts['lr']}",
-                          f"stage.loss_reduction={opts['reduction']}", "stage.seq_len=256"]))
+                          f"stage.objective.loss_reduction={opts['reduction']}", "stage.seq_len=256"]))
     r = loop._setup(job, "", Path(out), rank, world)
     per_step = world * micro * ga
     if opts["arrange"] == "mixed":  # every step: an image row then a text-only row
@@ -89,7 +89,7 @@ def main(out: str, *args: str) -> None:
     loop._start_engine(r, "")
     with loop._StopOnSignal() as stop:
         loop._train(r, stop)
-    state = loop._full_state_dict(r.engine)
+    state = r.engine.full_state_dict(rank=0)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(out) / "weights.safetensors"))
 
