@@ -359,8 +359,10 @@ def test_rollout_log_prob_passes_run_the_vit_once_per_prompt_per_micro_batch(fam
         hook.remove()
     assert rows == [16, 16 * G]
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    # the shared image's gradient is summed over its rows in another order than G separate ViT passes: float32
+    # round-off, judged against each gradient's norm (single near-zero elements differ by ~1e-6 with 2 threads)
     for a, c in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+        assert float((a - c).norm()) <= 1e-5 * float(c.norm()) + 1e-9, (float((a - c).norm()), float(c.norm()))
     assert any(float(g.abs().sum()) > 0 for g in results[0][1])
 
 

@@ -14,8 +14,9 @@ then runs its zero-weighted dummy ViT pass), for each L in `--lengths` and each 
   chunked  the same hidden states; training.vlm.token_logps(vlm.lm_head, hidden, labels, vlm.loss_chunk, nll=True)
 Loss = (ce * weights).sum() / weights.sum() in both. Each (path, L) runs in a fresh subprocess: it builds the
 model (seed 0) and the batch, records its RSS, resets the peak (VmHWM, /proc/self/clear_refs), runs one warm-up
-and one timed step, and reports peak RSS minus that baseline ("peak GiB": what the step itself adds: activations,
-logits, gradients) and L / (timed step seconds). A child is capped at `--max-gib` of data (RLIMIT_DATA): a cell
+and `--steps` timed steps (the same step each time), and reports peak RSS minus that baseline ("peak GiB": what the
+step itself adds: activations, logits, gradients) and L / (fastest timed step's seconds; best-of because other
+load on the machine only ever slows a step down). A child is capped at `--max-gib` of data (RLIMIT_DATA): a cell
 that does not fit is reported as "OOM" instead of swapping or killing the machine.
 
 Reading the output: "ratio" = full / chunked peak (how many times less memory the step needs with chunking);
@@ -122,16 +123,19 @@ def child(path: str, L: int, args) -> dict:
         loss.backward()
         gnorm = float(vlm.lm_head.weight.grad.norm())
         vlm.zero_grad(set_to_none=True)
-        return float(loss), gnorm
+        return float(loss.detach()), gnorm
 
     base = _status("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")  # VmHWM := current RSS
     out = dict(path=path, length=L, base_gib=base, loss_chunk=vlm.loss_chunk)
     try:
-        step()
-        t0 = time.perf_counter()
-        out["loss"], out["lm_head_grad_norm"] = step()
-        out["seconds"] = time.perf_counter() - t0
+        step()  # warm-up
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            out["loss"], out["lm_head_grad_norm"] = step()
+            times.append(time.perf_counter() - t0)
+        out["seconds"], out["all_seconds"] = min(times), times
     except (RuntimeError, MemoryError) as e:
         if "memory" not in str(e).lower():
             raise
@@ -146,7 +150,7 @@ def run_cell(path: str, L: int, args) -> dict:
     avail = int(re.search(r"MemAvailable:\s+(\d+)", open("/proc/meminfo").read()).group(1)) * 1024 / GiB
     cap = min(args.max_gib, avail - 2)  # never more than what the machine has free now, less 2 GiB
     cmd = [sys.executable, "-m", "training.memory", "--child", path, str(L), "--max-gib", f"{cap:.2f}",
-           "--threads", str(args.threads), "--sample-len", str(args.sample_len),
+           "--threads", str(args.threads), "--steps", str(args.steps), "--sample-len", str(args.sample_len),
            "--supervised", str(args.supervised)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -165,6 +169,7 @@ def main(argv=None) -> None:
     p.add_argument("--sample-len", type=int, default=1024, help="tokens per packed sample")
     p.add_argument("--supervised", type=float, default=1.0, help="supervised fraction of each sample")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up; the fastest is reported")
     p.add_argument("--max-gib", type=float, default=16.0, help="data cap of one child process")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--child", nargs=2, metavar=("PATH", "L"), help=argparse.SUPPRESS)
@@ -176,8 +181,9 @@ def main(argv=None) -> None:
         return
 
     print(f"one step (forward + backward) of tiny Qwen3-VL layers with V={V}, fp32, sdpa_varlen, gradient "
-          f"checkpointing; {args.threads} threads; samples of {args.sample_len} tokens, "
-          f"{args.supervised:.0%} supervised; peak = RSS high-water mark of the step minus the built model+batch")
+          f"checkpointing; {args.threads} threads; best of {args.steps} timed steps; samples of "
+          f"{args.sample_len} tokens, {args.supervised:.0%} supervised")
+    print("peak = RSS high-water mark of the step minus the RSS of the built model and batch")
     print(f"baseline {BASELINE}")
     print("chunked: training.vlm.token_logps (lm_head per chunk of supervised tokens, recomputed in backward)")
     rows, cells = [], []

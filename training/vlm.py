@@ -127,7 +127,9 @@ class VLM(torch.nn.Module):
         have = [m for m in masks if features[m][1] is not None]
         if not have:
             return embeds, {}
-        visual = masks[have[0]] if len(have) == 1 else masks["image"] | masks["video"]
+        if len(have) == 1:  # one modality: its features are already in sequence order
+            return embeds, {"visual_pos_masks": masks[have[0]], "deepstack_visual_embeds": features[have[0]][1]}
+        visual = masks["image"] | masks["video"]
         layers = []
         for k in range(len(features[have[0]][1])):  # image and video features joined in sequence order
             joint = features[have[0]][1][k].new_zeros(int(visual.sum()), embeds.shape[-1])
