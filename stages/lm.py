@@ -57,14 +57,14 @@ class LMObjective(Objective):
 
     def loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Σ w·ℓ over the micro-batch (to be divided by the global weight sum) plus per-source CE sums."""
-        ce, _ = model(batch, nll=True)
+        loss, ce = model(batch, weights=batch["weights"])
         sid = batch["sample_ids"][:, 1:]
         sup = (batch["labels"][:, 1:] != IGNORE) & (sid >= 0)
         n = len(batch["sources"])  # sample id i comes from source sources[i]
         idx = sid[sup]
-        per_sample = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add_(0, idx, ce.detach()[sup])
+        per_sample = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add_(0, idx, ce[sup])
         counts = torch.bincount(idx, minlength=n)
-        return (ce * batch["weights"]).sum(), {"sums": source_sums(per_sample, counts, batch["sources"], "loss")}
+        return loss, {"sums": source_sums(per_sample, counts, batch["sources"], "loss")}
 
 
 def build(cfg: Config) -> LMObjective:

@@ -52,8 +52,10 @@ def _close(ours: dict, ref: dict) -> None:
         assert err <= 1e-5 * scale + 1e-8, (n, err, scale)
 
 
-def test_chunked_loss_and_gradients_equal_the_full_logits_forward(case):
-    """lm objective: Σ w·CE from 5-token lm_head chunks (recomputed in backward) == HF's full [B, L, V] logits."""
+@pytest.mark.parametrize("path", ["fused", "recomputed"])
+def test_chunked_loss_and_gradients_equal_the_full_logits_forward(case, path):
+    """Σ w·CE from 5-token lm_head chunks == HF's full [B, L, V] logits, loss and every gradient: the lm objective's
+    path (gradients computed per chunk in the forward) and the log-prob path (chunks recomputed in backward)."""
     b, batch = case
     model, w = b.model, _weights(batch)
     model.zero_grad()
@@ -69,16 +71,42 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_forward(case):
     widths = []
     hook = model.lm_head.register_forward_hook(lambda m, a, out: widths.append(out.shape[0]))
     try:
-        ce, _ = step(batch, nll=True)
-        ours = (ce * w).sum()
+        if path == "fused":
+            ours, ce = step(batch, weights=w)
+        else:
+            ce, _ = step(batch, nll=True)
+            ours = (ce * w).sum()
         ours.backward()
     finally:
         hook.remove()
-    # lm_head saw only supervised positions, never more than a chunk at a time (forward and recompute)
-    assert max(widths) == 5 and sum(widths) == 2 * n_sup
-    assert torch.allclose(ce, ref_ce, rtol=1e-5, atol=1e-6)
+    if path == "recomputed":  # lm_head saw only supervised positions, a chunk at a time (forward and recompute)
+        assert max(widths) == 5 and sum(widths) == 2 * n_sup
+    else:  # the fused path multiplies by the weight itself, never through the module
+        assert widths == []
+    assert torch.allclose(ce.detach(), ref_ce, rtol=1e-5, atol=1e-6)
     assert abs(float(ours) - float(ref)) <= 1e-6 * abs(float(ref))
     _close(_grads(model), ref_grads)
+
+
+def test_the_fused_loss_with_a_frozen_lm_head_still_trains_what_lies_below(case):
+    """s0_merger freezes the llm: lm_head gets no gradient, the merger below it gets the full-logits one."""
+    b, batch = case
+    model, w = b.model, _weights(batch)
+    model.lm_head.weight.requires_grad_(False)
+    try:
+        model.zero_grad(set_to_none=True)
+        target = batch["labels"][:, 1:]
+        ref = (F.cross_entropy(_hf_full_logits(model, batch)[:, :-1].flatten(0, 1), target.flatten(),
+                               ignore_index=IGNORE, reduction="none").view_as(target) * w).sum()
+        ref.backward()
+        ref_grads = _grads(model)
+        model.zero_grad(set_to_none=True)
+        loss, _ = VLM(model, loss_chunk=5)(batch, weights=w)
+        (loss * 3.0).backward()  # an upstream scale reaches the stored gradients
+        assert model.lm_head.weight.grad is None
+        _close({n: g / 3.0 for n, g in _grads(model).items()}, ref_grads)
+    finally:
+        model.lm_head.weight.requires_grad_(True)
 
 
 def test_log_probs_and_entropy_equal_the_full_softmax(case):

@@ -18,8 +18,10 @@
    between the families is data (token ids in the config, DeepStack features present or not), not a branch here.
 3. **Decoder**: the HF text model on `inputs_embeds` with the packed M-RoPE ids; packed rows are one flattened
    sequence cut by `cu_seqlens` (training/attention.py), rollout rows are right-padded with a 2-D mask.
-4. **Log-probs** (`token_logps`): lm_head on the supervised positions only, `loss_chunk` tokens at a time, fp32
-   log-softmax per chunk, each chunk recomputed in backward: no [L, V] logits exist, only one chunk's.
+4. **Loss from hidden states**: lm_head on the supervised positions only, `loss_chunk` tokens at a time, fp32
+   log-softmax per chunk; no [L, V] logits exist, only one chunk's. The lm objective's weighted CE
+   (`weighted_nll`) computes each chunk's gradients in the forward, so nothing is recomputed; log-probs for other
+   losses (`token_logps`: DPO, RL) recompute each chunk in backward.
 """
 from __future__ import annotations
 
@@ -54,10 +56,14 @@ class VLM(torch.nn.Module):
     def config(self):
         return self.hf.config
 
-    def forward(self, batch: dict, entropy: bool = False, nll: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, batch: dict, entropy: bool = False, nll: bool = False, weights: torch.Tensor | None = None):
         """(log p(labels[:, t+1] | ...) [B, L-1], 0 where unsupervised, or with `nll` the cross-entropy -log p;
-        the detached entropy there, if asked)."""
+        the detached entropy there, if asked). With `weights` [B, L-1] (the lm objective): (Σ weights·CE, the
+        detached CE) by `weighted_nll`, whose gradients need no recomputed logits."""
         hidden, zero = self.hidden_states(batch)
+        if weights is not None:
+            loss, ce = weighted_nll(self.lm_head, hidden, batch["labels"], weights, self.loss_chunk, self.sync_group)
+            return loss + zero, ce
         out, ent = token_logps(self.lm_head, hidden, batch["labels"], self.loss_chunk, entropy, self.sync_group, nll)
         return out + zero, ent
 
@@ -180,43 +186,102 @@ def _chunk_logps(lm_head, h: torch.Tensor, target: torch.Tensor, entropy: bool, 
         return out, torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
 
 
+def _chunks(n_tokens: int, chunk: int, device, sync_group) -> int:
+    """Chunks to run: at least one (lm_head stays in the graph without supervised tokens: zero gradients, the same
+    reductions on every rank); with `sync_group` (lm_head calls are collectives, ZeRO-3) the group's largest."""
+    n = max(1, -(-n_tokens // chunk))
+    if sync_group is not None:
+        count = torch.tensor([n], device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=sync_group)
+        n = int(count)
+    return n
+
+
+def _supervised(hidden: torch.Tensor, labels: torch.Tensor):
+    target = labels[:, 1:]
+    sup = target != IGNORE
+    return sup, hidden[:, :-1][sup], target[sup]
+
+
+def _scatter(sup: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(sup.shape, dtype=flat.dtype, device=flat.device).masked_scatter(sup, flat)
+
+
 def token_logps(lm_head, hidden: torch.Tensor, labels: torch.Tensor, chunk: int, entropy: bool = False,
                 sync_group=None, nll: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(labels[:, t+1]) from hidden[:, t] ([B, L-1], 0 where unsupervised; with `nll` -log p) and the
-    detached entropy.
+    detached entropy, for any loss of the log-probs (DPO, RL).
 
-    Only supervised positions reach lm_head, `chunk` at a time; with gradients on, each chunk's logits are
-    recomputed in backward (checkpoint), so the peak is one chunk's fp32 logits. At least one chunk runs even
-    without supervised tokens, so lm_head and the decoder stay in the backward graph on every rank (zero
-    gradients, the same reductions). With `sync_group` (an engine whose lm_head call is a collective, ZeRO-3)
-    every rank runs the largest chunk count of the group."""
-    target = labels[:, 1:]
-    sup = target != IGNORE
-    h = hidden[:, :-1][sup]
-    t = target[sup]
-    n = max(1, -(-len(t) // chunk))
-    if sync_group is not None:
-        count = torch.tensor([n], device=hidden.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=sync_group)
-        n = int(count)
-    grad = torch.is_grad_enabled()
+    Only supervised positions reach lm_head, `chunk` at a time. With gradients on and more than one chunk, each
+    chunk's logits are recomputed in backward (checkpoint), so the peak is one chunk's fp32 logits."""
+    sup, h, t = _supervised(hidden, labels)
+    n = _chunks(len(t), chunk, hidden.device, sync_group)
+    recompute = torch.is_grad_enabled() and n > 1
     logps, ents = [], []
     for i in range(n):
         hs, ts = h[i * chunk:(i + 1) * chunk], t[i * chunk:(i + 1) * chunk]
-        if grad:
+        if recompute:
             lp, e = checkpoint(_chunk_logps, lm_head, hs, ts, entropy, nll, use_reentrant=False)
         else:
             lp, e = _chunk_logps(lm_head, hs, ts, entropy, nll)
         logps.append(lp)
         ents.append(e)
     flat = torch.cat(logps)
-    out = torch.zeros(sup.shape, dtype=flat.dtype, device=flat.device).masked_scatter(sup, flat)
+    out = _scatter(sup, flat)
     if not len(t):  # keep the (empty) chunk in the graph
         out = out + flat.sum()
-    ent = None
-    if entropy:
-        ent = torch.zeros(sup.shape, dtype=flat.dtype, device=flat.device).masked_scatter(sup, torch.cat(ents))
-    return out, ent
+    return out, _scatter(sup, torch.cat(ents)) if entropy else None
+
+
+def weighted_nll(lm_head, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, chunk: int,
+                 sync_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ weights·CE over the supervised targets, the detached CE [B, L-1]): the lm objective's loss.
+
+    One chunk: plain autograd. More: `_FusedNLL`, which computes the gradients chunk by chunk in the forward
+    (three matmuls per chunk, as with full logits; nothing recomputed). Under ZeRO-3 (`sync_group`) lm_head's
+    weight exists only inside its own module call, so the chunks go through `token_logps` (recomputed)."""
+    sup, h, t = _supervised(hidden, labels)
+    n = _chunks(len(t), chunk, hidden.device, sync_group)
+    if n == 1 or sync_group is not None or not torch.is_grad_enabled():
+        ce, _ = token_logps(lm_head, hidden, labels, chunk, sync_group=sync_group, nll=True)
+        return (ce * weights).sum(), ce.detach()
+    loss, flat = _FusedNLL.apply(h, lm_head.weight, t, weights[sup].float(), chunk)
+    return loss, _scatter(sup, flat)
+
+
+class _FusedNLL(torch.autograd.Function):
+    """Σ_i w_i·CE_i of (h @ weightᵀ) with d/dh and d/dweight computed per chunk in the forward. The loss is linear
+    in the per-token CE and the weights are known there, so only the upstream scalar is missing; backward scales
+    the stored gradients by it. Per chunk: logits, softmax - onehot, two gradient matmuls; no [N, V] tensor is kept
+    (liger-kernel's fused linear cross-entropy, in plain torch). The gradient of the weight is accumulated in fp32
+    (a weight-sized buffer from forward to backward)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, target, w, chunk):
+        ce = torch.empty(len(target), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if weight.requires_grad else None
+        for s in range(0, len(target), chunk):
+            hs, ts, ws = h[s:s + chunk], target[s:s + chunk], w[s:s + chunk]
+            lsm = torch.log_softmax(F.linear(hs, weight).float(), -1)
+            ce[s:s + chunk] = -lsm.gather(-1, ts[:, None])[:, 0]
+            g = lsm.exp_()  # d CE / d logits = softmax - onehot, times the token's weight
+            g[torch.arange(len(ts), device=g.device), ts] -= 1.0
+            g = (g * ws[:, None]).to(weight.dtype)
+            grad_h[s:s + chunk] = g @ weight
+            if grad_w is not None:
+                grad_w += (g.t() @ hs).float()
+        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
+        ctx.has_w, ctx.w_dtype = grad_w is not None, weight.dtype
+        ctx.mark_non_differentiable(ce)
+        return (ce * w).sum(), ce
+
+    @staticmethod
+    def backward(ctx, g_loss, g_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        dw = (grad_w * g_loss).to(ctx.w_dtype) if ctx.has_w else None
+        return grad_h * g_loss.to(grad_h.dtype), dw, None, None, None
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
@@ -244,7 +309,7 @@ def step_module(model) -> torch.nn.Module:
 
 
 def hf_model(model) -> PreTrainedModel:
-    """The HF model under an engine, a VLM or itself (generation and export use it)."""
-    model = getattr(model, "model", model) if not isinstance(model, (VLM, PreTrainedModel)) else model
-    model = getattr(model, "module", model)
-    return model.hf if isinstance(model, VLM) else model
+    """The HF model of an engine (its step module), a VLM, or itself: what generation and export use."""
+    if isinstance(model, PreTrainedModel):
+        return model
+    return model.hf if isinstance(model, VLM) else hf_model(model.model)
