@@ -2,16 +2,16 @@
 
 Why: with the real 151,936-token Qwen vocabulary the LM loss, not the decoder, dominates a long-context step's
 memory. Before issue 13 the trainer ran lm_head on every position and took F.cross_entropy of the [L, V] fp32
-logits (plus their log-softmax and gradients: several [L, V] fp32 tensors live at once). The trainer's path now
-is training/vlm.py `token_logps`: lm_head on the supervised positions only, `loss_chunk` tokens at a time, each
-chunk recomputed in backward, so only one chunk's logits exist. This script measures what that buys.
+logits (plus their log-softmax and gradients: several [L, V] fp32 tensors live at once). The trainer's lm path now
+is training/vlm.py `weighted_nll`: lm_head on the supervised positions only, `loss_chunk` tokens at a time, each
+chunk's gradients computed in the forward (nothing recomputed), so only one chunk's logits exist. This script measures what that buys.
 
 What: ONE training step (forward + backward, no optimizer) of a Qwen3-VL-shaped model (the tiny preset's layers,
 training/models.py, but vocab_size=151936; fp32, attn "sdpa_varlen", gradient checkpointing on the decoder) on
 one packed text-only row of L tokens (data/pack.py format, one sample per `--sample-len` tokens; the VLM step
 then runs its zero-weighted dummy ViT pass), for each L in `--lengths` and each loss path:
   full     hidden = VLM.hidden_states(batch); F.cross_entropy(lm_head(hidden).float()[:, :-1]) on every position
-  chunked  the same hidden states; training.vlm.token_logps(vlm.lm_head, hidden, labels, vlm.loss_chunk, nll=True)
+  chunked  the same hidden states; training.vlm.weighted_nll(vlm.lm_head, hidden, labels, weights, vlm.loss_chunk)
 Loss = (ce * weights).sum() / weights.sum() in both. Each (path, L) runs in a fresh subprocess: it builds the
 model (seed 0) and the batch, records its RSS, resets the peak (VmHWM, /proc/self/clear_refs), runs one warm-up
 and `--steps` timed steps (the same step each time), and reports peak RSS minus that baseline ("peak GiB": what the
@@ -105,7 +105,7 @@ def full_logits_ce(lm_head, hidden, labels):
 def child(path: str, L: int, args) -> dict:
     """One (path, L) cell in this fresh process."""
     import torch
-    from training.vlm import VLM, token_logps
+    from training.vlm import VLM, weighted_nll
 
     torch.set_num_threads(args.threads)
     vlm = VLM(build_model(), loss_chunk=0)
@@ -113,12 +113,13 @@ def child(path: str, L: int, args) -> dict:
 
     def step() -> tuple[float, float]:
         hidden, zero = vlm.hidden_states(batch)
+        w = batch["weights"]
         if path == "full":
             ce = full_logits_ce(vlm.lm_head, hidden, batch["labels"])
+            loss = (ce * w).sum() / w.sum() + zero
         else:
-            ce, _ = token_logps(vlm.lm_head, hidden, batch["labels"], vlm.loss_chunk, nll=True)
-        w = batch["weights"]
-        loss = (ce * w).sum() / w.sum() + zero
+            total, ce = weighted_nll(vlm.lm_head, hidden, batch["labels"], w, vlm.loss_chunk)
+            loss = total / w.sum() + zero
         del hidden, ce
         loss.backward()
         gnorm = float(vlm.lm_head.weight.grad.norm())
@@ -185,7 +186,8 @@ def main(argv=None) -> None:
           f"{args.sample_len} tokens, {args.supervised:.0%} supervised")
     print("peak = RSS high-water mark of the step minus the RSS of the built model and batch")
     print(f"baseline {BASELINE}")
-    print("chunked: training.vlm.token_logps (lm_head per chunk of supervised tokens, recomputed in backward)")
+    print("chunked: training.vlm.weighted_nll, the lm objective's path (lm_head per chunk of supervised tokens, "
+          "gradients computed in the forward)")
     rows, cells = [], []
     hdr = (f"{'length':>6} | {'full GiB':>8} | {'chunked GiB':>11} | {'ratio':>6} | {'full tok/s':>10} | "
            f"{'chunked tok/s':>13} | {'speed':>5}")

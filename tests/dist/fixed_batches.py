@@ -90,6 +90,7 @@ def main(out: str, *args: str) -> None:
     with loop._StopOnSignal() as stop:
         loop._train(r, stop)
     state = r.engine.full_state_dict(rank=0)
+    assert (state is None) == (rank != 0), "the full weights are gathered to rank 0 only"
     if rank == 0:
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(out) / "weights.safetensors"))
 
