@@ -326,7 +326,6 @@ def varlen_inputs(batch: dict, impl: str = "flash_attention_2") -> dict:
     B, L = batch["input_ids"].shape
     out = dict(input_ids=batch["input_ids"].reshape(1, B * L),
                mm_token_type_ids=batch["mm_token_type_ids"].reshape(1, B * L),
-               position_ids=packed_position_ids(batch).reshape(4, 1, B * L),
                cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
                max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"], use_cache=False)
     out.update({k: batch[k] for k in (*_MEDIA_KEYS, "second_per_grid_ts") if k in batch})
@@ -334,6 +333,8 @@ def varlen_inputs(batch: dict, impl: str = "flash_attention_2") -> dict:
         # looks for packed segments in the position ids nor builds an L x L mask (it skips an all-ones one)
         out["position_ids"] = batch["position_ids"].reshape(3, 1, B * L)
         out["attention_mask"] = torch.ones(1, B * L, dtype=torch.long)
+    else:  # the text row on top is read per segment, one host loop over the segments: only where it is used
+        out["position_ids"] = packed_position_ids(batch).reshape(4, 1, B * L)
     return out
 
 

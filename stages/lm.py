@@ -14,6 +14,7 @@ import torch
 
 from data.encode import IGNORE
 from stages.objective import Objective, source_sums
+from stages.rollout import per_sample
 
 REDUCTIONS = ("token", "sample", "sqrt")
 
@@ -58,13 +59,8 @@ class LMObjective(Objective):
     def loss_sum(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Σ w·ℓ over the micro-batch (to be divided by the global weight sum) plus per-source CE sums."""
         loss, ce = model(batch, weights=batch["weights"])
-        sid = batch["sample_ids"][:, 1:]
-        sup = (batch["labels"][:, 1:] != IGNORE) & (sid >= 0)
-        n = len(batch["sources"])  # sample id i comes from source sources[i]
-        idx = sid[sup]
-        per_sample = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add_(0, idx, ce[sup])
-        counts = torch.bincount(idx, minlength=n)
-        return loss, {"sums": source_sums(per_sample, counts, batch["sources"], "loss")}
+        sums, counts = per_sample(ce, batch)  # sample id i comes from source sources[i]
+        return loss, {"sums": source_sums(sums, counts, batch["sources"], "loss")}
 
 
 def build(cfg: Config) -> LMObjective:

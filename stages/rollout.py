@@ -91,16 +91,6 @@ def _cat_visual(pieces: list[dict], batch: dict) -> None:
                 batch["second_per_grid_ts"] = torch.cat([p["second_per_grid_ts"] for p in have])
 
 
-def tile_features(out, order: list[int]):
-    """An encoder output of get_image/video_features (per-grid pieces) with its pieces in `order`: HF generate's
-    `mm_encoder_outputs`."""
-    out.pooler_output = [out.pooler_output[g] for g in order]
-    ds = getattr(out, "deepstack_features", None)
-    if ds:
-        out.deepstack_features = [[layer[g] for g in order] for layer in ds]
-    return out
-
-
 def _any_rank(flags: list[bool], device, synced: bool) -> list[bool]:
     """Per flag: does any rank have it (a MAX all-reduce when ranks must run the same modules)."""
     if not synced or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -129,7 +119,7 @@ def encode_prompts(hf, prompts: list[dict], owner: torch.Tensor, synced: bool, d
         order = vlm.tile_order(counts, owner)
         g = torch.cat([p[grid_key] for p in mine])
         out = step.encode(modality, torch.cat([p[pix_key] for p in mine]).to(device), g.to(device))
-        enc[modality] = tile_features(out, order)
+        enc[modality] = vlm.tile_features(out, order)
         grids[grid_key] = g[order].to(device)
         if modality == "video" and all("second_per_grid_ts" in p for p in mine):
             grids["second_per_grid_ts"] = torch.cat([p["second_per_grid_ts"] for p in mine])[order].to(device)

@@ -237,7 +237,7 @@ def _train(r: Run, stop: _StopOnSignal) -> dict:
 
 def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
     """One optimizer step: the step's micro-batches, the global weight sum, forward/backward, step."""
-    stage, engine, obj = r.job.stage, r.engine, r.objective
+    stage, engine, world, obj = r.job.stage, r.engine, r.world, r.objective
     t0 = time.time()
     # learning rates this step uses; "lr" is the stage's base lr (group lr / its multiplier)
     lrs = {f"lr/{g['name']}": g["lr"] for g in engine.param_groups}
@@ -250,12 +250,13 @@ def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
         mb["weights"] = obj.weights(mb)
     # the global weight sum over all ranks and micro-batches: the gradient is then split-independent
     (weight_sum,) = _sum([float(sum(mb["weights"].sum() for mb in micro))], engine.device)
-    loss_sum, sums, skipped, norm = torch.zeros((), dtype=torch.float64), {}, None, None
+    # the loss stays on the device until the step's one all-reduce: no host sync per micro-batch
+    loss_sum, sums, skipped, norm = torch.zeros((), dtype=torch.float64, device=engine.device), {}, None, None
     if weight_sum > 0:
         for mb in micro:
             ls, stats = obj.loss_sum(engine, _to(mb, engine.device))
             engine.backward(ls * (1.0 / weight_sum))
-            loss_sum += ls.detach().double().cpu()
+            loss_sum += ls.detach().double()
             _add_sums(sums, stats.get("sums", {}))
         norm, bad = engine.step()
     else:  # every rank sees the same global sum, so every rank skips together; no collective is left half-done
@@ -277,7 +278,6 @@ def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
                 f"in {r.out / 'checkpoints'} is kept")
         skipped, loss = "non-finite", None
     dt = time.time() - t0
-    world = r.world
     row = {"step": step + 1, "loss": loss, "lr": base_lr, "tokens": tok, "samples": n_samples,
            "supervised_tokens": sup, "tokens_per_s": tok / dt, "samples_per_s": n_samples / dt,
            "step_time_s": dt, "data_wait_frac": t_data / dt, "flops_per_s": flops / world / dt,

@@ -49,8 +49,7 @@ class VLM(torch.nn.Module):
         self.__dict__["hf"] = hf  # for generation and export; not a child, so every parameter is registered once
         vocab = hf.config.get_text_config().vocab_size
         self.loss_chunk = loss_chunk or max(1, CHUNK_BYTES // (4 * vocab))
-        # set by an engine whose lm_head calls are collectives (ZeRO-3): ranks then agree on the chunk count
-        self.__dict__["sync_group"] = None
+        self.sync_group = None  # set by an engine whose lm_head calls are collectives (ZeRO-3): see `_chunks`
 
     @property
     def config(self):
@@ -95,12 +94,10 @@ class VLM(torch.nn.Module):
             if batch.get(pix_key) is None:
                 continue
             enc = self.encode(modality, batch[pix_key], batch[grid_key])
-            pieces, ds = list(enc.pooler_output), getattr(enc, "deepstack_features", None)
             if batch.get("visual_owner") is not None:
-                order = tile_order(batch["visual_counts"][:, col], batch["visual_owner"])
-                pieces = [pieces[g] for g in order]
-                ds = [[layer[g] for g in order] for layer in ds] if ds else ds
-            out[modality] = (torch.cat(pieces), [torch.cat(layer) for layer in ds] if ds else None)
+                enc = tile_features(enc, tile_order(batch["visual_counts"][:, col], batch["visual_owner"]))
+            ds = getattr(enc, "deepstack_features", None)
+            out[modality] = (torch.cat(list(enc.pooler_output)), [torch.cat(layer) for layer in ds] if ds else None)
         return out
 
     def dummy_vision(self) -> torch.Tensor:
@@ -215,7 +212,10 @@ def token_logps(lm_head, hidden: torch.Tensor, labels: torch.Tensor, chunk: int,
     Only supervised positions reach lm_head, `chunk` at a time. With gradients on and more than one chunk, each
     chunk's logits are recomputed in backward (checkpoint), so the peak is one chunk's fp32 logits."""
     sup, h, t = _supervised(hidden, labels)
-    n = _chunks(len(t), chunk, hidden.device, sync_group)
+    return _logps(lm_head, sup, h, t, _chunks(len(t), chunk, hidden.device, sync_group), chunk, entropy, nll)
+
+
+def _logps(lm_head, sup, h, t, n: int, chunk: int, entropy: bool, nll: bool):
     recompute = torch.is_grad_enabled() and n > 1
     logps, ents = [], []
     for i in range(n):
@@ -243,7 +243,7 @@ def weighted_nll(lm_head, hidden: torch.Tensor, labels: torch.Tensor, weights: t
     sup, h, t = _supervised(hidden, labels)
     n = _chunks(len(t), chunk, hidden.device, sync_group)
     if n == 1 or sync_group is not None or not torch.is_grad_enabled():
-        ce, _ = token_logps(lm_head, hidden, labels, chunk, sync_group=sync_group, nll=True)
+        ce, _ = _logps(lm_head, sup, h, t, n, chunk, entropy=False, nll=True)
         return (ce * weights).sum(), ce.detach()
     loss, flat = _FusedNLL.apply(h, lm_head.weight, t, weights[sup].float(), chunk)
     return loss, _scatter(sup, flat)
@@ -290,6 +290,16 @@ def tile_order(counts: torch.Tensor, owner: torch.Tensor) -> list[int]:
     stored one after another)."""
     start = [0] + torch.cumsum(counts, 0).tolist()
     return [g for u in owner.tolist() for g in range(start[u], start[u] + int(counts[u]))]
+
+
+def tile_features(out, order: list[int]):
+    """An encoder output of get_image/video_features (per-grid pieces) with its pieces in `order` (also HF
+    generate's `mm_encoder_outputs` for rollouts, stages/rollout.py)."""
+    out.pooler_output = [out.pooler_output[g] for g in order]
+    ds = getattr(out, "deepstack_features", None)
+    if ds:
+        out.deepstack_features = [[layer[g] for g in order] for layer in ds]
+    return out
 
 
 def _tensors(x):

@@ -122,8 +122,6 @@ def use_ds_cpu_adam(cfg: EngineConfig) -> bool:
     return get_accelerator().device_name() != "cpu"
 
 
-
-
 class GuardedAdamW(torch.optim.AdamW):
     """torch AdamW for DeepSpeed without ZeRO in fp32, where DeepSpeed's step clips but neither reports the
     gradient norm nor skips a non-finite step (a NaN would reach every weight); ZeRO's optimizers and the bf16
@@ -198,7 +196,7 @@ class Engine:
         self.groups = {"dp": None}
         self.partitioned = bool(self.ds.zero_optimization_partition_weights())
         if self.partitioned and world > 1:
-            model.__dict__["sync_group"] = dist.group.WORLD  # lm_head chunks are collectives (training/vlm.py)
+            model.sync_group = dist.group.WORLD  # lm_head chunks are collectives (training/vlm.py)
 
     def __call__(self, batch: dict, **kw):
         return self.ds(batch, **kw)
@@ -263,7 +261,7 @@ class Engine:
             frozen, *_ = deepspeed.initialize(model=model, config=ds_cfg)
             frozen.eval()
             if self.world > 1:
-                model.__dict__["sync_group"] = dist.group.WORLD
+                model.sync_group = dist.group.WORLD
             return frozen.module
         dtype = next(p.dtype for p in self.model.parameters())
         return model.to(device=self.device, dtype=dtype)
