@@ -21,6 +21,7 @@ from training import flops, models
 from training.checkpoint import Checkpointer
 from training.engine import EngineConfig
 from training.metrics import LoggerConfig, Metrics
+from training.parallel import ParallelConfig
 from training.vlm import VLM
 
 log = logging.getLogger("training")
@@ -44,6 +45,7 @@ class JobConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     output_dir: str = "runs/default"

@@ -106,7 +106,9 @@ class ModelConfig:
     init_seed: int = 0
     dtype: str = "float32"  # parameters as loaded; the engine config decides bf16 training
     attn_implementation: str = "sdpa_varlen"  # training/attention.py: packed rows by cu_seqlens, no L x L mask
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # per decoder layer and per ViT block (HF's own checkpointing)
+    offload_activations: bool = False  # tensors saved for backward (with checkpointing: layer inputs) in host memory
+    tiled_mlp: int = 0  # decoder MLPs run in this many sequence shards (DeepSpeed TiledMLP); 0/1: off
     loss_chunk: int = 0  # tokens per lm_head chunk of the loss (training/vlm.py); 0: fp32 logits of ~256 MiB a chunk
     min_pixels: int = 56 * 56
     max_pixels: int = 128 * 128
