@@ -28,6 +28,9 @@ class Context:
 class Objective:
     """Base class with the protocol's defaults; `weights` and `loss_sum` are the objective's own."""
 
+    # None: runs under sequence parallelism (its batches are packed rows); else why it cannot
+    no_sequence_parallel: str | None = None
+
     def setup(self, ctx: Context) -> None:
         pass
 

@@ -139,6 +139,9 @@ def _add(sums: dict, key: str, total: float, count: float) -> None:
 
 
 class RLObjective(Objective):
+    no_sequence_parallel = ("its rollouts are generated and scored as padded rows with a KV cache, which Ulysses "
+                            "does not shard")
+
     def __init__(self, cfg: Config):
         cfg.check()
         self.cfg = cfg

@@ -19,6 +19,7 @@ from typing import Optional, Protocol
 import torch
 
 from stages import StageConfig
+from training.parallel import ParallelConfig
 
 
 @dataclass
@@ -40,9 +41,11 @@ class Engine(Protocol):
     model: torch.nn.Module  # the step module (a VLM) as the engine holds it
     device: torch.device
     world: int  # processes
-    dp_size: int  # data-parallel ranks: data shards and the loss normalisation count these
+    dp_size: int  # data-parallel ranks (world / sp_size): data shards and the loss normalisation count these
     dp_rank: int
-    groups: dict  # process groups by name: "dp" (and later "sp", "tp", "pp"); None = the default group
+    sp_size: int  # ranks of a sequence-parallel group: they train the same rows (training/sp.py)
+    sp_rank: int  # rank in it; 0 counts the group's data and metrics once
+    groups: dict  # process groups by name: "dp", "sp" (later "tp", "pp"); None = the default group / none
     partitioned: bool  # parameters are sharded, so each module's forward is a collective on every rank
 
     def __call__(self, batch: dict, **kw): ...
@@ -69,8 +72,10 @@ class Engine(Protocol):
 
 
 def build(model: torch.nn.Module, groups: dict, stage: StageConfig, cfg: EngineConfig, micro_batch: int,
-          grad_accum: int, world: int, max_steps: int) -> Engine:
-    return _kind(cfg).Engine(model, groups, stage, cfg, micro_batch, grad_accum, world, max_steps)
+          grad_accum: int, world: int, max_steps: int, parallel: Optional[ParallelConfig] = None,
+          tiled_mlp: int = 0) -> Engine:
+    return _kind(cfg).Engine(model, groups, stage, cfg, micro_batch, grad_accum, world, max_steps,
+                             parallel or ParallelConfig(), tiled_mlp)
 
 
 def check(cfg: EngineConfig, micro_batch: int, grad_accum: int, world: int, grad_clip: float) -> None:

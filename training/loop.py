@@ -66,10 +66,10 @@ def _add_sums(into: dict, part: dict) -> None:
         acc[0], acc[1] = acc[0] + s, acc[1] + n
 
 
-def _gather_sums(sums: dict, counts: dict) -> tuple[dict, dict]:
+def _gather_sums(sums: dict, counts: dict, own: bool = True) -> tuple[dict, dict]:
     """sum/count of each objective metric over all ranks (e.g. loss per source; keys may differ by rank), and
-    the data counters (`skipped/<source>/<reason>`, ...) summed over ranks, in one collective."""
-    parts = [(sums, counts)]
+    the data counters (`skipped/<source>/<reason>`, ...) summed over ranks, in one collective (`own` as in _sum)."""
+    parts = [(sums, counts) if own else ({}, {})]
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (sums, counts))
@@ -160,12 +160,14 @@ def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | Non
 
 def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int) -> Run:
     tr, stage = job.trainer, job.stage  # the settings were checked by training.train.check_job
-    torch.manual_seed(tr.seed + rank)
+    dp_rank, dp_size = rank // job.parallel.sp_size, world // job.parallel.sp_size  # SP groups: consecutive ranks
+    torch.manual_seed(tr.seed + dp_rank)  # the ranks of an SP group draw the same numbers
     bundle = models.build(job.model)
     groups = models.param_groups(bundle.model, bundle.family)
     models.apply_trainable(bundle.model, groups, stage.trainable)
     objective = build_objective(stage.objective)  # fails before any compute
-    layout = Layout(rank=rank, world=world, micro_batch=tr.micro_batch_size, grad_accum=tr.grad_accum,
+    # one data stream per data-parallel rank: the ranks of an SP group read the same rows
+    layout = Layout(rank=dp_rank, world=dp_size, micro_batch=tr.micro_batch_size, grad_accum=tr.grad_accum,
                     seq_len=stage.seq_len)
     if rank == 0:  # the shapes cache is generated once, before the other ranks read it
         source_configs(job.data, stage.mixture)
@@ -176,19 +178,25 @@ def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(resolved_yaml)
-    return Run(job, out, rank, world, bundle, VLM(bundle.model, job.model.loss_chunk), groups, loader, objective)
+    return Run(job, out, rank, world, bundle, _vlm(job, bundle.model), groups, loader, objective)
+
+
+def _vlm(job: JobConfig, hf) -> VLM:
+    vlm = VLM(hf, job.model.loss_chunk)
+    vlm.offload_activations = job.model.offload_activations
+    return vlm
 
 
 def _start_engine(r: Run, resolved_yaml: str) -> None:
     """The engine, metrics sinks, and the state of the latest checkpoint if there is one."""
     job, tr = r.job, r.job.trainer
     r.engine = engines.build(r.model, r.groups, job.stage, job.engine, tr.micro_batch_size, tr.grad_accum, r.world,
-                             tr.max_steps)
+                             tr.max_steps, job.parallel, job.model.tiled_mlp)
     r.ckpt = Checkpointer(r.out / "checkpoints", r.rank, tr.keep_checkpoints)
     r.metrics = Metrics(job.logger, r.out, r.rank, tr.max_steps, config={"yaml": resolved_yaml})
     r.flops = flops.build(r.bundle.model, job.stage.trainable)
     r.peak_flops = flops.peak_flops(job.engine.dtype)
-    r.objective.setup(Context(r.engine, r.bundle, lambda: VLM(models.build(job.model).model, job.model.loss_chunk)))
+    r.objective.setup(Context(r.engine, r.bundle, lambda: _vlm(job, models.build(job.model).model)))
     tag = r.ckpt.latest_tag()  # rank 0 decides; every rank resumes from the same checkpoint
     if tag is None:
         if (r.out / "metrics.jsonl").is_file():
@@ -240,6 +248,7 @@ def _train(r: Run, stop: _StopOnSignal) -> dict:
 def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
     """One optimizer step: the step's micro-batches, the global weight sum, forward/backward, step."""
     stage, engine, world, obj = r.job.stage, r.engine, r.world, r.objective
+    own = float(engine.sp_rank == 0)  # an SP group's ranks hold the same rows: its data and metrics count once
     t0 = time.time()
     # learning rates this step uses; "lr" is the stage's base lr (group lr / its multiplier)
     lrs = {f"lr/{g['name']}": g["lr"] for g in engine.param_groups}
@@ -251,7 +260,7 @@ def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
     for mb in micro:
         mb["weights"] = obj.weights(mb)
     # the global weight sum over all ranks and micro-batches: the gradient is then split-independent
-    (weight_sum,) = _sum([float(sum(mb["weights"].sum() for mb in micro))], engine.device)
+    (weight_sum,) = _sum([own * float(sum(mb["weights"].sum() for mb in micro))], engine.device)
     # the loss stays on the device until the step's one all-reduce: no host sync per micro-batch
     loss_sum, sums, skipped, norm = torch.zeros((), dtype=torch.float64, device=engine.device), {}, None, None
     if weight_sum > 0:
@@ -270,7 +279,8 @@ def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
     flops = sum(r.flops.micro_batch(mb) for mb in micro)
     # the stop flag rides on this all-reduce, so every rank sees a signal any rank got
     loss_sum, tok, sup, n_samples, flops, stopping = _sum(
-        [float(loss_sum), tok, sup, n_samples, flops, float(stop.signum is not None)], engine.device)
+        [own * float(loss_sum), own * tok, own * sup, own * n_samples, own * flops, float(stop.signum is not None)],
+        engine.device)
     loss = loss_sum / weight_sum if weight_sum > 0 else None
     if skipped is None and (bad or not math.isfinite(loss)):
         if not bad:
@@ -288,7 +298,7 @@ def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
     if r.peak_flops:
         row["mfu"] = flops / world / dt / r.peak_flops
     row.update(lrs)
-    means, counts = _gather_sums(sums, r.loader.metrics())
+    means, counts = _gather_sums(sums, r.loader.metrics(), bool(own))
     row.update(means)
     row.update(counts)  # cumulative skipped/dropped/truncated samples per source and reason, all ranks
     return row, bool(stopping)

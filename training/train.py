@@ -89,8 +89,41 @@ def check_job(job, world: int) -> None:
         from data.pipeline import source_configs
 
         source_configs(job.data, stage.mixture)
+    _check_parallel(job, world)
     # the engine's own: zero stage, dtype, offload combinations, engine.raw batch keys vs trainer.* and the world
     engine.check(job.engine, tr.micro_batch_size, tr.grad_accum, world, stage.optimizer.grad_clip)
+
+
+def _check_parallel(job, world: int) -> None:
+    """parallel.*: the SP size against the processes, the model's attention heads and the objective."""
+    from stages import build_objective
+    from training import parallel
+
+    text = _text_config(job.model)
+    parallel.check(job.parallel, world, text["num_attention_heads"], text["num_key_value_heads"])
+    if job.parallel.sp_size > 1:
+        why = build_objective(job.stage.objective).no_sequence_parallel
+        if why:
+            raise ValueError(f"parallel.sp_size={job.parallel.sp_size}: the {job.stage.objective['name']} objective "
+                             f"cannot run sequence-parallel ({why}); set parallel.sp_size=1 for stage "
+                             f"{job.stage.name!r}")
+    if job.model.tiled_mlp < 0:
+        raise ValueError(f"model.tiled_mlp={job.model.tiled_mlp} must be >= 0 (0/1: off; N: N sequence shards)")
+
+
+def _text_config(cfg) -> dict:
+    """The decoder's config numbers of `model=` without building it: the tiny preset's, or config.json's."""
+    import json
+
+    from training import models
+
+    if cfg.path is None:
+        return dict(models.get_family(cfg.family).tiny_text)
+    path = Path(cfg.path) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"model.path={cfg.path} has no config.json (an HF model directory is expected)")
+    data = json.loads(path.read_text())
+    return data.get("text_config", data)
 
 
 def _number(v) -> bool:

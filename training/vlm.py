@@ -25,9 +25,12 @@
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
@@ -50,6 +53,8 @@ class VLM(torch.nn.Module):
         vocab = hf.config.get_text_config().vocab_size
         self.loss_chunk = loss_chunk or max(1, CHUNK_BYTES // (4 * vocab))
         self.sync_group = None  # set by an engine whose lm_head calls are collectives (ZeRO-3): see `_chunks`
+        self.sp = None  # training/sp.py SequenceParallel, set by an engine with parallel.sp_size > 1
+        self.offload_activations = False  # model.offload_activations: tensors saved for backward in host memory
 
     @property
     def config(self):
@@ -58,27 +63,54 @@ class VLM(torch.nn.Module):
     def forward(self, batch: dict, entropy: bool = False, nll: bool = False, weights: torch.Tensor | None = None):
         """(log p(labels[:, t+1] | ...) [B, L-1], 0 where unsupervised, or with `nll` the cross-entropy -log p;
         the detached entropy there, if asked). With `weights` [B, L-1] (the lm objective): (Σ weights·CE, the
-        detached CE) by `weighted_nll`, whose gradients need no recomputed logits."""
-        hidden, zero = self.hidden_states(batch)
+        detached CE) by `weighted_nll`, whose gradients need no recomputed logits. Under sequence parallelism each
+        rank computes its slice and every rank returns the whole batch's values (training/sp.py)."""
+        B, L = batch["input_ids"].shape
+        with save_on_cpu(pin_memory=torch.cuda.is_available()) if self.offload_activations else nullcontext():
+            hidden, zero = self.hidden_states(batch)
+        if self.sp is None:
+            sup, h, t = _supervised(hidden, batch["labels"])
+        else:  # hidden is this rank's slice [1, n, H]; its targets are cut from the whole row's
+            target, weights = self.sp.targets(batch["labels"], weights)
+            sup = target != IGNORE
+            h, t = hidden[sup], target[sup]
+        n = _chunks(len(t), self.loss_chunk, hidden.device, self.sync_group)
         if weights is not None:
-            loss, ce = weighted_nll(self.lm_head, hidden, batch["labels"], weights, self.loss_chunk, self.sync_group)
+            loss, ce = _weighted_nll(self.lm_head, sup, h, t, weights, n, self.loss_chunk, self.sync_group)
+            if self.sp is not None:
+                loss, ce = self.sp.sum(loss), self.sp.gather_tokens(ce, B, L)
             return loss + zero, ce
-        out, ent = token_logps(self.lm_head, hidden, batch["labels"], self.loss_chunk, entropy, self.sync_group, nll)
+        out, ent = _logps(self.lm_head, sup, h, t, n, self.loss_chunk, entropy, nll)
+        if self.sp is not None:
+            out = self.sp.gather_tokens(out, B, L)
+            ent = None if ent is None else self.sp.gather_tokens(ent, B, L)
         return out + zero, ent
 
     def hidden_states(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(final hidden states [B, L, H], a zero scalar carrying the dummy ViT pass) of a micro-batch in the
-        data/README.md contract."""
+        """(final hidden states [B, L, H] (under sequence parallelism: this rank's slice [1, n, H] of the flattened
+        row), a zero scalar carrying dummy ViT passes) of a micro-batch in the data/README.md contract."""
         B, L = batch["input_ids"].shape
         packed = batch.get("attention_mask") is None and batch.get("cu_seqlens") is not None
         ids = batch["input_ids"].reshape(1, B * L) if packed else batch["input_ids"]
+        decoder_inputs = None
+        if self.sp is not None:
+            if not packed:
+                raise ValueError("sequence parallelism (parallel.sp_size > 1) runs on packed rows only; this "
+                                 "micro-batch is padded rows (rollouts): set parallel.sp_size=1 for this stage")
+            pad = self.config.get_text_config().pad_token_id
+            ids, decoder_inputs = self.sp.shard_row(batch, ids, 0 if pad is None else pad)
         embeds = self.model.get_input_embeddings()(ids)
-        features = self.encode_visual(batch)
-        zero = embeds.new_zeros((), dtype=torch.float32) if features else self.dummy_vision()
+        features, zero = self.encode_visual(batch)
+        if self.sp is not None:
+            features = self.sp.local_features(
+                features, {m: getattr(self.model.config, key) for m, _, _, key in MODALITIES})
         embeds, deepstack = self.merge(ids, embeds, features)
-        out = self.model.language_model(input_ids=None, inputs_embeds=embeds, use_cache=False,
-                                        **self.decoder_inputs(batch, ids, embeds, packed), **deepstack)
-        return out.last_hidden_state.view(B, L, -1), zero
+        if decoder_inputs is None:
+            decoder_inputs = self.decoder_inputs(batch, ids, embeds, packed)
+        out = self.model.language_model(input_ids=None, inputs_embeds=embeds, use_cache=False, **decoder_inputs,
+                                        **deepstack)
+        hidden = out.last_hidden_state
+        return (hidden if self.sp is not None else hidden.view(B, L, -1)), zero
 
     # -- 1. visual encoding --------------------------------------------------------------------------------
     def encode(self, modality: str, pixels: torch.Tensor, grids: torch.Tensor):
@@ -86,19 +118,28 @@ class VLM(torch.nn.Module):
         fn = self.model.get_image_features if modality == "image" else self.model.get_video_features
         return fn(pixels, grids, return_dict=True)
 
-    def encode_visual(self, batch: dict) -> dict:
-        """{modality: (features [n, H], DeepStack features per layer or None)} for the batch's media, in the order
-        of the placeholder tokens (rows sharing a prompt's images get them tiled)."""
+    def encode_visual(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        """({modality: (features [n, H], DeepStack features per layer or None)} for the batch's media, in the order
+        of the placeholder tokens (rows sharing a prompt's images get them tiled); a zero scalar carrying the dummy
+        ViT pass of a micro-batch without media (or of an SP rank without a share of them)."""
+        present = [(col, m) for col, m in enumerate(MODALITIES) if batch.get(m[1]) is not None]
+        if not present:
+            return {}, self.dummy_vision()
+        if self.sp is not None and self.sp.vision == "split":  # each image encoded by one rank of the SP group
+            visual = self.model.visual
+            depth = len(getattr(visual.config, "deepstack_visual_indexes", None) or [])
+            return self.sp.encode_shares(self.encode, [(m, batch[pix], batch[grid]) for _, (m, pix, grid, _) in present],
+                                         visual.config.spatial_merge_size, self.config.get_text_config().hidden_size,
+                                         depth, self.dummy_vision, next(visual.parameters()).dtype,
+                                         torch.is_grad_enabled() and any(p.requires_grad for p in visual.parameters()))
         out = {}
-        for col, (modality, pix_key, grid_key, _) in enumerate(MODALITIES):
-            if batch.get(pix_key) is None:
-                continue
+        for col, (modality, pix_key, grid_key, _) in present:
             enc = self.encode(modality, batch[pix_key], batch[grid_key])
             if batch.get("visual_owner") is not None:
                 enc = tile_features(enc, tile_order(batch["visual_counts"][:, col], batch["visual_owner"]))
             ds = getattr(enc, "deepstack_features", None)
             out[modality] = (torch.cat(list(enc.pooler_output)), [torch.cat(layer) for layer in ds] if ds else None)
-        return out
+        return out, next(iter(out.values()))[0].new_zeros((), dtype=torch.float32)
 
     def dummy_vision(self) -> torch.Tensor:
         """0 x the ViT (and every merger) on a minimal image: the vision collectives of a media-less micro-batch."""
@@ -241,7 +282,11 @@ def weighted_nll(lm_head, hidden: torch.Tensor, labels: torch.Tensor, weights: t
     (three matmuls per chunk, as with full logits; nothing recomputed). Under ZeRO-3 (`sync_group`) lm_head's
     weight exists only inside its own module call, so the chunks go through `token_logps` (recomputed)."""
     sup, h, t = _supervised(hidden, labels)
-    n = _chunks(len(t), chunk, hidden.device, sync_group)
+    return _weighted_nll(lm_head, sup, h, t, weights, _chunks(len(t), chunk, hidden.device, sync_group), chunk,
+                         sync_group)
+
+
+def _weighted_nll(lm_head, sup, h, t, weights, n: int, chunk: int, sync_group):
     if n == 1 or sync_group is not None or not torch.is_grad_enabled():
         ce, _ = _logps(lm_head, sup, h, t, n, chunk, entropy=False, nll=True)
         return (ce * weights).sum(), ce.detach()

@@ -30,7 +30,9 @@ import torch
 import torch.distributed as dist
 
 from stages import StageConfig
+from training import sp
 from training.engine import EngineConfig, lr_lambda, optimizer_groups
+from training.parallel import ParallelConfig
 
 log = logging.getLogger("training")
 
@@ -179,9 +181,13 @@ class Engine:
     """training.engine.Engine on DeepSpeed. Every DeepSpeed call of the loop, checkpoints and export is here."""
 
     def __init__(self, model: torch.nn.Module, groups: dict, stage: StageConfig, cfg: EngineConfig, micro_batch: int,
-                 grad_accum: int, world: int, max_steps: int):
+                 grad_accum: int, world: int, max_steps: int, parallel: ParallelConfig = ParallelConfig(),
+                 tiled_mlp: int = 0):
         import deepspeed
 
+        self.parallel, self.tiled_mlp = parallel, tiled_mlp
+        self.sp_size = parallel.sp_size
+        self._long_context(model)
         self.cfg = cfg = for_world(cfg, world)
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         opt, grad_clip = _optimizer(optimizer_groups(model, groups, stage), stage, cfg)
@@ -191,9 +197,11 @@ class Engine:
         if world == 1 and cfg.zero_stage == 0:
             self.ds.enable_backward_allreduce = False  # an all-reduce over one rank: flattening and copying
         self.model, self.device = model, self.ds.device
-        self.world = self.dp_size = world
-        self.dp_rank = dist.get_rank() if dist.is_initialized() else 0
-        self.groups = {"dp": None}
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world, self.dp_size, self.dp_rank, self.sp_rank = world, world // self.sp_size, *divmod(rank, self.sp_size)
+        # gradients are reduced over every process (DeepSpeed's data-parallel group is the world; an SP group's
+        # ranks hold parts of one gradient), so ZeRO also partitions over every process
+        self.groups = {"dp": None, "sp": self.sp_group}
         self.partitioned = bool(self.ds.zero_optimization_partition_weights())
         if self.partitioned and world > 1:
             model.sync_group = dist.group.WORLD  # lm_head chunks are collectives (training/vlm.py)
@@ -202,10 +210,10 @@ class Engine:
         return self.ds(batch, **kw)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """DeepSpeed averages gradients over ranks: scaled by the rank count, the reduced gradient is the sum of
-        the ranks' shares. DeepSpeed's own step() runs after every micro-batch but the last (it only counts)."""
+        """DeepSpeed averages gradients over all processes: scaled by their count, the reduced gradient is the sum of
+        the ranks' shares (an SP group's ranks each hold the gradient of their slice of the one loss). DeepSpeed's own step() runs after every micro-batch but the last (it only counts)."""
         boundary = self.ds.is_gradient_accumulation_boundary()
-        self.ds.backward(loss * self.dp_size, scale_wrt_gas=False)
+        self.ds.backward(loss * self.world, scale_wrt_gas=False)
         if not boundary:
             self.ds.step()
 
@@ -255,6 +263,7 @@ class Engine:
 
         model.requires_grad_(False)
         model.eval()
+        self._long_context(model)
         if self.partitioned:
             cfg = dataclasses.replace(copy.deepcopy(self.cfg), offload_optimizer=False)
             ds_cfg = deepspeed_config(cfg, self.micro_batch, self.grad_accum, self.world, 0.0)
@@ -265,6 +274,48 @@ class Engine:
             return frozen.module
         dtype = next(p.dtype for p in self.model.parameters())
         return model.to(device=self.device, dtype=dtype)
+
+
+    def _long_context(self, model: torch.nn.Module) -> None:
+        """DeepSpeed's long-sequence blocks on a step module: Ulysses attention over the SP group, TiledMLP."""
+        self.sp_group = sequence_parallel(model, self.sp_size, self.parallel.sp_vision) if self.sp_size > 1 else None
+        if self.tiled_mlp > 1:
+            for layer in model.model.language_model.layers:
+                layer.mlp.forward = _tiled(layer.mlp, self.tiled_mlp)
+
+
+def sequence_parallel(model: torch.nn.Module, sp_size: int, vision: str = "split"):
+    """Makes the step module `model` (training/vlm.py VLM) an SP-group member: DeepSpeed's SP process groups
+    (`sp_size` consecutive ranks) and its Ulysses all-to-all around the decoder's attention; training/sp.py does
+    the VLM's part (row slices, the ViT share, per-token outputs). Returns this rank's SP group."""
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    if parallel_state_sp._SEQUENCE_PARALLEL_GROUP is None:  # once per process
+        parallel_state_sp.initialize_sequence_parallel(sp_size)
+    elif parallel_state_sp.get_sequence_parallel_world_size() != sp_size:
+        raise ValueError(f"this process already has SP groups of size "
+                         f"{parallel_state_sp.get_sequence_parallel_world_size()}, not {sp_size}")
+    group = parallel_state_sp.get_sequence_parallel_group()
+    text = model.config.get_text_config()
+    sp.route_attention(text._attn_implementation)
+    attention = UlyssesSPAttentionHF(
+        attn=sp.plain_attention(text._attn_implementation), batch_size=1, attn_head_count=text.num_attention_heads,
+        attn_head_size=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        kv_head_count=text.num_key_value_heads, num_hidden_layers=text.num_hidden_layers, process_group=group,
+        seq_length_is_variable=True)
+    sp.enable(model, group, vision, attention)
+    return group
+
+
+def _tiled(mlp: torch.nn.Module, shards: int):
+    """mlp's forward in `shards` sequence pieces (DeepSpeed TiledMLP: the intermediate activations of one piece at
+    a time, recomputed in backward)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    forward = type(mlp).forward
+    params = [p for p in mlp.parameters()]
+    return lambda x: TiledMLP.apply(lambda m, h: forward(m, h), mlp, x, shards, params)
 
 
 # -- checkpoint glue -------------------------------------------------------------------------------------------
