@@ -102,6 +102,13 @@ def _check_parallel(job, world: int) -> None:
     text = _text_config(job.model)
     parallel.check(job.parallel, world, text["num_attention_heads"], text["num_key_value_heads"])
     if job.parallel.sp_size > 1:
+        from training.attention import VARLEN
+
+        if job.model.attn_implementation not in VARLEN:
+            raise ValueError(f"parallel.sp_size={job.parallel.sp_size} needs a varlen attention (packed rows cut by "
+                             f"cu_seqlens, attention on the whole row after the all-to-all): set "
+                             f"model.attn_implementation to one of {list(VARLEN)}, not "
+                             f"{job.model.attn_implementation!r}")
         why = build_objective(job.stage.objective).no_sequence_parallel
         if why:
             raise ValueError(f"parallel.sp_size={job.parallel.sp_size}: the {job.stage.objective['name']} objective "

@@ -3,7 +3,8 @@
 `python fixed_batches.py OUT KEY=VALUE...` (under torchrun for several ranks). The global batch of every
 step is the same packed rows whatever the layout: samples from the shapes generator go through the real
 encoder, M-RoPE step and packer once, in one fixed order, and rank r's micro-batch m of a step takes rows
-`(m * world + r) * micro ...`. So runs with different world sizes / micro-batch sizes / accumulation
+`(m * world + r) * micro ...` (world and r count data-parallel ranks: `sp=2` puts two processes on each row,
+parallel.sp_size). So runs with different world sizes / micro-batch sizes / accumulation
 steps train on exactly the same global batches and must end with the same weights. `arrange=mixed` gives
 rank 0 an image row and rank 1 a text-only row (the ZeRO-3 mixed-batch case).
 The final weights go to OUT/weights.safetensors.
@@ -22,10 +23,10 @@ from training import loop  # noqa: E402
 from training.train import init_distributed, to_job  # noqa: E402
 
 
-def rows_for(bundle, tasks, n_rows, seq_len):
+def rows_for(bundle, tasks, n_rows, seq_len, attention="dense"):
     enc = build_encoder(EncoderConfig(), bundle)
     spec = rope.RopeSpec.from_config(bundle.model.config)
-    cfg = PackConfig(seq_len=seq_len, buffer_size=4, pad_id=bundle.tokenizer.pad_token_id)
+    cfg = PackConfig(seq_len=seq_len, buffer_size=4, pad_id=bundle.tokenizer.pad_token_id, attention=attention)
     packer, rows, i = cfg.build(), [], 0
     while len(rows) < n_rows:
         task = tasks[i % len(tasks)]
@@ -68,24 +69,27 @@ class FixedLoader:
 
 def main(out: str, *args: str) -> None:
     opts = dict(family="qwen2_5_vl", engine="zero2", reduction="token", micro="1", steps="3", arrange="uniform",
-                lr="1e-3")
+                lr="1e-3", sp="1", sp_vision="split", seq_len="256", tasks="caption,vqa,text,grounding",
+                attention="dense")
     opts.update(a.split("=", 1) for a in args)
     rank, world = init_distributed()
-    micro, steps = int(opts["micro"]), int(opts["steps"])
-    ga = 4 // (world * micro) if opts["arrange"] == "uniform" else 2 // world
+    micro, steps, sp, seq_len = int(opts["micro"]), int(opts["steps"]), int(opts["sp"]), int(opts["seq_len"])
+    dp, dp_rank = world // sp, rank // sp  # an SP group's ranks train the same rows
+    ga = 4 // (dp * micro) if opts["arrange"] == "uniform" else 2 // dp
     job = to_job(compose([f"model=tiny_{opts['family']}", f"engine={opts['engine']}", "logger=none",
                           f"output_dir={out}", f"trainer.max_steps={steps}", f"trainer.micro_batch_size={micro}",
                           f"trainer.grad_accum={ga}", "trainer.save_every=0", f"stage.optimizer.lr={opts['lr']}",
-                          f"stage.objective.loss_reduction={opts['reduction']}", "stage.seq_len=256"]))
+                          f"stage.objective.loss_reduction={opts['reduction']}", f"stage.seq_len={seq_len}",
+                          f"parallel.sp_size={sp}", f"parallel.sp_vision={opts['sp_vision']}"]))
     r = loop._setup(job, "", Path(out), rank, world)
-    per_step = world * micro * ga
+    per_step = dp * micro * ga
     if opts["arrange"] == "mixed":  # every step: an image row then a text-only row
         image, cfg = rows_for(r.bundle, ["caption"], 1, 256)
         text, _ = rows_for(r.bundle, ["text"], 1, 256)
         rows = (image + text) * steps
     else:
-        rows, cfg = rows_for(r.bundle, ["caption", "vqa", "text", "grounding"], per_step * steps, 256)
-    r.loader = FixedLoader(rows, cfg, rank, world, micro, ga)
+        rows, cfg = rows_for(r.bundle, opts["tasks"].split(","), per_step * steps, seq_len, opts["attention"])
+    r.loader = FixedLoader(rows, cfg, dp_rank, dp, micro, ga)
     loop._start_engine(r, "")
     with loop._StopOnSignal() as stop:
         loop._train(r, stop)
