@@ -25,8 +25,9 @@ def valid_sp_sizes(heads: int, kv_heads: int, limit: int = 64) -> list[int]:
     return [n for n in range(1, limit + 1) if heads % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)]
 
 
-def check(cfg: ParallelConfig, world: int, heads: int, kv_heads: int) -> None:
-    """Layouts that can never run, before any compute (ValueError naming the key and the sizes that work)."""
+def check(cfg: ParallelConfig, world: int, heads: tuple[int, int] | None) -> None:
+    """Layouts that can never run, before any compute (ValueError naming the key and the sizes that work).
+    `heads`: the decoder's (query, key/value) head counts, None where the model is not known yet."""
     sp = cfg.sp_size
     if not isinstance(sp, int) or sp < 1:
         raise ValueError(f"parallel.sp_size={sp} must be an integer >= 1 (1: no sequence parallelism)")
@@ -35,6 +36,9 @@ def check(cfg: ParallelConfig, world: int, heads: int, kv_heads: int) -> None:
     if world % sp:
         raise ValueError(f"parallel.sp_size={sp} does not divide the {world} processes of this run: SP groups are "
                          f"{sp} consecutive ranks; launch a multiple of {sp} processes or pick a divisor of {world}")
+    if heads is None:
+        return
+    heads, kv_heads = heads
     ok = valid_sp_sizes(heads, kv_heads)
     if sp not in ok:
         raise ValueError(f"parallel.sp_size={sp} cannot split this model's attention heads ({heads} query, "

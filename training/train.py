@@ -99,8 +99,9 @@ def _check_parallel(job, world: int) -> None:
     from stages import build_objective
     from training import parallel
 
-    text = _text_config(job.model)
-    parallel.check(job.parallel, world, text["num_attention_heads"], text["num_key_value_heads"])
+    text = _text_config(job.model)  # None: model.path is an earlier step's export, checked when this step starts
+    heads = (text["num_attention_heads"], text["num_key_value_heads"]) if text else None
+    parallel.check(job.parallel, world, heads)
     if job.parallel.sp_size > 1:
         from training.attention import VARLEN
 
@@ -119,7 +120,8 @@ def _check_parallel(job, world: int) -> None:
 
 
 def _text_config(cfg) -> dict:
-    """The decoder's config numbers of `model=` without building it: the tiny preset's, or config.json's."""
+    """The decoder's config numbers of `model=` without building it: the tiny preset's, or config.json's; None
+    while model.path does not exist yet (a recipe step whose model is an earlier step's export)."""
     import json
 
     from training import models
@@ -128,7 +130,7 @@ def _text_config(cfg) -> dict:
         return dict(models.get_family(cfg.family).tiny_text)
     path = Path(cfg.path) / "config.json"
     if not path.is_file():
-        raise ValueError(f"model.path={cfg.path} has no config.json (an HF model directory is expected)")
+        return None
     data = json.loads(path.read_text())
     return data.get("text_config", data)
 
