@@ -103,17 +103,18 @@ def test_a_finished_stage_is_not_run_again(tmp_path):
 TORCHRUN2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
 
 
-@pytest.mark.parametrize("nproc,engine", [(1, "zero2"), (2, "zero2"), (2, "zero3")])
-def test_killed_run_resumes_bit_identically(tmp_path, nproc, engine):
+@pytest.mark.parametrize("nproc,engine,sp", [(1, "zero2", 1), (2, "zero3", 1), (2, "zero2", 2)])
+def test_killed_run_resumes_bit_identically(tmp_path, nproc, engine, sp):
     """SIGKILL at an arbitrary step, re-run: losses from the restored step on equal an uninterrupted run exactly.
 
     The data chain (mixture RNG, shard offsets, packer buffer) resumes from its saved state, so the batches
-    after the restore are the ones the uninterrupted run saw; fixed seed, deterministic CPU kernels.
+    after the restore are the ones the uninterrupted run saw; fixed seed, deterministic CPU kernels. At sp=2 both
+    processes form one SP group (one data stream, each writing its trainer state); ZeRO-2 partitions over both.
     """
     out, ref = tmp_path / "run", tmp_path / "ref"
     steps = 24
     common = [f"trainer.max_steps={steps}", "logger=none", "model=tiny_qwen2_vl", f"engine={engine}",
-              "data.shapes.tasks=[caption,vqa,text]"]
+              "data.shapes.tasks=[caption,vqa,text]", f"parallel.sp_size={sp}"]
     launcher = TORCHRUN2 if nproc == 2 else [sys.executable, "-m"]
     args = launcher + ["training.train", conftest.SHORT_ROWS, "trainer.save_every=3", "trainer.keep_checkpoints=100",
                        f"output_dir={out}", *common]
