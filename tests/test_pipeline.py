@@ -4,6 +4,7 @@ Every chain here is the real thing (subprocesses of `python -m launch.pipeline`)
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -224,13 +225,23 @@ def test_a_failing_step_stops_the_chain_and_names_its_log(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_launcher_runs_a_step_on_two_processes(tmp_path):
+def test_torchrun_launcher_runs_the_pretraining_chain_with_long_steps_sequence_parallel(tmp_path):
+    """launcher=torchrun, 2 processes: s0/s1 data-parallel, s2/s3 as one SP group of 2 (parallel.sp_size=2), each
+    starting from the previous step's export."""
     out = tmp_path / "run"
-    r = _pipeline(out, "launcher=torchrun", "launcher.nproc_per_node=2", "pipeline.only=[s0_merger]",
-                  "pipeline.max_steps=2", "pipeline.eval.enabled=false")
+    sp = '["parallel.sp_size=2"]'
+    r = _pipeline(out, "launcher=torchrun", "launcher.nproc_per_node=2", "pipeline.max_steps=2",
+                  "pipeline.only=[s0_merger,s1_multimodal,s2_long_32k,s3_long_256k]", "pipeline.eval.enabled=false",
+                  f"pipeline.steps.s2_long_32k.overrides={sp}", f"pipeline.steps.s3_long_256k.overrides={sp}")
     assert r.returncode == 0, r.stderr[-3000:]
-    d = out / "s0_merger"
-    assert (d / "DONE").is_file() and "torch.distributed.run --nproc-per-node=2 --standalone" in \
-        (d / "console.log").read_text()
-    ckpt = d / "checkpoints" / (d / "checkpoints" / "latest").read_text().strip()
-    assert sorted(p.name for p in ckpt.glob("trainer_rank*.json")) == ["trainer_rank0.json", "trainer_rank1.json"]
+    for name, sp_groups in (("s0_merger", 0), ("s1_multimodal", 0), ("s2_long_32k", 1), ("s3_long_256k", 1)):
+        d = out / name
+        log = (d / "console.log").read_text()
+        assert (d / "DONE").is_file() and "torch.distributed.run --nproc-per-node=2 --standalone" in log
+        assert ("sequence parallelism: 1 SP groups of 2 consecutive ranks (data-parallel size 1)" in log) == \
+            bool(sp_groups), name
+        ckpt = d / "checkpoints" / (d / "checkpoints" / "latest").read_text().strip()
+        assert sorted(p.name for p in ckpt.glob("trainer_rank*.json")) == ["trainer_rank0.json", "trainer_rank1.json"]
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in rows if "loss" in m] == [1, 2] and all(math.isfinite(m["loss"]) for m in rows
+                                                                          if "loss" in m)

@@ -10,10 +10,14 @@ What, per row length L in `--lengths` (default 8K, 16K, 32K tokens):
         the lm objective's loss path (VLM.forward with weights: the chunked, fused CE);
   SP=2  the same step under torchrun with 2 processes, one SP group (DeepSpeed's Ulysses attention, each rank
         holding L/2 tokens through the decoder).
-Each cell is fresh processes; a process records its RSS, resets its peak (VmHWM), runs a warm-up and `--steps`
-timed steps, and reports peak RSS minus that baseline ("step GiB": activations, the loss chunk, gradients).
-"activation GiB" subtracts the same figure of a 1K-token row (what does not grow with L: lm_head's gradient and
-fp32 accumulation buffer, one loss chunk of logits), so it is the part that sequence parallelism divides.
+Each cell is fresh processes (glibc's mmap threshold at 64 KiB, so a freed tensor leaves RSS at once); a process
+records its RSS after building the model and batch, runs a warm-up and `--steps` timed steps, and reports RSS
+high-water marks minus that baseline, per phase of the step (VmHWM reset between phases): the decoder's forward,
+the loss (lm_head per chunk, its gradients computed there), the backward (decoder recompute and gradients).
+"step GiB" is the largest of the three; the peaks do not add up: the loss phase (one chunk of [chunk, V] fp32
+logits, lm_head's fp32 gradient) is as large at 1K as at 32K and, with tiny layers, larger than all the
+decoder's activations. So "activation GiB" = the decoder phases' peak at L minus the same figure at a 1K-token
+row (what does not grow with L: gradients of the embedding and lm_head), the part sequence parallelism divides.
 tokens/s = L / the fastest timed step (the group's throughput; at SP=2 both processes share the 2 cores).
 The losses of SP=1 and SP=2 must agree (printed, asserted < 1e-5 relative).
 
@@ -32,6 +36,8 @@ import os
 import subprocess
 import sys
 import time
+
+from training.memory import _status
 
 BASELINE = "SP=1: the same step in one process"
 
@@ -62,7 +68,7 @@ def _report(out: dict) -> None:
 def child_step(L: int, sp: int, args) -> None:
     import torch
 
-    from training.memory import _status, build_model, make_batch
+    from training.memory import build_model, make_batch
     from training.vlm import VLM
 
     _init()
@@ -72,23 +78,48 @@ def child_step(L: int, sp: int, args) -> None:
     batch = make_batch(L, args.sample_len, 1.0)
     w = batch["weights"]
 
+    # phases of the step: the decoder's forward (hidden_states), the loss (its gradients are computed in the
+    # forward, one chunk of logits at a time), the backward (decoder recompute + gradients); each phase's peak
+    probe = {}
+    hidden_states = vlm.hidden_states
+
+    def probed(b):
+        out = hidden_states(b)
+        probe["forward"] = _mark(base)
+        return out
+
+    vlm.hidden_states = probed
+
     def step() -> float:
+        _mark(base)
         loss, ce = vlm(batch, weights=w)
+        probe["loss"] = _mark(base)
         loss = loss / w.sum()
         del ce
         loss.backward()
+        probe["backward"] = _mark(base)
         vlm.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     base = _status("VmRSS")
-    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := current RSS
     step()
-    times = []
+    times, peaks = [], []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t0)
-    _report(dict(length=L, sp=sp, loss=loss, seconds=min(times), step_gib=_status("VmHWM") - base))
+        peaks.append(dict(probe))
+    worst = {k: max(p[k] for p in peaks) for k in peaks[0]}
+    _report(dict(length=L, sp=sp, loss=loss, seconds=min(times), step_gib=max(worst.values()),
+                 decoder_gib=max(worst["forward"], worst["backward"]), loss_gib=worst["loss"]))
+
+
+def _mark(base: float) -> float:
+    """The RSS high-water mark since the last mark, minus `base` (GiB); resets the mark (VmHWM := VmRSS)."""
+    peak = _status("VmHWM") - base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return peak
 
 
 def child_vit(vision: str, args) -> None:
@@ -122,7 +153,7 @@ def _launch(nproc: int, extra: list[str], args) -> list[dict]:
            if nproc > 1 else [sys.executable]) + [
         "-m", "training.sp_bench", *extra, "--steps", str(args.steps), "--sample-len", str(args.sample_len),
         "--images", str(args.images), "--threads", str(max(1, args.threads // nproc))]
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MALLOC_MMAP_THRESHOLD_="65536")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
@@ -154,7 +185,8 @@ def main(argv=None) -> None:
     for L in args.lengths:
         one, two = _launch(1, ["--child-step", str(L), "1"], args), _launch(2, ["--child-step", str(L), "2"], args)
         m1, m2 = one[0]["step_gib"], max(r["step_gib"] for r in two)
-        a1, a2 = m1 - fixed[1][0]["step_gib"], m2 - max(r["step_gib"] for r in fixed[2])
+        d1, d2 = one[0]["decoder_gib"], max(r["decoder_gib"] for r in two)
+        a1, a2 = d1 - fixed[1][0]["decoder_gib"], d2 - max(r["decoder_gib"] for r in fixed[2])
         t1, t2 = L / one[0]["seconds"], L / max(r["seconds"] for r in two)
         diff = abs(one[0]["loss"] - two[0]["loss"]) / abs(one[0]["loss"])
         assert diff < 1e-5, (L, one, two)

@@ -202,6 +202,10 @@ class Engine:
         # gradients are reduced over every process (DeepSpeed's data-parallel group is the world; an SP group's
         # ranks hold parts of one gradient), so ZeRO also partitions over every process
         self.groups = {"dp": None, "sp": self.sp_group}
+        if self.sp_size > 1:
+            log.info("sequence parallelism: %d SP groups of %d consecutive ranks (data-parallel size %d), Ulysses "
+                     "attention, ViT %s; this rank: dp %d, sp %d", self.dp_size, self.sp_size, self.dp_size,
+                     parallel.sp_vision, self.dp_rank, self.sp_rank)
         self.partitioned = bool(self.ds.zero_optimization_partition_weights())
         if self.partitioned and world > 1:
             model.sync_group = dist.group.WORLD  # lm_head chunks are collectives (training/vlm.py)
