@@ -90,3 +90,87 @@ def test_the_image_share_is_contiguous_and_balanced():
     assert share([5], 4) == [2]
     owners = share([3, 9, 4, 4, 8, 1, 6], 3)
     assert owners == sorted(owners) and set(owners) == {0, 1, 2}
+
+
+# -- GPU-only (run when a CUDA machine is available; nothing here runs on the CPU CI) ----------------------------
+CUDA = 0
+try:
+    import torch
+
+    CUDA = torch.cuda.device_count()
+except Exception:  # pragma: no cover - torch is a dependency
+    pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CUDA < 2, reason="GPU-only: the SP step on NCCL with flash-attention varlen needs 2 CUDA devices "
+                                     "(the CPU tests above run the same script on gloo with sdpa_varlen)")
+@pytest.mark.parametrize("attn", ["sdpa_varlen", "flash_attention_2"])
+def test_sp_step_on_nccl_equals_one_rank_step(attn):
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn", reason="flash_attention_2 needs the flash-attn package")
+    env = {k: v for k, v in clean_env().items() if k != "DS_ACCELERATOR"}
+    p = subprocess.run(TORCHRUN + ["--nproc-per-node=2", str(REPO / "tests" / "dist" / "sp_step.py"), "2", attn],
+                       cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert len([line for line in p.stdout.splitlines() if line.startswith("ok ")]) == 5, p.stdout
+
+
+QWEN2_5_VL_3B_TEXT = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                          num_key_value_heads=2, vocab_size=151936, max_position_embeddings=128000,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+QWEN2_5_VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                            fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CUDA < 1, reason="GPU-only: a Qwen2.5-VL-3B-shaped model at 32K tokens needs a CUDA device")
+def test_qwen2_5_vl_3b_shaped_step_at_32k_on_one_gpu():
+    """One training step (forward + backward) of a random Qwen2.5-VL-3B-shaped model (bf16) on a 32K-token packed
+    text row with the memory levers (checkpointing per layer, tiled MLP, the chunked loss): it runs, its loss is
+    the random model's (~ln V), and it prints the peak memory and tokens/s (figures for the issue note)."""
+    import math
+    import time
+
+    import training.attention  # noqa: F401 - sdpa_varlen
+    from training.memory import make_batch
+    from training.models import FAMILIES
+    from training.engines.deepspeed import _tiled
+    from training.vlm import VLM
+
+    fam = FAMILIES["qwen2_5_vl"]
+    ids = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    special = dict(bos_token_id=None, eos_token_id=151645, pad_token_id=151643)
+    cfg = fam.config_cls(text_config=dict(QWEN2_5_VL_3B_TEXT, **ids, **special), vision_config=QWEN2_5_VL_3B_VISION,
+                         tie_word_embeddings=True, **ids, **special)
+    attn = "flash_attention_2" if _has("flash_attn") else "sdpa_varlen"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = fam.model_cls._from_config(cfg, attn_implementation=attn, dtype=torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in model.model.language_model.layers:
+        layer.mlp.forward = _tiled(layer.mlp, 4)
+    vlm = VLM(model.train())
+    L = 32768
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in make_batch(L, 8192, 1.0).items()}
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(2):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss, _ = vlm(batch, weights=batch["weights"])
+        loss = loss / batch["weights"].sum()
+        loss.backward()
+        vlm.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    print(f"qwen2.5-vl-3b-shaped, {L} tokens, {attn}, bf16: peak {peak:.1f} GiB, {L / min(times):.0f} tokens/s")
+    assert abs(float(loss) - math.log(151936)) < 1.0 and peak < 80
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
