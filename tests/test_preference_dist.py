@@ -108,15 +108,17 @@ from tests.conftest import compose
 from training import loop
 from training.train import init_distributed, to_job
 
-out, engine, micro = sys.argv[1], sys.argv[2], int(sys.argv[3])
+out, engine, micro, sp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rank, world = init_distributed()
 steps = 3
 job = to_job(compose(["stage=dpo", "model=tiny_qwen2_5_vl", f"engine={engine}", "logger=none", f"output_dir={out}",
                       f"trainer.max_steps={steps}", f"trainer.micro_batch_size={micro}", "trainer.grad_accum=1",
-                      "trainer.save_every=0", "stage.optimizer.lr=1e-3", "stage.seq_len=256"]))
+                      "trainer.save_every=0", "stage.optimizer.lr=1e-3", "stage.seq_len=256",
+                      f"parallel.sp_size={sp}"]))
 r = loop._setup(job, "", Path(out), rank, world)
-rows, cfg = rows_for(r.bundle, ["preference"], 2 * steps, 256)  # pairs packed once, in one fixed order
-r.loader = FixedLoader(rows, cfg, rank, world, micro, 1)
+# pairs packed once, in one fixed order (varlen rows: what sequence parallelism needs)
+rows, cfg = rows_for(r.bundle, ["preference"], 2 * steps, 256, "varlen")
+r.loader = FixedLoader(rows, cfg, rank // sp, world // sp, micro, 1)  # one data stream per SP group
 seen, weights = [], r.objective.weights
 
 def checked(mb):
@@ -141,16 +143,16 @@ if rank == 0:
 '''
 
 
-def _dpo_fixed(tmp: Path, name: str, nproc: int, engine: str, micro: int):
+def _dpo_fixed(tmp: Path, name: str, nproc: int, engine: str, micro: int, sp: int = 1):
     from safetensors.torch import load_file
 
     script, out = tmp / "dpo_fixed.py", tmp / name
     script.write_text(f"REPO = {str(REPO)!r}\n" + DPO_FIXED)
     launcher = TORCHRUN2 if nproc == 2 else [sys.executable]
-    p = subprocess.run(launcher + [str(script), str(out), engine, str(micro)], cwd=REPO, capture_output=True,
+    p = subprocess.run(launcher + [str(script), str(out), engine, str(micro), str(sp)], cwd=REPO, capture_output=True,
                        text=True, timeout=600, env=clean_env())
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    groups = [json.loads((out / f"groups_rank{r}.json").read_text()) for r in range(nproc)]
+    groups = [json.loads((out / f"groups_rank{r}.json").read_text()) for r in range(0, nproc, sp)]  # one per DP rank
     per_step = [sorted(g for rank in groups for g in rank[s]) for s in range(len(groups[0]))]
     return metrics_rows(out), load_file(str(out / "weights.safetensors")), per_step
 
@@ -162,12 +164,13 @@ def dpo_one_rank(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["zero2", "zero3"])
-def test_dpo_two_ranks_equal_one_rank_with_the_same_global_batch(engine, tmp_path, dpo_one_rank):
-    """2 ranks x 1 micro-batch end with the weights and log the losses of 1 rank that takes the same global batch at
-    once; no pair is ever split over micro-batches or ranks (checked on every micro-batch of both layouts)."""
+@pytest.mark.parametrize("engine,sp", [("zero2", 1), ("zero3", 1), ("zero2", 2)])
+def test_dpo_two_ranks_equal_one_rank_with_the_same_global_batch(engine, sp, tmp_path, dpo_one_rank):
+    """2 ranks x 1 micro-batch (or, sp=2, one SP group of 2 taking both rows) end with the weights and log the losses
+    of 1 rank that takes the same global batch at once; no pair is ever split over micro-batches or ranks (checked on
+    every micro-batch of both layouts). Under SP the policy and the frozen reference both run sequence-parallel."""
     one = dpo_one_rank
-    two = _dpo_fixed(tmp_path, "two", 2, engine, 1)
+    two = _dpo_fixed(tmp_path, "two", 2, engine, 2 if sp == 2 else 1, sp)
     assert two[2] == one[2] and all(len(s) >= 2 for s in one[2])  # the same pairs in every step
     for key in ("loss", "dpo/loss", "rewards/accuracy", "rewards/margin"):
         assert [r[key] for r in two[0]] == pytest.approx([r[key] for r in one[0]], rel=1e-5, abs=1e-7), key
