@@ -72,6 +72,10 @@ class PipelineConfig:
     start: Optional[str] = None  # `pipeline.from`: run from this step on
     max_steps: Optional[int] = None  # set: every step trains this many steps (smoke runs, tests)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    device_gib: float = 80.0  # one accelerator's memory: a step whose estimate (training/estimate.py) exceeds it fails
+    # model shapes for that estimate while the checkpoints do not exist yet (init_path's config.json wins): a
+    # training.estimate preset, e.g. qwen3_vl_8b; null: steps without a config.json are not estimated
+    shapes: Optional[str] = None
 
 
 @dataclass
@@ -85,6 +89,7 @@ class Step:
     init: Optional[str]  # model.path it starts from (None: the preset's init)
     args: list
     selected: bool = True
+    memory_gib: Optional[float] = None  # per-rank estimate, set by check_steps' memory guard
 
     @property
     def max_steps(self) -> int:
@@ -173,9 +178,12 @@ def step_world(launcher, step: Step) -> int:
     return 1
 
 
-def check_steps(steps: list[Step], world=lambda step: 1) -> Optional[tuple[Step, str]]:
+def check_steps(steps: list[Step], world=lambda step: 1, device_gib: Optional[float] = None,
+                shapes=None) -> Optional[tuple[Step, str]]:
     """Composes and validates every selected step's trainer config as training.train would (`check_job` with the
     step's process count `world(step)`), so that a setting that cannot work in step 5 fails before step 1 runs.
+    With `device_gib`, the memory guard too: a step whose per-rank estimate (training/estimate.py; `shapes`: the
+    model's shapes where its model.path has no config.json yet) exceeds it fails with the levers that would fit.
 
     Returns (step, reason) for the first step whose objective is not implemented yet
     (`stages.build_objective` raises NotImplementedError): the chain stops before it.
@@ -197,7 +205,49 @@ def check_steps(steps: list[Step], world=lambda step: 1) -> Optional[tuple[Step,
             return step, str(e)
         except ValueError as e:
             raise ValueError(f"step {step.name}: {e}") from None
+        if device_gib is not None:
+            # a step's export keeps its model's shapes: they stand in for the next steps' not-yet-written inputs
+            shapes = check_memory(step, job, world(step), device_gib, shapes) or shapes
     return None
+
+
+def recipe_shapes(p: PipelineConfig):
+    """The model shapes a recipe's steps are estimated with before their checkpoints exist: init_path's
+    config.json, else the preset named by pipeline.shapes, else None."""
+    from training import estimate
+
+    if p.init_path is not None and (Path(p.init_path) / "config.json").is_file():
+        return estimate.from_config_json(Path(p.init_path) / "config.json")
+    if p.shapes is None:
+        return None
+    if p.shapes not in estimate.PRESETS:
+        raise ValueError(f"pipeline.shapes={p.shapes!r} is not a model-shape preset; choose one of "
+                         f"{sorted(estimate.PRESETS)} (or null)")
+    return estimate.PRESETS[p.shapes]
+
+
+def check_memory(step: Step, job, world: int, device_gib: float, shapes=None):
+    """The memory guard of one step: ValueError naming the step, its estimate, the device and the levers.
+    Returns the model shapes it estimated with (None: unknown, not checked)."""
+    from training import estimate
+
+    try:
+        plan = estimate.from_job(job, world, shapes)
+    except ValueError as e:  # a model.path that does not exist yet and no shapes to stand in
+        log.warning("step %s: memory not estimated (%s); set pipeline.shapes to check it", step.name, e)
+        return None
+    ok, est = estimate.fits(plan, device_gib)
+    step.memory_gib = est.device_gib
+    if not ok:
+        host = (f" and {est.host_gib:.0f} GiB of host memory (more than {estimate.HOST_GIB:g})"
+                if est.host_gib > estimate.HOST_GIB else "")
+        raise ValueError(
+            f"step {step.name}: estimated {est.device_gib:.1f} GiB per rank{host} does not fit pipeline.device_gib="
+            f"{device_gib:g} ({world} ranks, {plan.micro_batch_size} x {plan.seq_len} tokens, sp_size "
+            f"{plan.sp_size}, ZeRO-{plan.zero_stage}); it fits with: {estimate.describe_levers(plan, device_gib)} "
+            f"(add to pipeline.steps.{step.name}.overrides; `python -m training.memory estimate` prints the "
+            f"components)")
+    return plan.shapes
 
 
 # ---------------------------------------------------------------- launchers (one machine)
@@ -302,7 +352,10 @@ def run(cfg: DictConfig, resume: Optional[str] = None) -> int:
     p = pipeline_config(cfg.pipeline)
     out = Path(cfg.output_dir).absolute()
     steps = plan(p, out)
-    stop = check_steps(steps, lambda step: step_world(cfg.launcher, step))
+    stop = check_steps(steps, lambda step: step_world(cfg.launcher, step), p.device_gib, recipe_shapes(p))
+    estimated = [f"{s.name} {s.memory_gib:.1f}" for s in steps if s.memory_gib is not None]
+    if estimated:
+        log.info("memory estimate per rank (GiB, of %g): %s", p.device_gib, ", ".join(estimated))
     if stop is not None:  # the chain ends before the first step whose objective does not exist yet
         first, reason = stop
         for s in steps[first.index:]:

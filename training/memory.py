@@ -23,6 +23,9 @@ Reading the output: "ratio" = full / chunked peak (how many times less memory th
 "speed" = chunked / full tokens/s (>1: chunked is faster). The children's losses and lm_head gradient norms
 must agree between the paths (same model, same batch): their max relative differences are printed and the loss
 one asserted < 1e-4. `--json PATH` writes every figure.
+
+`python -m training.memory estimate --model qwen3_vl_8b --seq-len 262144 --sp 8 ...` is the other tool: the
+analytic per-rank estimate of a real-size step, nothing run (training/estimate.py).
 """
 from __future__ import annotations
 
@@ -165,6 +168,10 @@ def _fmt(v, spec: str) -> str:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["estimate"]:  # the analytic per-rank estimate of a real model (training/estimate.py)
+        from training import estimate
+        return estimate.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096, 8192])
     p.add_argument("--sample-len", type=int, default=1024, help="tokens per packed sample")

@@ -1,0 +1,231 @@
+"""training/estimate.py and launch.pipeline's memory guard: parameter counts equal the HF models' (built on the
+meta device), the per-layer activation formulas equal what autograd keeps on tiny models, the scaling with
+sp_size and offload, the CLI's table and verdict, levers that really make a too-big plan fit, and every step of
+the real recipes passing the guard (a step that cannot fit refused with the levers). No training, no torchrun."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, clean_env
+from launch.pipeline import check_steps, compose, pipeline_config, plan, recipe_shapes, step_world
+from training import estimate
+from training.models import FAMILIES, param_groups
+
+# The real shapes as their HF config.json spells them (Qwen/Qwen3-VL-8B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct,
+# Qwen/Qwen2-VL-7B-Instruct); keys left out take transformers' defaults, as from_pretrained would
+HF = {
+    "qwen3_vl_8b": ("qwen3_vl",
+                    dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=128, intermediate_size=12288, vocab_size=151936),
+                    dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                         out_hidden_size=4096, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])),
+    "qwen2_5_vl_7b": ("qwen2_5_vl",
+                      dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                           intermediate_size=18944, vocab_size=152064),
+                      dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                           out_hidden_size=3584, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])),
+    "qwen2_vl_7b": ("qwen2_vl",
+                    dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                         intermediate_size=18944, vocab_size=152064),
+                    dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14, hidden_size=3584)),
+}
+
+
+def _hf_counts(cfg, family: str) -> dict:
+    """Parameters per group (training/models.py's own grouping) of the HF model built on the meta device."""
+    fam = FAMILIES[family]
+    with torch.device("meta"):
+        model = fam.model_cls(cfg)
+    shapes = dict(model.named_parameters())
+    return {g: sum(shapes[n].numel() for n in names) for g, names in param_groups(model, fam).items()}
+
+
+@pytest.mark.parametrize("name", sorted(HF))
+def test_parameter_counts_equal_the_hf_model(name):
+    family, text, vision = HF[name]
+    cfg = FAMILIES[family].config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    assert estimate.from_hf(cfg) == estimate.PRESETS[name]  # the preset's numbers are the checkpoint's
+    counts = estimate.PRESETS[name].params()
+    assert counts == _hf_counts(cfg, family)  # vision, merger and llm (the text model) each exact
+    if name == "qwen3_vl_8b":
+        assert round(sum(counts.values()) / 1e9, 2) == 8.77  # the model card's 8.77B
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_preset_counts_and_config_json(family, tmp_path):
+    fam = FAMILIES[family]
+    shapes = estimate.tiny(family)
+    cfg = fam.config_cls(text_config=dict(fam.tiny_text, vocab_size=shapes.text.vocab),
+                         vision_config=dict(fam.tiny_vision), tie_word_embeddings=False)
+    assert shapes.params() == _hf_counts(cfg, family)
+    cfg.save_pretrained(tmp_path)  # the config.json an export writes reads back to the same shapes
+    assert estimate.from_config_json(tmp_path) == shapes == estimate.shapes_of(f"tiny_{family}")
+
+
+def _saved_bytes(run, params) -> int:
+    """Bytes of the distinct storages autograd keeps for backward during `run()`, parameters left out."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    kept = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            kept[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(kept.values())
+
+
+def _decoder_saved(family: str, layers: int, T: int, dtype) -> int:
+    fam = FAMILIES[family]
+    cfg = fam.config_cls(text_config=dict(fam.tiny_text, vocab_size=64, num_hidden_layers=layers),
+                         vision_config=dict(fam.tiny_vision))
+    text = fam.model_cls._from_config(cfg, attn_implementation="sdpa", dtype=dtype).model.language_model.train()
+    x = torch.randn(1, T, cfg.text_config.hidden_size, dtype=dtype, requires_grad=True)
+    pos = torch.arange(T).view(1, 1, T).expand(3, 1, T)
+    return _saved_bytes(lambda: text(inputs_embeds=x, position_ids=pos, use_cache=False), text.parameters())
+
+
+def _vit_saved(family: str, depth: int, side: int, dtype) -> int:
+    fam = FAMILIES[family]
+    vision = dict(fam.tiny_vision, depth=depth)
+    vision.update({k: [] for k in ("deepstack_visual_indexes",) if k in vision})
+    vision.update({k: list(range(depth)) for k in ("fullatt_block_indexes",) if k in vision})
+    cfg = fam.config_cls(text_config=dict(fam.tiny_text, vocab_size=64), vision_config=vision)
+    vit = fam.model_cls._from_config(cfg, attn_implementation="sdpa", dtype=dtype).model.visual.train()
+    pixels = torch.randn(side * side, 3 * 2 * fam.patch_size ** 2, dtype=dtype)
+    return _saved_bytes(lambda: vit(pixels, grid_thw=torch.tensor([[1, side, side]])), vit.parameters())
+
+
+@pytest.mark.parametrize("family,dtype", [("qwen3_vl", torch.float32), ("qwen3_vl", torch.bfloat16),
+                                          ("qwen2_5_vl", torch.bfloat16), ("qwen2_vl", torch.bfloat16)])
+def test_layer_formulas_equal_what_autograd_keeps(family, dtype):
+    """The per-layer and per-block figures against a measurement: the saved tensors of 4 layers minus those of 2
+    (what is outside the layers cancels), per layer and token, on the tiny models (CPU's flash SDPA kernel keeps,
+    like flash-attention, only q, k, v, out and the log-sum-exp). fp32 and bf16 differ by HF's fp32 upcasts."""
+    shapes, b, T, side = estimate.tiny(family), dtype.itemsize, 128, 8
+    layer = (_decoder_saved(family, 4, T, dtype) - _decoder_saved(family, 2, T, dtype)) / 2 / T
+    assert layer == pytest.approx(estimate.layer_bytes(shapes.text, b, 1, 0)[0], rel=0.01)
+    block = (_vit_saved(family, 4, side, dtype) - _vit_saved(family, 2, side, dtype)) / 2 / side ** 2
+    assert block == pytest.approx(estimate.block_bytes(shapes.vision, b)[0], rel=0.01)
+
+
+S3 = estimate.Plan(estimate.PRESETS["qwen3_vl_8b"], seq_len=262144, world=32, sp_size=8, zero_stage=3)
+
+
+def test_activations_scale_with_sp_and_move_to_host_with_offload():
+    one, two = (estimate.estimate(replace(S3, sp_size=n)) for n in (1, 2))
+    for part in ("decoder activations", "ViT activations", "merger activations"):
+        assert one.part(part).device == 2 * two.part(part).device, part
+    rep = estimate.estimate(replace(S3, sp_size=2, sp_vision="replicate"))
+    assert rep.part("ViT activations").device == one.part("ViT activations").device  # every rank encodes all
+    assert rep.part("decoder activations").device == two.part("decoder activations").device
+    off = estimate.estimate(replace(S3, offload_activations=True))
+    stored = estimate.estimate(S3).part("decoder activations")
+    assert off.part("decoder activations").device == 0 and off.part("decoder activations").host == stored.device
+    assert off.device_gib < estimate.estimate(S3).device_gib and off.host_gib > 0
+    nockpt = estimate.estimate(replace(S3, checkpointing=False))
+    T = S3.shapes.text
+    assert nockpt.part("decoder activations").device == pytest.approx(
+        T.layers * 262144 / 8 * estimate.layer_bytes(T, 2, 8, 0)[0])
+    tiled = estimate.layer_bytes(T, 2, 8, 4)[0]
+    assert estimate.layer_bytes(T, 2, 8, 0)[0] - tiled == pytest.approx(2 * 4 * T.intermediate * 3 / 4)
+
+
+def test_model_state_partitioning():
+    counts = S3.shapes.params()
+    total = sum(counts.values())
+    z3 = estimate.estimate(S3)
+    assert z3.part("parameters").device == total * 2 / 32
+    assert z3.part("optimizer states").device == total * 12 / 32
+    z2 = estimate.estimate(replace(S3, zero_stage=2, trainable=("merger", "llm")))
+    assert z2.part("parameters").device == total * 2  # ZeRO-2 keeps full parameters
+    assert z2.part("optimizer states").device == (counts["merger"] + counts["llm"]) * 12 / 32
+    off = estimate.estimate(replace(S3, offload_optimizer=True))
+    assert off.part("optimizer states").device == 0 and off.part("optimizer states").host == total * 12 / 32
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training.memory", "estimate", *args], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prints_the_table_and_a_verdict(tmp_path):
+    r = _cli("--model", "qwen3_vl_8b", "--seq-len", "262144", "--sp", "8", "--zero", "3", "--checkpointing",
+             "--world", "32", "--json", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr
+    for want in ("component", "parameters", "decoder activations", "Ulysses buffers", "ViT activations", "loss",
+                 "allowance", "total (peak)", "fits in 80 GiB: yes"):
+        assert want in r.stdout, want
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert data["device_gib"] < 80 and {p["name"] for p in data["parts"]} >= {"parameters", "loss"}
+    big = _cli("--model", "qwen3_vl_8b", "--seq-len", "262144", "--checkpointing", "--world", "32")
+    assert big.returncode == 0, big.stderr
+    assert "fits in 80 GiB: no" in big.stdout and "levers that make it fit: parallel.sp_size=" in big.stdout
+
+
+def test_levers_name_changes_that_really_fit():
+    big = replace(S3, sp_size=1, checkpointing=False)
+    assert not estimate.fits(big, 80)[0]
+    found = estimate.levers(big, 80)
+    assert found
+    for change in found:
+        assert estimate.fits(replace(big, **change), 80)[0], change
+    assert "model.gradient_checkpointing=true" in estimate.overrides(found[0])  # the cheapest lever first
+    parked = replace(big, offload_activations=True, tiled_mlp=2)  # fits the device only by parking TiBs on the host
+    assert estimate.estimate(parked).device_gib < 80 < estimate.HOST_GIB < estimate.estimate(parked).host_gib
+    assert not estimate.fits(parked, 80)[0]
+    sapo = replace(S3, sp_size=1, sp_allowed=False, world=64)  # an objective that refuses SP gets no sp lever
+    assert all("sp_size" not in c for c in estimate.levers(sapo, 80))
+    assert estimate.levers(S3, 80) == []  # it fits already
+
+
+def _recipe(tmp_path, name, *extra):
+    cfg = compose("launch", [f"pipeline={name}", f"output_dir={tmp_path / 'out'}", "launcher=slurm",
+                             "launcher.nproc_per_node=8", "launcher.gpus_per_node=8", *extra])
+    p = pipeline_config(cfg.pipeline)
+    return p, plan(p, Path(cfg.output_dir)), lambda step: step_world(cfg.launcher, step)
+
+
+def test_every_real_recipe_step_passes_the_guard(tmp_path):
+    """8 GPUs per node as the recipes' comments count them; qwen3vl from its `shapes` preset (init_path does not
+    exist), qwen2_5vl from init_path's config.json."""
+    init = tmp_path / "init"
+    family, text, vision = HF["qwen2_5_vl_7b"]
+    FAMILIES[family].config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False).save_pretrained(init)
+    for name, extra in (("qwen3vl", "pipeline.init_path=/ckpt/missing"), ("qwen2_5vl", f"pipeline.init_path={init}")):
+        p, steps, world = _recipe(tmp_path, name, extra)
+        shapes = recipe_shapes(p)
+        assert shapes == estimate.PRESETS["qwen3_vl_8b" if name == "qwen3vl" else "qwen2_5_vl_7b"]
+        assert check_steps(steps, world, p.device_gib, shapes) is None
+        assert all(s.memory_gib is not None and s.memory_gib <= p.device_gib for s in steps), name
+        sp = {s.name: next((a for a in s.args if a.startswith("parallel.sp_size=")), None) for s in steps}
+        if name == "qwen3vl":
+            assert sp["s3_long_256k"] == "parallel.sp_size=8" and sp["sft_long"] == "parallel.sp_size=8"
+
+
+def test_a_step_that_cannot_fit_is_refused_with_the_levers(tmp_path):
+    p, steps, world = _recipe(tmp_path, "qwen3vl", "pipeline.init_path=/ckpt/missing", "pipeline.only=[s3_long_256k]",
+                              "pipeline.steps.s3_long_256k.overrides=['parallel.sp_size=1']")
+    with pytest.raises(ValueError) as err:
+        check_steps(steps, world, p.device_gib, recipe_shapes(p))
+    msg = str(err.value)
+    for want in ("step s3_long_256k", "GiB per rank", "pipeline.device_gib=80", "parallel.sp_size="):
+        assert want in msg, msg
+
+
+def test_the_tiny_pipeline_passes_trivially(tmp_path):
+    cfg = compose("launch", [f"output_dir={tmp_path}"])
+    p = pipeline_config(cfg.pipeline)
+    steps = plan(p, tmp_path)
+    assert check_steps(steps, lambda step: 1, p.device_gib, recipe_shapes(p)) is None
+    assert all(s.memory_gib < 3 for s in steps)  # the allowance and little else

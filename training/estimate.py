@@ -1,0 +1,689 @@
+"""Analytic per-rank memory estimate of one training step: `python -m training.memory estimate ...`.
+
+Why: a 256K-token step of an 8B model either fits an 80 GB GPU or dies with an out-of-memory error after the
+job waited in the queue and loaded its weights. The arithmetic is known (../shared/research/scale.md §1), so it
+runs up front: `launch.pipeline` refuses a recipe step that cannot fit (naming the levers that would make it
+fit), and the CLI prints the table for any shape and layout.
+
+What is counted, per rank (GiB = 2**30 bytes; b = bytes of engine.dtype: bf16 2, fp32 4; W = world processes;
+t = tokens per rank = micro_batch_size x seq_len / sp_size; RL below):
+- parameters: all of them x b; ZeRO-3 partitions them over W (the project passes no mpu to DeepSpeed, so ZeRO's
+  data-parallel group is the whole world even under SP); ZeRO-1/2 keep full copies; engine.offload_params: host.
+- gradients: trained groups only, x b; ZeRO-2/3 partition them over W and add one reduce bucket (DeepSpeed's
+  reduce_bucket_size, 5e8 elements, or the largest trained tensor if larger); with optimizer offload (ZeRO-2/3)
+  the partition lives in host memory as fp32.
+- optimizer states: fp32 master + Adam m, v = 12 B per trained parameter (8 B: fp32 without ZeRO), over W for
+  ZeRO >= 1; on the host with engine.offload_optimizer.
+- ZeRO-3 working set: the largest module gathered whole (the embedding or lm_head, V x hidden) plus DeepSpeed's
+  prefetch bucket (stage3_prefetch_bucket_size, 5e7 elements), x b; its defaults (max_live_parameters 1e9) are
+  assumed and small parameters kept persistent are ignored.
+- decoder activations, a SwiGLU GQA decoder under a flash/varlen attention (no L x L tensor). Saved per token
+  and layer, as autograd keeps them: each RMSNorm its input in fp32 (HF's upcast: 4 B), the normalized tensor and
+  its output (b each; Qwen3's q/k norms the first two over q and k); the attention's RoPE'd q and k, v, its
+  output and fp32 log-sum-exp (4 B per head); the MLP's gate, up, act(gate), act*up (4 x intermediate, divided
+  by model.tiled_mlp's N); RoPE, the residual adds and the projections' outputs keep nothing more. Under SP the
+  attention keeps its q, k, v, out after the all-to-all instead (2 q + 2 max(kv_heads, sp) x head_dim per local
+  token: KV heads are replicated up to sp) plus o_proj's input. With model.gradient_checkpointing the stored
+  part is layers x t x hidden x b (the layer inputs) and one layer is recomputed in backward (that layer's
+  figure plus its backward gradients: 2 x intermediate / N, 2 x hidden, q + 2 kv); without it the stored part
+  is layers x the per-layer figure. model.offload_activations moves the stored part to host memory (torch's
+  save_on_cpu; the recomputed layer stays on the device).
+- Ulysses buffers (sp > 1): q, k, v, out of one layer on the FULL sequence with heads/sp heads, x 2 for the
+  all-to-all's send and receive copies: 2 x t x (2 q + 2 max(kv_heads, sp) x head_dim) x b.
+- ViT: `visual_fraction` (default 0.5, an assumption about the data) of the row's tokens are visual; each
+  merged token is merge^2 = 4 patches. Per rank: the row's patches / sp under parallel.sp_vision=split, all of
+  them under replicate. Per patch and block: norms (LayerNorm, Qwen2/3: input and output; RMSNorm, Qwen2.5: as
+  in the decoder), the attention's RoPE'd q and k, the fused qkv output (v is a view of it), its output and a
+  reshaped copy, the MLP (Qwen2.5: SwiGLU, 4 x intermediate; Qwen2: fc1 and quick GELU, 3 x; Qwen3: GELU,
+  2 x). A trained ViT stores depth x patches x hidden x b with checkpointing (depth x the per-block figure
+  without) plus one block recomputed; a frozen ViT stores nothing (its inputs need no gradient) and only one
+  block's forward tensors exist at a time. The merger(s) (Qwen3: 1 + DeepStack) store 4 x merge^2 x hidden + out
+  per merged token when trained. Also the whole row's pixel values (fp32 from the processor; every rank of an SP
+  group receives the whole micro-batch) plus this rank's cast copy, and the merged features of the whole row
+  (x (1 + DeepStack layers); x 2 under SP: the gathered rows and their reordering).
+- loss: one chunk of fp32 logits with its log-softmax and gradient, ~3 x chunk x V x 4 B (chunk = model.loss_chunk
+  or 2**28 // (4 V), ~256 MiB of logits); the supervised hidden states gathered for lm_head (t x hidden x b, every
+  token supervised: an upper bound). The lm objective outside ZeRO-3 runs the fused path (training/vlm.py
+  _FusedNLL): + grad_h (t x hidden x b) and, with llm trained, lm_head's fp32 gradient (V x hidden x 4 B).
+  ZeRO-3, DPO and RL recompute the chunk in backward instead.
+- reference model (dpo; sapo with kl_beta > 0): the frozen starting weights, placed like the parameters.
+- RL (sapo, no SP): a rollout takes `mini_batches` steps' prompts (mini_batches x grad_accum x micro_batch_size
+  rows of seq_len prompt tokens, stages/sapo.py's steady state), G = num_generations completions each; with a
+  mean prompt of `prompt_len` tokens (an assumption, default 1024) that is G x prompt tokens x (1 + max_new_tokens
+  / prompt_len) rollout tokens. Generation holds their KV cache (2 x layers x kv_heads x head_dim x b per token)
+  and runs the prefill of one layer over all prompt copies at once; the rollouts are then trained in
+  mini_batches x grad_accum micro-batches, so a training micro-batch has G x micro_batch_size x seq_len x
+  (1 + max_new_tokens / prompt_len) tokens, which replace micro_batch_size x seq_len in t above.
+- allowance: 2 GiB (CUDA context, NCCL buffers, kernels' workspaces) + 5% of the peak (allocator fragmentation).
+- host memory: what the offload levers move there must fit `host_gib` per rank too (default 128: a 1 TiB node
+  shared by 8 GPUs), so that a lever is not "make it fit" by parking terabytes of activations on the host.
+
+The peak is what lives all step (model state, what the ViT stores for its backward, the pixels) plus the largest
+of the phases that never coexist: the ViT's (one block in backward, the gathered visual features), the decoder's
+(its stored activations, the layer in backward, Ulysses buffers, the loss) and RL generation's.
+
+What it ignores: the data loader's host memory; RL's padding of rollout rows to the longest prompt and its no-grad
+log-prob passes; DeepSpeed's communication buffers beyond the reduce/prefetch buckets;
+temporary tensors of a single op (an all-gather's output is counted, a matmul's workspace is not); attention
+kernels' own workspaces; the exact split of images between SP ranks (balanced by token count, as training/sp.py
+does); the DeepStack features a decoder slice adds. It is an estimate: a plan at 95% of the device is a risk, not
+a promise. What is checked (tests/test_memory_estimate.py): the parameter counts equal the HF models' (8B, 7B and
+the tiny presets), and the per-layer and per-block figures equal the bytes autograd keeps on the tiny models in
+fp32 and bf16 (CPU's flash SDPA kernel keeps what flash-attention does).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+GiB = 2 ** 30
+REDUCE_BUCKET = 5e8  # DeepSpeed zero_optimization.reduce_bucket_size default (elements)
+PREFETCH_BUCKET = 5e7  # DeepSpeed stage3_prefetch_bucket_size default (elements)
+ALLOWANCE_GIB, ALLOWANCE_FRACTION = 2.0, 0.05
+VISUAL_FRACTION = 0.5
+PROMPT_LEN = 1024  # RL: assumed mean prompt tokens
+HOST_GIB = 128.0  # host memory per rank for offloaded state: a 1 TiB node shared by 8 GPUs
+CHUNK_BYTES = 2 ** 28  # training/vlm.py CHUNK_BYTES: fp32 logits of one loss chunk when model.loss_chunk=0
+GROUPS = ("vision", "merger", "llm")
+
+
+# ---------------------------------------------------------------- model shapes
+
+
+@dataclass(frozen=True)
+class TextShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool = False  # lm_head shares the embedding
+    qkv_bias: bool = False  # Qwen2 / Qwen2.5: q, k, v projections have biases
+    o_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
+
+    def layer_params(self) -> int:
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv) * self.qkv_bias + h * self.o_bias
+        return attn + 2 * self.head_dim * self.qk_norm + 3 * h * self.intermediate + 2 * h
+
+    def params(self) -> int:
+        embed = self.vocab * self.hidden
+        return embed * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    depth: int
+    hidden: int
+    intermediate: int
+    heads: int
+    patch: int
+    out_hidden: int  # the merger's output = the decoder's hidden size
+    temporal_patch: int = 2
+    merge: int = 2
+    in_channels: int = 3
+    gated_mlp: bool = False  # Qwen2.5: SwiGLU gate/up/down; Qwen2/3: fc1, act, fc2
+    quick_gelu: bool = False  # Qwen2-VL: x * sigmoid(1.702 x) keeps one more intermediate than GELU
+    layer_norm: bool = True  # LayerNorm with bias (Qwen2/3); False: RMSNorm (Qwen2.5)
+    patch_bias: bool = False  # Qwen3's patch embedding has a bias
+    pos_embeddings: int = 0  # Qwen3: learned position table rows
+    deepstack: int = 0  # Qwen3: DeepStack mergers (features injected into the first decoder layers)
+
+    @property
+    def pixels_per_patch(self) -> int:
+        return self.in_channels * self.temporal_patch * self.patch ** 2
+
+    def block_params(self) -> int:
+        h, i = self.hidden, self.intermediate
+        mlp = 3 * h * i + 2 * i + h if self.gated_mlp else 2 * h * i + i + h
+        return 2 * h * (2 if self.layer_norm else 1) + 3 * h * h + 3 * h + h * h + h + mlp
+
+    def vision_params(self) -> int:
+        """Patch embedding, position table, blocks (the `vision` group)."""
+        patch = self.pixels_per_patch * self.hidden + self.hidden * self.patch_bias
+        return patch + self.pos_embeddings * self.hidden + self.depth * self.block_params()
+
+    def merger_params(self) -> int:
+        """The merger and the DeepStack mergers (the `merger` group)."""
+        n = self.hidden * self.merge ** 2
+        mlp = n * n + n + n * self.out_hidden + self.out_hidden
+        main = self.hidden * (2 if self.layer_norm else 1) + mlp  # norm over hidden, before the 2x2 shuffle
+        return main + self.deepstack * (2 * n + mlp)  # DeepStack mergers: LayerNorm after the shuffle
+
+
+@dataclass(frozen=True)
+class Shapes:
+    family: str  # training.models FAMILIES key
+    text: TextShape
+    vision: VisionShape
+
+    def params(self) -> dict:
+        """Parameter count per group (training/models.py groups: vision, merger, llm)."""
+        return {"vision": self.vision.vision_params(), "merger": self.vision.merger_params(),
+                "llm": self.text.params()}
+
+
+PRESETS: dict[str, Shapes] = {
+    # Qwen3-VL-8B: the Qwen3-8B decoder (config.json of Qwen/Qwen3-VL-8B-Instruct); its ViT is transformers'
+    # Qwen3VLVisionConfig default except out_hidden_size
+    "qwen3_vl_8b": Shapes("qwen3_vl", TextShape(hidden=4096, layers=36, heads=32, kv_heads=8, head_dim=128,
+                                                intermediate=12288, vocab=151936, qk_norm=True),
+                          VisionShape(depth=27, hidden=1152, intermediate=4304, heads=16, patch=16, out_hidden=4096,
+                                      patch_bias=True, pos_embeddings=2304, deepstack=3)),
+    # Qwen2.5-VL-7B (config.json of Qwen/Qwen2.5-VL-7B-Instruct; transformers' defaults are the 72B text shapes)
+    "qwen2_5_vl_7b": Shapes("qwen2_5_vl", TextShape(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128,
+                                                    intermediate=18944, vocab=152064, qkv_bias=True),
+                            VisionShape(depth=32, hidden=1280, intermediate=3420, heads=16, patch=14,
+                                        out_hidden=3584, gated_mlp=True, layer_norm=False)),
+    # Qwen2-VL-7B (Qwen/Qwen2-VL-7B-Instruct: the same decoder as Qwen2.5-VL-7B; ViT embed_dim 1280, mlp_ratio 4)
+    "qwen2_vl_7b": Shapes("qwen2_vl", TextShape(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128,
+                                                intermediate=18944, vocab=152064, qkv_bias=True),
+                          VisionShape(depth=32, hidden=1280, intermediate=5120, heads=16, patch=14, out_hidden=3584,
+                                      quick_gelu=True)),
+}
+
+
+def from_hf(cfg) -> Shapes:
+    """Shapes of a transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL config object (text_config, vision_config)."""
+    family = cfg.model_type
+    if family not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        raise ValueError(f"model_type {family!r} is not a Qwen2-VL / Qwen2.5-VL / Qwen3-VL config")
+    t, v = cfg.text_config, cfg.vision_config
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    qwen3 = family == "qwen3_vl"
+    bias = bool(getattr(t, "attention_bias", False))
+    text = TextShape(hidden=t.hidden_size, layers=t.num_hidden_layers, heads=t.num_attention_heads,
+                     kv_heads=t.num_key_value_heads, head_dim=head_dim, intermediate=t.intermediate_size,
+                     vocab=t.vocab_size, tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+                     qkv_bias=bias if qwen3 else True, o_bias=bias if qwen3 else False, qk_norm=qwen3)
+    if family == "qwen2_vl":
+        vision = VisionShape(depth=v.depth, hidden=v.embed_dim, intermediate=int(v.embed_dim * v.mlp_ratio),
+                             heads=v.num_heads, patch=v.patch_size, out_hidden=v.hidden_size,
+                             temporal_patch=v.temporal_patch_size, merge=v.spatial_merge_size,
+                             in_channels=v.in_channels, quick_gelu=v.hidden_act == "quick_gelu")
+    else:
+        vision = VisionShape(depth=v.depth, hidden=v.hidden_size, intermediate=v.intermediate_size,
+                             heads=v.num_heads, patch=v.patch_size, out_hidden=v.out_hidden_size,
+                             temporal_patch=v.temporal_patch_size, merge=v.spatial_merge_size,
+                             in_channels=v.in_channels, gated_mlp=not qwen3, layer_norm=qwen3, patch_bias=qwen3,
+                             pos_embeddings=v.num_position_embeddings if qwen3 else 0,
+                             deepstack=len(v.deepstack_visual_indexes) if qwen3 else 0)
+    return Shapes(family, text, vision)
+
+
+def from_config_json(path) -> Shapes:
+    """Shapes of an HF checkpoint's config.json (a file or its directory), read through the family's config class
+    so that keys the file leaves out take transformers' defaults, as the model built from it would."""
+    from training.models import FAMILIES
+
+    path = Path(path)
+    path = path / "config.json" if path.is_dir() else path
+    data = json.loads(path.read_text())
+    family = next((f for f in FAMILIES.values() if f.model_type == data.get("model_type")), None)
+    if family is None:
+        raise ValueError(f"{path}: model_type {data.get('model_type')!r} is not one of "
+                         f"{[f.model_type for f in FAMILIES.values()]}")
+    return from_hf(family.config_cls.from_dict(data))
+
+
+@lru_cache(maxsize=None)
+def tiny(family: str) -> Shapes:
+    """The tiny preset of training/models.py (model=tiny_<family>), its vocabulary that of the tiny tokenizer."""
+    from training import models
+
+    fam = models.get_family(family)
+    vocab = len(models.tiny_tokenizer(fam))
+    return from_hf(fam.config_cls(text_config=dict(fam.tiny_text, vocab_size=vocab),
+                                  vision_config=dict(fam.tiny_vision), tie_word_embeddings=False))
+
+
+def shapes_of(name: str) -> Shapes:
+    """A preset name, tiny_<family>, or an HF config.json (file or directory)."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if name.startswith("tiny_") and name[5:] in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        return tiny(name[5:])
+    if Path(name).exists():
+        return from_config_json(name)
+    raise ValueError(f"model shapes {name!r}: not a preset ({sorted(PRESETS)}), tiny_<family> or a config.json path")
+
+
+# ---------------------------------------------------------------- the plan and its estimate
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What decides one rank's memory: the model, the row, the layout and the levers."""
+
+    shapes: Shapes
+    seq_len: int
+    world: int = 1
+    micro_batch_size: int = 1
+    sp_size: int = 1
+    sp_vision: str = "split"
+    zero_stage: int = 3
+    dtype: str = "bf16"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    checkpointing: bool = True
+    offload_activations: bool = False
+    tiled_mlp: int = 0
+    trainable: tuple = GROUPS
+    objective: str = "lm"  # lm: fused loss outside ZeRO-3; dpo / sapo: log-probs recomputed per chunk
+    reference: bool = False  # a frozen copy of the starting weights (dpo; sapo with kl_beta > 0)
+    sp_allowed: bool = True  # False: the objective cannot run sequence-parallel (sapo): no sp lever
+    loss_chunk: int = 0
+    visual_fraction: float = VISUAL_FRACTION
+    grad_accum: int = 1
+    rollouts: int = 0  # RL: completions per prompt (stage.objective.num_generations); 0: not an RL stage
+    max_new_tokens: int = 0
+    mini_batches: int = 1
+    prompt_len: int = PROMPT_LEN  # RL: assumed mean prompt length (how many prompts a row of seq_len holds)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of one training micro-batch (before the SP split). RL: each prompt token becomes G rollout
+        tokens plus G x max_new_tokens per prompt of completion (training/estimate.py docstring)."""
+        if not self.rollouts:
+            return self.micro_batch_size * self.seq_len
+        return math.ceil(self.rollouts * self.micro_batch_size * self.seq_len
+                         * (1 + self.max_new_tokens / self.prompt_len))
+
+
+# alive all step long; during the ViT's forward/backward; during the decoder's; during RL generation
+PHASES = ("step", "vit", "decoder", "rollout")
+
+
+@dataclass
+class Part:
+    name: str
+    device: float  # bytes
+    host: float  # bytes
+    note: str
+    phase: str = "step"
+
+
+@dataclass
+class Estimate:
+    plan: Plan
+    parts: list = field(default_factory=list)
+
+    def phase_gib(self, phase: str) -> float:
+        return sum(p.device for p in self.parts if p.phase == phase) / GiB
+
+    @property
+    def device_gib(self) -> float:
+        """The peak: what lives all step plus the largest of the other phases (they never coexist)."""
+        return self.phase_gib("step") + max(self.phase_gib(p) for p in PHASES[1:])
+
+    @property
+    def host_gib(self) -> float:
+        return sum(p.host for p in self.parts) / GiB
+
+    def part(self, name: str) -> Part:
+        return next(p for p in self.parts if p.name == name)
+
+    def to_dict(self) -> dict:
+        return {"device_gib": self.device_gib, "host_gib": self.host_gib,
+                "parts": [{"name": p.name, "phase": p.phase, "device_gib": p.device / GiB, "host_gib": p.host / GiB,
+                           "note": p.note} for p in self.parts]}
+
+
+def _b(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
+def layer_bytes(t: TextShape, b: int, sp: int, tiled: int) -> tuple[float, float]:
+    """(bytes saved for backward per token by one decoder layer, its backward gradients per token). What autograd
+    keeps (tests/test_memory_estimate.py measures it): an RMSNorm its input in fp32 (HF upcasts), the normalized
+    tensor and the 1/rms, and its output where a linear consumes it; RoPE and the residual adds keep nothing."""
+    h, hd, n = t.hidden, t.head_dim, max(1, tiled)
+    q, kv = t.heads * hd, t.kv_heads * hd
+    norms = 2 * (4 * h + 2 * b * h + 4)
+    qk_norm = ((4 + b) * (q + kv) + 4 * (t.heads + t.kv_heads)) if t.qk_norm else 0
+    if sp > 1:  # the kernel's q, k, v, out after the all-to-all (heads/sp of the full sequence), o_proj's input
+        attn = b * (2 * q + 2 * max(t.kv_heads, sp) * hd + q) + 4 * t.heads
+    else:  # RoPE'd q and k, v, the output (o_proj's input), the fp32 log-sum-exp per head
+        attn = b * (2 * q + 2 * kv) + 4 * t.heads
+    mlp = b * 4 * t.intermediate / n  # gate, up, act(gate), act(gate) * up
+    grads = b * (2 * t.intermediate / n + 2 * h + q + 2 * kv)
+    return norms + qk_norm + attn + mlp, grads
+
+
+def block_bytes(v: VisionShape, b: int) -> tuple[float, float]:
+    """(bytes saved per patch by one ViT block, its backward gradients per patch), as `layer_bytes` counts them:
+    norms (LayerNorm: input, output, fp32 mean and 1/std; RMSNorm as in the decoder); the attention's RoPE'd q
+    and k, the fused qkv output (v is a view of it), the output and its reshaped copy, the log-sum-exp; the MLP's
+    intermediates (SwiGLU 4, quick GELU 3, GELU 2)."""
+    h = v.hidden
+    norms = 2 * (2 * b * h + 8) if v.layer_norm else 2 * (4 * h + 2 * b * h + 4)
+    attn = 7 * b * h + 4 * v.heads
+    mlp = b * (4 if v.gated_mlp else 3 if v.quick_gelu else 2) * v.intermediate
+    return norms + attn + mlp, b * (2 * v.intermediate + 5 * h)
+
+
+def estimate(plan: Plan) -> Estimate:
+    """Per-rank memory of `plan`, component by component (the module docstring has every formula)."""
+    s, T, V = plan.shapes, plan.shapes.text, plan.shapes.vision
+    b = 2 if plan.dtype == "bf16" else 4
+    W, sp, z = plan.world, plan.sp_size, plan.zero_stage
+    counts = s.params()
+    total = sum(counts.values())
+    trained = sum(counts[g] for g in plan.trainable)
+    out = Estimate(plan)
+
+    def add(name, nbytes, note, host=False, phase="step"):
+        out.parts.append(Part(name, 0.0 if host else nbytes, nbytes if host else 0.0, note, phase))
+
+    # -- model state
+    parted = W if z == 3 else 1
+    add("parameters", total * b / parted, f"{_b(total)} x {b} B" + (f" / {W} ranks (ZeRO-3)" if z == 3 else "")
+        + (" (offload_params: host)" if plan.offload_params else ""), host=plan.offload_params)
+    if z >= 2:
+        bucket = max(REDUCE_BUCKET, T.vocab * T.hidden if "llm" in plan.trainable else 0) if trained else 0
+        bucket = min(bucket, trained)
+        if plan.offload_optimizer:
+            add("gradients", bucket * b, f"reduce bucket {_b(bucket)} x {b} B (partition on host)")
+            add("gradients (host)", trained * 4 / W, f"{_b(trained)} trained x 4 B / {W} ranks", host=True)
+        else:
+            add("gradients", trained * b / W + bucket * b,
+                f"{_b(trained)} trained x {b} B / {W} ranks (ZeRO-{z}) + reduce bucket {_b(bucket)}")
+    else:
+        add("gradients", trained * b, f"{_b(trained)} trained x {b} B (ZeRO-{z}: not partitioned)")
+    per = 8 if (b == 4 and z == 0) else 12
+    add("optimizer states", trained * per / (W if z >= 1 else 1),
+        f"{_b(trained)} trained x {per} B (fp32 master, Adam m, v)" + (f" / {W} ranks" if z >= 1 else "")
+        + (" (offload_optimizer: host)" if plan.offload_optimizer else ""), host=plan.offload_optimizer)
+    if z == 3 and W > 1:
+        biggest = T.vocab * T.hidden
+        add("ZeRO-3 working set", (biggest + PREFETCH_BUCKET) * b,
+            f"largest module gathered ({_b(biggest)}: V x hidden) + prefetch bucket {_b(PREFETCH_BUCKET)}, x {b} B")
+    if plan.reference:
+        add("reference model", total * b / parted, f"frozen starting weights {_b(total)} x {b} B"
+            + (f" / {W} ranks" if z == 3 else ""))
+
+    # -- decoder (its phase: from the end of the ViT's forward to the start of the ViT's backward)
+    tokens = plan.tokens
+    t = math.ceil(tokens / sp)
+    per_layer, grads = layer_bytes(T, b, sp, plan.tiled_mlp)
+    if plan.rollouts:  # generation: the KV cache of every rollout at once, and the prefill of one layer
+        prompt_tokens = plan.mini_batches * plan.grad_accum * plan.micro_batch_size * plan.seq_len
+        rollout_tokens = plan.rollouts * prompt_tokens * (1 + plan.max_new_tokens / plan.prompt_len)
+        kv = 2 * T.layers * T.kv_heads * T.head_dim * b
+        add("rollout KV cache", rollout_tokens * kv,
+            f"{plan.rollouts} x {prompt_tokens} prompt tokens ({plan.mini_batches} steps' rows) x (1 + "
+            f"{plan.max_new_tokens}/{plan.prompt_len} new per prompt token) x {kv / 1024:.0f} KiB", phase="rollout")
+        add("rollout prefill layer", plan.rollouts * prompt_tokens * layer_bytes(T, b, 1, plan.tiled_mlp)[0],
+            f"{plan.rollouts} x {prompt_tokens} prompt tokens through one layer (no gradients)", phase="rollout")
+    where = " (offload_activations: host)" if plan.offload_activations else ""
+    if plan.checkpointing:
+        add("decoder activations", T.layers * t * T.hidden * b,
+            f"{T.layers} layers x {t} tokens x {T.hidden} x {b} B (checkpointed layer inputs){where}",
+            host=plan.offload_activations, phase="decoder")
+    else:
+        add("decoder activations", T.layers * t * per_layer,
+            f"{T.layers} layers x {t} tokens x {per_layer / 1024:.1f} KiB per token{where}",
+            host=plan.offload_activations, phase="decoder")
+    tiled = f", MLP in {plan.tiled_mlp} tiles" if plan.tiled_mlp > 1 else ""
+    add("decoder layer in backward", t * (per_layer + grads),
+        f"{t} tokens x ({per_layer / 1024:.1f} KiB saved + {grads / 1024:.1f} KiB gradients) per token{tiled}",
+        phase="decoder")
+    if sp > 1:
+        kv = max(T.kv_heads, sp)
+        add("Ulysses buffers", 2 * t * (2 * T.heads * T.head_dim + 2 * kv * T.head_dim) * b,
+            f"2 x {t * sp} tokens x (q, out: {T.heads}/{sp} heads; k, v: {kv}/{sp}) x {T.head_dim} x {b} B",
+            phase="decoder")
+
+    # -- vision: what the ViT stores lives all step (forward to its backward, after the decoder's)
+    visual = plan.visual_fraction * plan.micro_batch_size * plan.seq_len  # merged visual tokens (RL: of the prompts)
+    patches_row = visual * V.merge ** 2
+    share = sp if plan.sp_vision == "split" else 1
+    patches = patches_row / share
+    blk, blk_grads = block_bytes(V, b)
+    vision_trained = "vision" in plan.trainable
+    if vision_trained:
+        stored = V.depth * patches * (V.hidden * b if plan.checkpointing else blk)
+        add("ViT activations", stored, f"{V.depth} blocks x {patches:.0f} patches x "
+            + (f"{V.hidden} x {b} B (checkpointed)" if plan.checkpointing else f"{blk / 1024:.1f} KiB")
+            + f" ({plan.visual_fraction:g} of the tokens visual, {V.merge ** 2} patches each"
+            + (f", 1/{sp} of the row's" if share > 1 else "") + f"){where}", host=plan.offload_activations)
+    if vision_trained or "merger" in plan.trainable:
+        mergers = 1 + V.deepstack
+        add("merger activations", mergers * patches / V.merge ** 2 * (4 * V.merge ** 2 * V.hidden + V.out_hidden) * b,
+            f"{mergers} merger(s) x {patches / V.merge ** 2:.0f} tokens x (4 x {V.merge ** 2} x {V.hidden} + "
+            f"{V.out_hidden}) x {b} B{where}", host=plan.offload_activations)
+    add("pixel values", patches_row * V.pixels_per_patch * 4 + patches * V.pixels_per_patch * b,
+        f"{patches_row:.0f} patches x {V.pixels_per_patch} x 4 B (the whole micro-batch, fp32) + this rank's "
+        f"{patches:.0f} x {b} B")
+    add("ViT block in " + ("backward" if vision_trained else "forward (frozen)"),
+        patches * (blk + (blk_grads if vision_trained else 0)),
+        f"{patches:.0f} patches x {(blk + blk_grads * vision_trained) / 1024:.1f} KiB", phase="vit")
+    copies = 2 if sp > 1 else 1
+    add("visual features", visual * V.out_hidden * (1 + V.deepstack) * b * copies,
+        f"{visual:.0f} tokens x {V.out_hidden} x {1 + V.deepstack} x {b} B"
+        + (" x 2 (the SP group's gather and its reordering)" if sp > 1 else ""), phase="vit")
+
+    # -- loss (at the end of the decoder's forward, its gradients into the decoder's backward)
+    chunk = min(plan.loss_chunk or max(1, CHUNK_BYTES // (4 * T.vocab)), t)
+    fused = plan.objective == "lm" and not (z == 3 and W > 1)
+    head = T.vocab * T.hidden * 4 if fused and "llm" in plan.trainable else 0
+    add("loss", 3 * chunk * T.vocab * 4 + t * T.hidden * b * (2 if fused else 1) + head,
+        f"3 x {chunk} x {T.vocab} x 4 B (one chunk) + hidden of {t} tokens"
+        + (" and grad_h" if fused else "") + (f" + lm_head fp32 grad {_b(T.vocab * T.hidden)} x 4 B" if head else "")
+        + ("" if fused else " (recomputed in backward)"), phase="decoder")
+    peak = out.device_gib * GiB
+    add("allowance", ALLOWANCE_GIB * GiB + ALLOWANCE_FRACTION * peak,
+        f"{ALLOWANCE_GIB:g} GiB (CUDA context, NCCL) + {ALLOWANCE_FRACTION:.0%} of the peak (fragmentation)")
+    return out
+
+
+def fits(plan: Plan, device_gib: float, host_gib: float = HOST_GIB) -> tuple[bool, Estimate]:
+    """(the estimate fits `device_gib` of accelerator memory and `host_gib` of host memory per rank, the estimate)."""
+    est = estimate(plan)
+    return est.device_gib <= device_gib and est.host_gib <= host_gib, est
+
+
+# ---------------------------------------------------------------- levers
+
+
+# (Plan field, config override key, cost rank: cheaper levers are named first)
+LEVERS = (("checkpointing", "model.gradient_checkpointing", 1), ("tiled_mlp", "model.tiled_mlp", 2),
+          ("sp_size", "parallel.sp_size", 3), ("zero_stage", "engine.zero_stage", 4),
+          ("micro_batch_size", "trainer.micro_batch_size", 5), ("offload_activations", "model.offload_activations", 6),
+          ("offload_optimizer", "engine.offload_optimizer", 7))
+KEYS = {f: k for f, k, _ in LEVERS}
+COST = {f: c for f, _, c in LEVERS}
+
+
+def _options(plan: Plan) -> dict:
+    """Each lever's values, mildest first, that differ from the plan."""
+    from training.parallel import valid_sp_sizes
+
+    T = plan.shapes.text
+    opts = {"checkpointing": [] if plan.checkpointing else [True],
+            "tiled_mlp": [n for n in (2, 4, 8, 16) if n > max(1, plan.tiled_mlp)],
+            "sp_size": [n for n in valid_sp_sizes(T.heads, T.kv_heads) if n > plan.sp_size and plan.world % n == 0]
+            if plan.sp_allowed else [],
+            "zero_stage": [3] if plan.zero_stage < 3 else [],
+            "micro_batch_size": [n for n in (plan.micro_batch_size // 2 ** k for k in range(1, 8))
+                                 if 1 <= n < plan.micro_batch_size][:3],
+            "offload_activations": [] if plan.offload_activations else [True],
+            "offload_optimizer": [] if plan.offload_optimizer else [True]}
+    if opts["micro_batch_size"] and opts["micro_batch_size"][-1] != 1:
+        opts["micro_batch_size"].append(1)
+    return {k: v for k, v in opts.items() if v}
+
+
+def levers(plan: Plan, device_gib: float, limit: int = 3, host_gib: float = HOST_GIB) -> list[dict]:
+    """For a plan that does not fit: the smallest sets of lever changes that make it fit, cheapest first (at most
+    `limit`; [] when it fits already or nothing does). Each set is {Plan field: value}; `overrides` spells it."""
+    if fits(plan, device_gib, host_gib)[0]:
+        return []
+    opts = _options(plan)
+    for k in range(1, len(opts) + 1):
+        found = []
+        for names in itertools.combinations(opts, k):
+            for values in itertools.product(*(opts[n] for n in names)):  # mildest values first
+                change = dict(zip(names, values))
+                if change.get("offload_optimizer") and change.get("zero_stage", plan.zero_stage) == 0:
+                    continue
+                ok, est = fits(replace(plan, **change), device_gib, host_gib)
+                if ok:
+                    found.append((sum(COST[n] for n in names), est.device_gib, change))
+                    break
+        if found:
+            return [c for _, _, c in sorted(found, key=lambda f: (f[0], f[1]))[:limit]]
+    return []
+
+
+def overrides(change: dict) -> list[str]:
+    """A lever set as training.train overrides."""
+    return [f"{KEYS[k]}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items()]
+
+
+def describe_levers(plan: Plan, device_gib: float, host_gib: float = HOST_GIB) -> str:
+    if fits(plan, device_gib, host_gib)[0]:
+        return "none needed: it fits"
+    found = levers(plan, device_gib, host_gib=host_gib)
+    if not found:
+        return ("no combination of the levers (checkpointing, tiled MLP, sequence parallelism, ZeRO-3, fewer rows "
+                "per micro-batch, activation and optimizer offload) fits: use more ranks or a shorter seq_len")
+    return "; or ".join(f"{' '.join(overrides(c))} ({estimate(replace(plan, **c)).device_gib:.1f} GiB)" for c in found)
+
+
+# ---------------------------------------------------------------- from the project's config
+
+
+def from_job(job, world: int, fallback: Optional[Shapes] = None) -> Plan:
+    """The estimate's inputs for a training.train JobConfig on `world` processes. Shapes: model.path's
+    config.json when it exists, the tiny preset when model.path is unset, else `fallback` (a recipe step whose
+    model.path is an earlier step's export that does not exist yet); ValueError when none is known."""
+    from stages import build_objective
+
+    m = job.model
+    if m.path is None:
+        shapes = tiny(m.family)
+    elif (Path(m.path) / "config.json").is_file():
+        shapes = from_config_json(Path(m.path) / "config.json")
+    elif fallback is not None:
+        shapes = fallback
+    else:
+        raise ValueError(f"model.path={m.path} has no config.json (yet): the model's shapes are unknown; name a "
+                         f"preset ({sorted(PRESETS)}) or an HF config")
+    objective = dict(job.stage.objective)
+    name = objective.get("name", "lm")
+    return Plan(shapes=shapes, seq_len=job.stage.seq_len, world=world, micro_batch_size=job.trainer.micro_batch_size,
+                sp_size=job.parallel.sp_size, sp_vision=job.parallel.sp_vision, zero_stage=job.engine.zero_stage,
+                dtype=job.engine.dtype, offload_optimizer=job.engine.offload_optimizer,
+                offload_params=job.engine.offload_params, checkpointing=m.gradient_checkpointing,
+                offload_activations=m.offload_activations, tiled_mlp=m.tiled_mlp, trainable=tuple(job.stage.trainable),
+                objective=name, reference=name == "dpo" or (name == "sapo" and objective.get("kl_beta", 0) > 0),
+                sp_allowed=not build_objective(job.stage.objective).no_sequence_parallel, loss_chunk=m.loss_chunk,
+                grad_accum=job.trainer.grad_accum, **_rl(name, objective))
+
+
+def _rl(name: str, objective: dict) -> dict:
+    """The RL rollout's numbers from stage.objective (the objective's own defaults where it leaves them out)."""
+    if name != "sapo":
+        return {}
+    from stages.sapo import Config
+
+    d = Config()
+    return dict(rollouts=objective.get("num_generations", d.num_generations),
+                max_new_tokens=objective.get("max_new_tokens", d.max_new_tokens),
+                mini_batches=objective.get("mini_batches", d.mini_batches))
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def render(est: Estimate, device_gib: float, name: str = "", host_gib: float = HOST_GIB) -> str:
+    p, s = est.plan, est.plan.shapes
+    counts = s.params()
+    levers_on = [w for w, on in (("checkpointing", p.checkpointing), ("offload_activations", p.offload_activations),
+                                 (f"tiled_mlp={p.tiled_mlp}", p.tiled_mlp > 1), ("offload_optimizer",
+                                 p.offload_optimizer), ("offload_params", p.offload_params)) if on]
+    lines = [f"per-rank memory estimate: {name or s.family} ({_b(sum(counts.values()))} parameters: "
+             + ", ".join(f"{g} {_b(n)}" for g, n in counts.items()) + ")",
+             f"{p.micro_batch_size} x {p.seq_len} tokens per micro-batch"
+             + (f" of prompts ({p.tokens} rollout tokens to train on)" if p.rollouts else "")
+             + f", {p.world} ranks, sp_size {p.sp_size}"
+             + (f" (ViT {p.sp_vision})" if p.sp_size > 1 else "") + f", ZeRO-{p.zero_stage}, {p.dtype}, trains "
+             + "+".join(p.trainable) + f", objective {p.objective}; levers: " + (", ".join(levers_on) or "none"),
+             f"{'component':<27} {'when':<7} {'device GiB':>10} {'host GiB':>8}  formula"]
+    for part in est.parts:
+        host = f"{part.host / GiB:8.2f}" if part.host else f"{'-':>8}"
+        lines.append(f"{part.name:<27} {part.phase:<7} {part.device / GiB:10.2f} {host}  {part.note}")
+    phases = [f"{ph} {est.phase_gib(ph):.2f}" for ph in PHASES[1:] if any(x.phase == ph for x in est.parts)]
+    lines.append(f"{'total (peak)':<27} {'':<7} {est.device_gib:10.2f} {est.host_gib:8.2f}  step "
+                 f"{est.phase_gib('step'):.2f} + max({', '.join(phases)}): those phases never coexist")
+    ok = est.device_gib <= device_gib and est.host_gib <= host_gib
+    host = f" (host memory {est.host_gib:.1f} of {host_gib:g} GiB per rank)" if est.host_gib else ""
+    lines.append(f"fits in {device_gib:g} GiB: {'yes' if ok else 'no'}{host}")
+    if not ok:
+        lines.append(f"levers that make it fit: {describe_levers(p, device_gib, host_gib)}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m training.memory estimate",
+                                 description="Analytic per-rank memory of one training step (training/estimate.py).")
+    ap.add_argument("--model", default="qwen3_vl_8b",
+                    help=f"a preset ({', '.join(PRESETS)}), tiny_<family>, or an HF config.json / its directory")
+    ap.add_argument("--seq-len", type=int, default=8192)
+    ap.add_argument("--micro-batch", type=int, default=1, help="packed rows per micro-batch")
+    ap.add_argument("--world", type=int, default=8, help="training processes (GPUs)")
+    ap.add_argument("--sp", type=int, default=1, help="parallel.sp_size")
+    ap.add_argument("--sp-vision", choices=("split", "replicate"), default="split")
+    ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=3)
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--checkpointing", action="store_true", help="model.gradient_checkpointing")
+    ap.add_argument("--offload-activations", action="store_true")
+    ap.add_argument("--tiled-mlp", type=int, default=0)
+    ap.add_argument("--offload-optimizer", action="store_true")
+    ap.add_argument("--offload-params", action="store_true")
+    ap.add_argument("--trainable", default="vision,merger,llm", help="trained groups, comma-separated")
+    ap.add_argument("--objective", choices=("lm", "dpo", "sapo"), default="lm")
+    ap.add_argument("--loss-chunk", type=int, default=0)
+    ap.add_argument("--visual-fraction", type=float, default=VISUAL_FRACTION,
+                    help="share of the row's tokens that are visual (merged image/video tokens)")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--rollouts", type=int, default=16, help="sapo: completions per prompt (num_generations)")
+    ap.add_argument("--max-new-tokens", type=int, default=1024, help="sapo")
+    ap.add_argument("--mini-batches", type=int, default=2, help="sapo: optimizer steps per rollout")
+    ap.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help="sapo: assumed mean prompt tokens")
+    ap.add_argument("--device-gib", type=float, default=80.0)
+    ap.add_argument("--host-gib", type=float, default=HOST_GIB, help="host memory per rank for offloaded state")
+    ap.add_argument("--json", help="also write the components here")
+    a = ap.parse_args(argv)
+    trainable = tuple(g for g in a.trainable.split(",") if g)
+    unknown = sorted(set(trainable) - set(GROUPS))
+    if unknown:
+        ap.error(f"--trainable names unknown group(s) {unknown}; groups are {list(GROUPS)}")
+    plan = Plan(shapes=shapes_of(a.model), seq_len=a.seq_len, world=a.world, micro_batch_size=a.micro_batch,
+                sp_size=a.sp, sp_vision=a.sp_vision, zero_stage=a.zero, dtype=a.dtype,
+                offload_optimizer=a.offload_optimizer, offload_params=a.offload_params, checkpointing=a.checkpointing,
+                offload_activations=a.offload_activations, tiled_mlp=a.tiled_mlp, trainable=trainable,
+                objective=a.objective, reference=a.objective == "dpo", sp_allowed=a.objective != "sapo",
+                loss_chunk=a.loss_chunk, visual_fraction=a.visual_fraction, grad_accum=a.grad_accum,
+                **(dict(rollouts=a.rollouts, max_new_tokens=a.max_new_tokens, mini_batches=a.mini_batches,
+                        prompt_len=a.prompt_len) if a.objective == "sapo" else {}))
+    est = estimate(plan)
+    print(render(est, a.device_gib, a.model, a.host_gib))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"plan": {k: v for k, v in asdict(plan).items() if k != "shapes"},
+                                            "model": a.model, **est.to_dict()}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
