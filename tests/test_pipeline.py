@@ -53,7 +53,8 @@ def test_plan_chains_exports_and_selects_steps(tmp_path):
 def test_paper_recipes_have_the_papers_stage_order(tmp_path):
     order = {"qwen2vl": ["vit_align", "s1_multimodal", "sft"],
              "qwen2_5vl": ["vit_align", "s1_multimodal", "s2_long_32k", "sft", "dpo"],
-             "qwen3vl": ["s0_merger", "s1_multimodal", "s2_long_32k", "s3_long_256k", "sft", "dpo", "sapo"]}
+             "qwen3vl": ["s0_merger", "s1_multimodal", "s2_long_32k", "s3_long_256k", "sft", "sft", "dpo",
+                         "sapo"]}  # sft twice: the 32K pass, then the 256K one
     seq = {"s2_long_32k": "32768", "s3_long_256k": "262144", "s1_multimodal": "8192"}
     for name, stages in order.items():
         steps = _plan(tmp_path, "pipeline.init_path=/ckpt/x", pipeline=name)
