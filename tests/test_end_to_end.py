@@ -103,7 +103,7 @@ def test_a_finished_stage_is_not_run_again(tmp_path):
 TORCHRUN2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
 
 
-@pytest.mark.parametrize("nproc,engine,sp", [(1, "zero2", 1), (2, "zero3", 1), (2, "zero2", 2)])
+@pytest.mark.parametrize("nproc,engine,sp", [(2, "zero3", 1), (2, "zero2", 2)])  # 1 process: SAPO resume (test_preference_dist)
 def test_killed_run_resumes_bit_identically(tmp_path, nproc, engine, sp):
     """SIGKILL at an arbitrary step, re-run: losses from the restored step on equal an uninterrupted run exactly.
 
@@ -112,7 +112,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, nproc, engine, sp):
     processes form one SP group (one data stream, each writing its trainer state); ZeRO-2 partitions over both.
     """
     out, ref = tmp_path / "run", tmp_path / "ref"
-    steps = 24
+    steps = 16
     common = [f"trainer.max_steps={steps}", "logger=none", "model=tiny_qwen2_vl", f"engine={engine}",
               "data.shapes.tasks=[caption,vqa,text]", f"parallel.sp_size={sp}"]
     launcher = TORCHRUN2 if nproc == 2 else [sys.executable, "-m"]
@@ -123,7 +123,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, nproc, engine, sp):
                             start_new_session=True)
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 400
-    kill_after = random.Random().randint(3, 12)  # an arbitrary step past the first checkpoint
+    kill_after = random.Random().randint(3, 10)  # an arbitrary step past the first checkpoint
     while time.time() < deadline and proc.poll() is None:
         if latest.exists() and (out / "metrics.jsonl").exists() and \
                 len((out / "metrics.jsonl").read_text().splitlines()) >= kill_after:

@@ -39,10 +39,10 @@ def _assert_same(a, b, atol):
 @pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["token", "sample", "sqrt"])
 def test_two_ranks_two_micro_batches_equal_one_rank_whole_batch(tmp_path, reduction):
+    """2 ranks x 2 accumulation micro-batches: both ways of splitting the global batch at once (a loss normalised
+    per micro-batch or per rank instead of by the global weight sum fails it)."""
     one = _run(tmp_path / "one", 1, reduction=reduction, micro=4)  # 1 rank, the whole global batch at once
-    acc = _run(tmp_path / "acc", 1, reduction=reduction, micro=1)  # 1 rank, 4 accumulation micro-batches
     two = _run(tmp_path / "two", 2, reduction=reduction, micro=1)  # 2 ranks x 2 micro-batches
-    _assert_same(acc, one, 5e-5)
     _assert_same(two, one, 5e-5)
 
 
