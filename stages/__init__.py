@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from training.lora import LoraSettings
+
 
 @dataclass
 class OptimizerConfig:
@@ -38,6 +40,7 @@ class StageConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     lr_mult: dict = field(default_factory=lambda: {"vision": 1.0, "merger": 1.0, "llm": 1.0})
     mixture: Optional[dict] = None  # {data source: weight}; None = every source of `data=`
+    lora: LoraSettings = field(default_factory=LoraSettings)  # r > 0: adapters train the groups it names
 
 
 def build_objective(objective: dict):

@@ -103,9 +103,9 @@ class DPOObjective(Objective):
 
     # -- set-up -----------------------------------------------------------------------------------------------
     def setup(self, ctx: Context) -> None:
-        """The reference: the starting weights rebuilt from the model config (exact on resume too), frozen and
-        placed like the policy by the engine (sharded under ZeRO-3)."""
-        self.ref = ctx.engine.build_frozen(ctx.starting_model())
+        """The reference: the starting weights, frozen (Context.reference: rebuilt from the model config, exact on
+        resume too, and placed like the policy by the engine; under LoRA the policy with its adapters off)."""
+        self.ref = ctx.reference()
 
     # -- protocol ---------------------------------------------------------------------------------------------
     def weights(self, batch: dict) -> torch.Tensor:

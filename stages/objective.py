@@ -17,12 +17,13 @@ import torch
 
 @dataclass
 class Context:
-    """What an objective's set-up sees: the engine (its `build_frozen`, device, process groups), the model bundle
-    (tokenizer, family) and a builder of the stage's starting weights as a fresh step module (references)."""
+    """What an objective's set-up sees: the engine (its device, process groups), the model bundle (tokenizer,
+    family) and `reference()`: the stage's starting weights, frozen, as a step callable (a copy placed by the engine,
+    sharded under ZeRO-3; under LoRA the policy with its adapters switched off, no second copy)."""
 
     engine: object  # training.engine.Engine
     bundle: object  # training.models.Bundle
-    starting_model: Callable[[], torch.nn.Module]
+    reference: Callable[[], Callable]
 
 
 class Objective:

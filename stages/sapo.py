@@ -159,7 +159,7 @@ class RLObjective(Objective):
         self.tokenizer = ctx.bundle.tokenizer
         self.synced = ctx.engine.partitioned and ctx.engine.world > 1
         if self.cfg.kl_beta > 0:
-            self.ref = ctx.engine.build_frozen(ctx.starting_model())
+            self.ref = ctx.reference()
 
     def _ids(self) -> tuple[int, list[int], list[int]]:
         """pad id, stop ids, and the vision placeholder ids a completion must never contain."""

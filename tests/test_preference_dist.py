@@ -411,7 +411,7 @@ out["vit_rows"] = list(rows)
 mb = pack(plain, [[p] for p in mine], pad)
 rl = RLObjective(SC(num_generations=4, max_new_tokens=4, drop_equal_groups=False, mini_batches=1,
                     rewards={"odd_length": "reward_helpers:odd_length"}))
-run = Context(engine, b, lambda: VLM(models.build(job.model).model))
+run = Context(engine, b, lambda: engine.build_frozen(VLM(models.build(job.model).model)))
 rl.setup(run)
 step = rl.prepare(engine, [mb])[0]
 step["weights"] = rl.weights(step)

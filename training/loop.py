@@ -17,7 +17,7 @@ from data.pipeline import DataConfig, Layout, Pipeline, source_configs
 from stages import StageConfig, build_objective
 from stages.objective import Context
 from training import engine as engines
-from training import flops, models
+from training import flops, lora, models
 from training.checkpoint import Checkpointer
 from training.engine import EngineConfig
 from training.metrics import LoggerConfig, Metrics
@@ -154,7 +154,12 @@ def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | Non
         return summary
     state_dict = r.engine.full_state_dict(rank=0)
     if rank == 0:
+        lora_cfg = r.job.stage.lora
+        if lora_cfg.r:  # the export is the merged model; the adapter alone on request
+            state_dict, adapter = lora.merged_state_dict(r.bundle, state_dict, lora_cfg)
         models.export_hf(r.bundle, state_dict, out / "hf")
+        if lora_cfg.r and lora_cfg.save_adapter:
+            lora.save_adapter(r.bundle, adapter, lora_cfg, out / "hf" / "adapter")
     return _finish(out, rank, summary)
 
 
@@ -163,8 +168,12 @@ def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int)
     dp_rank, dp_size = rank // job.parallel.sp_size, world // job.parallel.sp_size  # SP groups: consecutive ranks
     torch.manual_seed(tr.seed + dp_rank)  # the ranks of an SP group draw the same numbers
     bundle = models.build(job.model)
+    if stage.lora.r:  # adapters first: the groups then list their parameters too
+        lora.inject(bundle.model, bundle.family, stage.lora)
     groups = models.param_groups(bundle.model, bundle.family)
     models.apply_trainable(bundle.model, groups, stage.trainable)
+    if stage.lora.r:
+        lora.train_adapters_only(bundle.model, groups, stage.lora)
     objective = build_objective(stage.objective)  # fails before any compute
     # one data stream per data-parallel rank: the ranks of an SP group read the same rows
     layout = Layout(rank=dp_rank, world=dp_size, micro_batch=tr.micro_batch_size, grad_accum=tr.grad_accum,
@@ -196,7 +205,11 @@ def _start_engine(r: Run, resolved_yaml: str) -> None:
     r.metrics = Metrics(job.logger, r.out, r.rank, tr.max_steps, config={"yaml": resolved_yaml})
     r.flops = flops.build(r.bundle.model, job.stage.trainable)
     r.peak_flops = flops.peak_flops(job.engine.dtype)
-    r.objective.setup(Context(r.engine, r.bundle, lambda: _vlm(job, models.build(job.model).model)))
+    if job.stage.lora.r:  # the frozen base weights are the starting weights: no second copy
+        reference = lambda: lora.AdapterOff(r.model)  # noqa: E731
+    else:
+        reference = lambda: r.engine.build_frozen(_vlm(job, models.build(job.model).model))  # noqa: E731
+    r.objective.setup(Context(r.engine, r.bundle, reference))
     tag = r.ckpt.latest_tag()  # rank 0 decides; every rank resumes from the same checkpoint
     if tag is None:
         if (r.out / "metrics.jsonl").is_file():

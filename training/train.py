@@ -85,6 +85,9 @@ def check_job(job, world: int) -> None:
     if stage.seq_len < 1:
         raise ValueError(f"stage.seq_len={stage.seq_len} must be >= 1 (tokens per packed row)")
     _check_optimization(stage)
+    from training import lora
+
+    lora.check(stage.lora, list(stage.trainable))
     if job.data.name != "shapes":  # shards: the entries of data.sources and stage.mixture (reads no file)
         from data.pipeline import source_configs
 
