@@ -87,7 +87,7 @@ def _number(v) -> bool:
 
 
 def _shape(record) -> Optional[str]:
-    """Which record shape (DESIGN.md "Shard format") this is, None for none of them."""
+    """Which record shape (data/RECORDS.md) this is, None for none of them."""
     if not isinstance(record, dict):
         return None
     if "chosen" in record or "rejected" in record:
@@ -133,7 +133,7 @@ class Encoder:
             raise
         except RECORD_ERRORS as e:  # past the explicit checks, still this record's fault: one counted sample
             raise BadSample("malformed_record", key, f"{type(e).__name__}: {e}; fix the record (see the record "
-                                                     f"format in DESIGN.md)") from None
+                                                     f"format in data/RECORDS.md)") from None
 
     def _encode(self, raw: dict, key: str) -> list[dict]:
         record = raw.get("record")
@@ -142,7 +142,7 @@ class Encoder:
             what = f"keys: {sorted(map(str, record))}" if isinstance(record, dict) else f"a {type(record).__name__}"
             raise BadSample("unknown_record_shape", key, f"the record has none of 'messages', 'content', 'chosen'/"
                                                          f"'rejected', 'answer'/'reward' ({what:.200}); see the "
-                                                         f"record format in DESIGN.md")
+                                                         f"record format in data/RECORDS.md")
         source = raw.get("source") or record.get("source", "default")
         base = dict(key=key, source=source, group=group_id(source, key), raw=raw, kind=None)
         if shape == "document":

@@ -8,7 +8,7 @@ cache is reproducible byte for byte. Two ways in:
     mixture. The streaming pipeline reads these like any other shards.
   - `sample(cfg, index)`: the older in-memory path (caption and vqa, PIL media) kept for the indexed loader.
 
-Tasks (record formats in ../shared/DESIGN.md), all answerable from the picture so a tiny model can learn them:
+Tasks (record formats in data/RECORDS.md), all answerable from the picture so a tiny model can learn them:
   caption     role-less document: image + "A picture of a red circle and a blue square. There are 2 shapes."
   grounding   "Where is the red circle?" -> box part with label; or a box part in the question -> its colour
   vqa         "How many shapes are there?" / "What colour is the square?" (asked only when one answer exists)
