@@ -215,6 +215,8 @@ def _start_engine(r: Run, resolved_yaml: str) -> None:
         if (r.out / "metrics.jsonl").is_file():
             log.warning("no checkpoint in %s: starting over at step 1 (the rows an earlier attempt logged in "
                         "metrics.jsonl are dropped)", r.out / "checkpoints")
+        else:
+            log.info("no checkpoint in %s: starting from step 0", r.out / "checkpoints")
         r.metrics.start_over()  # rows of a run killed before its first checkpoint are not this run's
     else:
         state = r.ckpt.load(r.engine, tag)

@@ -56,9 +56,11 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch.distributed as dist
 
-    from training import engine
+    from training import console, engine
 
-    engine.init_distributed()
+    with console.stdout_to_log():  # DeepSpeed prints its op builds ("... built successfully"): train.log only
+        engine.init_distributed()
+    console.route_to_root("DeepSpeed")  # DeepSpeed's warnings: console and train.log (training/console.py)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size()
@@ -343,8 +345,21 @@ def own_output_dir(out: Path, rank: int):
         lock.__exit__()
 
 
+def resolve_printed_config(argv: list[str]) -> list[str]:
+    """`--cfg job|hydra|all` (`-c`) prints the config with its interpolations resolved (`output_dir:
+    runs/tiny_qwen3_vl_s1_multimodal`, not `runs/${model.name}_${stage.name}`): Hydra's `--resolve` is added
+    unless given. `--cfg job --no-resolve` prints the composed config as written."""
+    if "--no-resolve" in argv:
+        return [a for a in argv if a != "--no-resolve"]
+    asks = any(a in ("--cfg", "-c") or a.startswith(("--cfg=", "-c=")) for a in argv)
+    return [*argv, "--resolve"] if asks and "--resolve" not in argv else argv
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
+    from training import console
+
+    console.setup()  # known third-party noise: train.log only (training/console.py)
     try:
         summary = run_config(cfg)
     except (ValueError, NotImplementedError) as e:
@@ -359,4 +374,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *resolve_printed_config(sys.argv[1:])]
     main()
