@@ -37,7 +37,7 @@ def _assert_same(a, b, atol):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reduction", ["token", "sample", "sqrt"])
+@pytest.mark.parametrize("reduction", ["sample", "sqrt"])  # token: test_sequence_parallel.py, DP=2 x SP=2 vs 1
 def test_two_ranks_two_micro_batches_equal_one_rank_whole_batch(tmp_path, reduction):
     """2 ranks x 2 accumulation micro-batches: both ways of splitting the global batch at once (a loss normalised
     per micro-batch or per rank instead of by the global weight sum fails it)."""

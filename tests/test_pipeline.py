@@ -139,7 +139,7 @@ def test_chain_runs_skips_done_steps_and_reruns_from_a_step(tmp_path):
 def test_interrupted_step_resumes_where_its_checkpoint_left_off(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "launch.pipeline", f"output_dir={out}", FEW, "pipeline.only=[s0_merger]",
-            "pipeline.max_steps=40", "pipeline.eval.enabled=false"]
+            "pipeline.max_steps=20", "pipeline.eval.enabled=false"]
     proc = subprocess.Popen(args, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     metrics = out / "s0_merger" / "metrics.jsonl"
@@ -151,12 +151,12 @@ def test_interrupted_step_resumes_where_its_checkpoint_left_off(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     done_before = len(metrics_rows(out / "s0_merger"))
-    assert 5 <= done_before < 40 and not (out / "s0_merger" / "DONE").exists()
+    assert 5 <= done_before < 20 and not (out / "s0_merger" / "DONE").exists()
     assert f"step s0_merger interrupted (exit 143): checkpoint at step {done_before} written; re-run to resume: " \
            f"`python -m launch.pipeline output_dir={out} " in err, err[-3000:]
     r = subprocess.run(args, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert [x["step"] for x in metrics_rows(out / "s0_merger")] == list(range(1, 41))  # each step exactly once
+    assert [x["step"] for x in metrics_rows(out / "s0_merger")] == list(range(1, 21))  # each step exactly once
     log = (out / "s0_merger" / "console.log").read_text()
     assert f"resumed from {out}/s0_merger/checkpoints/step_{done_before:08d} at step {done_before}" in log
 
@@ -165,7 +165,7 @@ def test_interrupted_step_resumes_where_its_checkpoint_left_off(tmp_path):
 def test_a_signal_during_a_trainers_start_up_says_no_checkpoint_was_written(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "launch.pipeline", f"output_dir={out}", FEW,
-                             "pipeline.only=[s0_merger]", "pipeline.max_steps=40", "pipeline.eval.enabled=false"],
+                             "pipeline.only=[s0_merger]", "pipeline.max_steps=20", "pipeline.eval.enabled=false"],
                             cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = out / "s0_merger" / "console.log"
     t0 = time.time()
