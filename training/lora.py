@@ -52,14 +52,13 @@ def _config(cfg: LoraSettings, modules: list[str]):
 
 
 def target_modules(model: torch.nn.Module, family, cfg: LoraSettings) -> list[str]:
-    """Full names of the nn.Linear modules to adapt: last name part in cfg.targets, inside a LoRA group (by the
-    longest group prefix, as training/models.py assigns parameters; the merger inside the ViT is its own group)."""
-    prefixes = sorted(((p, g) for g, ps in family.group_prefixes.items() for p in ps), key=lambda x: -len(x[0]))
-    out = []
-    for name, module in model.named_modules():
-        group = next((g for p, g in prefixes if name == p or name.startswith(p + ".")), None)
-        if group in cfg.groups and name.rsplit(".", 1)[-1] in cfg.targets and isinstance(module, torch.nn.Linear):
-            out.append(name)
+    """Full names of the nn.Linear modules to adapt: last name part in cfg.targets, inside a LoRA group (the
+    group training/models.py assigns their parameters to)."""
+    from training.models import group_of
+
+    out = [name for name, module in model.named_modules()
+           if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets
+           and group_of(name, family) in cfg.groups]
     if not out:
         raise ValueError(f"stage.lora.targets={list(cfg.targets)} match no linear layer in groups "
                          f"{list(cfg.groups)} of {family.name}")
@@ -115,7 +114,7 @@ def merged_state_dict(bundle, state_dict: dict, cfg: LoraSettings) -> tuple[dict
     if unexpected or [k for k in missing if not _tied(bundle.model, k)]:
         raise ValueError(f"LoRA export: the trained weights do not fit the adapted model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
-    adapter = {k: v for k, v in peft.get_peft_model_state_dict(fresh).items()}
+    adapter = peft.get_peft_model_state_dict(fresh)
     merged = tuner.merge_and_unload()
     return merged.state_dict(), adapter
 

@@ -224,12 +224,18 @@ def build(cfg: ModelConfig) -> Bundle:
     return Bundle(family, model, tokenizer, image_processor)
 
 
+def group_of(name: str, family: Family) -> str | None:
+    """The group of a parameter or module name: its longest matching group prefix (the merger inside the ViT is
+    its own group), None for none."""
+    prefixes = sorted(((p, g) for g, ps in family.group_prefixes.items() for p in ps), key=lambda x: -len(x[0]))
+    return next((g for p, g in prefixes if name == p or name.startswith(p + ".")), None)
+
+
 def param_groups(model: torch.nn.Module, family: Family) -> dict[str, list[str]]:
     """Parameter names per group; every parameter lands in exactly one group or this raises."""
-    prefixes = sorted(((p, g) for g, ps in family.group_prefixes.items() for p in ps), key=lambda x: -len(x[0]))
     groups: dict[str, list[str]] = {g: [] for g in GROUPS}
     for name, _ in model.named_parameters():
-        group = next((g for p, g in prefixes if name == p or name.startswith(p + ".")), None)
+        group = group_of(name, family)
         if group is None:
             raise ValueError(f"parameter {name!r} of {family.name} belongs to no group; "
                              f"extend FAMILIES[{family.name!r}].group_prefixes in training/models.py")
