@@ -124,7 +124,7 @@ def _check_parallel(job, world: int) -> None:
         raise ValueError(f"model.tiled_mlp={job.model.tiled_mlp} must be >= 0 (0/1: off; N: N sequence shards)")
 
 
-def _text_config(cfg) -> dict:
+def _text_config(cfg) -> dict | None:
     """The decoder's config numbers of `model=` without building it: the tiny preset's, or config.json's; None
     while model.path does not exist yet (a recipe step whose model is an earlier step's export)."""
     import json
