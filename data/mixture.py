@@ -98,8 +98,13 @@ class Mixture:
                              f"data.max_bad_fraction={self.max_bad_fraction}; fix the data or raise the limit")
 
     def metrics(self) -> dict:
-        """`skipped/<source>/<reason>` counters for the metrics log."""
-        return {f"skipped/{s}/{r}": v for (s, r), v in sorted(self.skipped.items())}
+        """`skipped/<source>/<reason>` counters for the metrics log, and `epoch/<source>`: how often the source
+        wrapped around to the start of its shards (0 in the first pass) where the source counts epochs."""
+        out = {f"skipped/{s}/{r}": v for (s, r), v in sorted(self.skipped.items())}
+        for n, s in self.sources.items():
+            if hasattr(s, "read_epoch"):
+                out[f"epoch/{n}"] = s.read_epoch
+        return out
 
     def state_dict(self) -> dict:
         st = self.rng.getstate()

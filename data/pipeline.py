@@ -78,15 +78,72 @@ def source_configs(cfg: DataConfig, mixture: dict | None) -> list[SourceConfig]:
     return [SourceConfig(**{**known[n].__dict__, "weight": float(w)}) for n, w in mixture.items()]
 
 
+def eval_source_configs(cfg: DataConfig, sources: list, generate: bool = True) -> list[SourceConfig]:
+    """`stage.eval.sources` as SourceConfigs read in shard order with no shuffling: shapes task names (the
+    held-out split, generated on first use unless `generate` is off: then only the names are checked) or, with
+    data=shards, `{name, urls}` entries like data.sources' (weight ignored)."""
+    if cfg.name == "shapes":
+        bad = [s for s in sources if not isinstance(s, str) or s not in shapes.ALL_TASKS]
+        if bad:
+            raise ValueError(f"stage.eval.sources={list(sources)}: with data=shapes each entry is a shapes task, one "
+                             f"of {list(shapes.ALL_TASKS)} (read from the held-out split); {bad} is not")
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"stage.eval.sources={list(sources)} names a task twice")
+        if not generate:
+            return []
+        sh = dataclasses.replace(cfg.shapes, tasks=list(sources))
+        return [SourceConfig(name=t, urls=p, shuffle_shards=False) for t, p in
+                shapes.ensure_cache(sh, split="heldout").items()]
+    out = []
+    for i, s in enumerate(sources):
+        if not isinstance(s, dict):
+            raise ValueError(f"stage.eval.sources[{i}]={s!r}: with data=shards each entry names held-out shards, "
+                             f"like {SOURCE_EXAMPLE} (weight is ignored)")
+        out.append(dataclasses.replace(_source_config(i, s, "stage.eval.sources"), shuffle_buffer=0, shuffle_shards=False))
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage.eval.sources: names {names} repeat; give each held-out source its own name")
+    return out
+
+
+def eval_micro_batches(src: SourceConfig, cfg: DataConfig, bundle, layout: Layout, samples: int,
+                       check_sample=None) -> tuple[list[dict], dict]:
+    """The first `samples` samples of `src` in shard order (fewer if it has fewer), encoded and packed exactly as
+    training's (the stage's seq_len, trainer.micro_batch_size rows per micro-batch), and the counts of samples
+    skipped or dropped on the way. Every rank builds the same list; BadSample and too-long samples are skipped."""
+    chain = Chain([src], cfg, bundle, dataclasses.replace(layout, rank=0, world=1, grad_accum=1), 0, 1)
+    chain.check = check_sample
+    source = chain.mixture.sources[src.name]
+    rows, taken = [], 0
+    try:
+        while taken < samples:
+            try:
+                raw = next(source)
+                if source.read_epoch > 0:  # wrapped around: the source has fewer samples than asked for
+                    break
+                taken += 1
+                rows.extend(chain.packer.add(chain.encode({**raw, "source": src.name})))
+            except BadSample as e:
+                chain.mixture.count_bad(src.name, e)
+                if source.read_epoch > 0 or source.epoch > 1:
+                    break
+        rows.extend(chain.packer.flush())
+    finally:
+        source.close()
+    batches = [collate(rows[i:i + layout.micro_batch], chain.pack_cfg) for i in range(0, len(rows), layout.micro_batch)]
+    return batches, chain.metrics()
+
+
 SOURCE_EXAMPLE = "{name: docs, urls: '/data/docs-{0000..0099}.tar', weight: 1}"
 
 
-def _source_config(i: int, entry) -> SourceConfig:
-    """One `data.sources` entry as a SourceConfig; a misspelt or missing key or a wrong type names the entry."""
+def _source_config(i: int, entry, key: str = "data.sources") -> SourceConfig:
+    """One `data.sources` (or `key`) entry as a SourceConfig; a misspelt or missing key or a wrong type names the
+    entry."""
     fields = {f.name: f for f in dataclasses.fields(SourceConfig)}
     if not isinstance(entry, dict):
-        raise ValueError(f"data.sources[{i}]={entry!r} is not a mapping; each entry reads like {SOURCE_EXAMPLE}")
-    where = f"data.sources[{i}]" + (f" ({entry['name']})" if "name" in entry else "")
+        raise ValueError(f"{key}[{i}]={entry!r} is not a mapping; each entry reads like {SOURCE_EXAMPLE}")
+    where = f"{key}[{i}]" + (f" ({entry['name']})" if "name" in entry else "")
     unknown = sorted(set(entry) - set(fields))
     missing = [n for n, f in fields.items() if n not in entry
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -182,7 +239,7 @@ class Chain:
         self.rows = [[s for raw in row for s in self.encode(decode_raw(raw))] for row in state["rows"]]
 
     def metrics(self) -> dict:
-        """Skipped samples per source and reason (bad data, too long for seq_len)."""
+        """Skipped samples per source and reason (bad data, too long for seq_len); `epoch/<source>`."""
         out = dict(self.mixture.metrics())
         for what in ("dropped", "truncated"):
             for src, reasons in self.packer.stats[what].items():
@@ -287,10 +344,11 @@ class Pipeline:
         return [self._next() for _ in range(self.layout.grad_accum)]
 
     def metrics(self) -> dict:
+        """The workers' counters summed; `epoch/<source>` is the furthest worker's."""
         out: dict = {}
         for m in self._metrics:
             for k, v in m.items():
-                out[k] = out.get(k, 0) + v
+                out[k] = max(out.get(k, 0), v) if k.startswith("epoch/") else out.get(k, 0) + v
         return out
 
     def state_dict(self) -> dict:

@@ -305,7 +305,8 @@ class ShardSource:
     def state_dict(self) -> dict:
         st = self.rng.getstate()
         return {"version": STATE_VERSION, "world": self.world, "num_workers": self.num_workers,
-                "num_shards": len(self.shards), "epoch": self.epoch, "shard_pos": self.shard_pos,
+                "num_shards": len(self.shards), "epoch": self.epoch, "read_epoch": self.read_epoch,
+                "shard_pos": self.shard_pos,
                 "sample_index": self.sample_index, "offset": self.offset, "members": self.members,
                 "rng": [st[0], list(st[1]), st[2]], "buffer": [encode_raw(s) for s in self.buffer]}
 
@@ -321,6 +322,7 @@ class ShardSource:
                              f"now expand to {len(self.shards)}; restore the original shard list")
         self._close()
         self.epoch, self.shard_pos = state["epoch"], state["shard_pos"]
+        self.read_epoch = state.get("read_epoch", state["epoch"])  # states before epoch counters lack it
         self.sample_index, self.offset, self.members = state["sample_index"], state["offset"], state["members"]
         self._plan()
         r = state["rng"]

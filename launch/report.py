@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from training.evaluate import dpo_accuracy
+from training.loop import DATA_COUNTERS  # cumulative `<what>/<source>/<reason>` counts and `epoch/<source>`
 
 OBJECTIVE_PREFIXES = ("dpo/", "rpo/", "rewards/", "reward/", "sapo/", "grpo/", "gspo/", "policy/")
 OBJECTIVE_KEYS = {"kl", "clip_frac", "ratio", "gate"}
@@ -81,7 +82,7 @@ def _plot_step(rows: list[dict], png: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     x = [r["step"] for r in rows]
-    sources = sorted({k for r in rows for k in r if k.startswith("loss/")})
+    sources = sorted({k for r in rows for k in r if k.startswith(("loss/", "eval/loss"))})
     panels = [p for p in _objective_keys(rows) if p]
     n = 2 + len(panels)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2))
@@ -89,8 +90,10 @@ def _plot_step(rows: list[dict], png: Path, title: str) -> None:
     ax.plot(x, [r["loss"] for r in rows], label="loss", lw=1.5)
     for k in sources:
         pts = [(r["step"], r[k]) for r in rows if k in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=0.8, alpha=0.8)
-    ax.set_xlabel("step"), ax.set_title("training loss"), ax.legend(fontsize=7)
+        held_out = k.startswith("eval/")  # every stage.eval.every steps: points joined by a dashed line
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=0.8, alpha=0.8, ls="--" if held_out else "-",
+                marker="o" if held_out else None, ms=3)
+    ax.set_xlabel("step"), ax.set_title("loss (eval/: held-out)"), ax.legend(fontsize=7)
     ax = axes[1]
     ax.plot(x, [r["lr"] for r in rows])
     ax.set_xlabel("step"), ax.set_title("learning rate"), ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
@@ -139,7 +142,6 @@ def _plot_chain(names: list[str], evals: list[dict | None], png: Path, dpo_steps
     plt.close(fig)
 
 
-DATA_COUNTERS = ("skipped/", "dropped/", "truncated/")  # training.loop's cumulative `<what>/<source>/<reason>`
 
 
 def _data_counts(d: Path, rows: list[dict]) -> list[str]:
@@ -152,10 +154,13 @@ def _data_counts(d: Path, rows: list[dict]) -> list[str]:
     counts = {k: v for k, v in done.items() if k.startswith(DATA_COUNTERS)}
     if not counts and rows:
         counts = {k: v for k, v in rows[-1].items() if k.startswith(DATA_COUNTERS)}
-    counts = {k: v for k, v in sorted(counts.items()) if v}
+    epochs = {k.removeprefix("epoch/"): v for k, v in sorted(counts.items()) if k.startswith("epoch/") and v}
+    counts = {k: v for k, v in sorted(counts.items()) if v and not k.startswith("epoch/")}
+    out = [("Sources read whole and started over (`epoch/<source>`, passes completed): " +
+            ", ".join(f"{k} {v}" for k, v in epochs.items())), ""] if epochs else []
     if not counts:
-        return []
-    out = ["Data skipped (bad records), dropped (too long) or truncated, whole step:", "",
+        return out
+    out += ["Data skipped (bad records), dropped (too long) or truncated, whole step:", "",
            "| data | source | reason | samples |",
            "|---|---|---|---|"]
     for key, n in counts.items():
@@ -248,6 +253,14 @@ def write_report(out: Path, p=None, steps=None, stopped: str | None = None, eval
                     vals = [r[k] for r in tail if k in r]
                     lines.append(f"| {k} | {_fmt(rows[0].get(k))} | {_fmt(sum(vals) / len(vals) if vals else None)} |")
                 lines.append("")
+        evals = [r for r in rows if "eval/loss" in r]
+        if evals:
+            keys = ["eval/loss"] + sorted({k for r in evals for k in r if k.startswith("eval/loss/")})
+            lines += [f"Held-out loss (stage.eval: the stage's own loss on fixed held-out samples, every "
+                      f"{cfg.get('stage', {}).get('eval', {}).get('every', '?')} steps):", "", "| held-out | step " + str(evals[0]["step"]) + " | step "
+                      + str(evals[-1]["step"]) + " |", "|---|---|---|"]
+            lines += [f"| {k} | {_fmt(evals[0].get(k))} | {_fmt(evals[-1].get(k))} |" for k in keys]
+            lines.append("")
         lines += _data_counts(d, rows)
         if ev:
             lines += ["| held-out | start | end |", "|---|---|---|"]

@@ -31,6 +31,19 @@ class ScheduleConfig:
 
 
 @dataclass
+class EvalSettings:
+    """`stage.eval`: the stage's own loss on held-out samples every `every` optimizer steps (and at the last step),
+    logged as `eval/loss/<source>` and `eval/loss`. Each source contributes its first `samples` samples, read in
+    shard order (no shuffling), the same at every evaluation and after a resume. `sources`: with data=shards,
+    `{name, urls}` mappings of held-out shards (keys as in data.sources); with data=shapes, shapes task names
+    (read from the held-out split)."""
+
+    every: int = 0  # 0: off
+    samples: int = 32  # per source
+    sources: list = field(default_factory=list)
+
+
+@dataclass
 class StageConfig:
     name: str = "s1_multimodal"
     trainable: list = field(default_factory=lambda: ["vision", "merger", "llm"])
@@ -41,6 +54,7 @@ class StageConfig:
     lr_mult: dict = field(default_factory=lambda: {"vision": 1.0, "merger": 1.0, "llm": 1.0})
     mixture: Optional[dict] = None  # {data source: weight}; None = every source of `data=`
     lora: LoraSettings = field(default_factory=LoraSettings)  # r > 0: adapters train the groups it names
+    eval: EvalSettings = field(default_factory=EvalSettings)  # held-out loss every N steps
 
 
 def build_objective(objective: dict):

@@ -31,6 +31,8 @@ class Objective:
 
     # None: runs under sequence parallelism (its batches are packed rows); else why it cannot
     no_sequence_parallel: str | None = None
+    # None: stage.eval can score held-out samples with `loss_sum` (no gradient); else why it cannot
+    no_eval: str | None = None
 
     def setup(self, ctx: Context) -> None:
         pass

@@ -108,4 +108,4 @@ def test_bad_samples_in_shards_are_skipped_and_counted(bundle, tmp_path):
     p = _pipe(bundle, cfg=cfg, ga=6)
     keys = _keys(p.next_step())
     assert not {"s003", "s011", "s025"} & set(keys) and len(keys) > 10
-    assert p.metrics() == {"skipped/web/undecodable_image": 3}
+    assert p.metrics() == {"skipped/web/undecodable_image": 3, "epoch/web": 0}

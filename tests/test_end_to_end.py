@@ -13,6 +13,7 @@ import torch
 
 import conftest
 from conftest import REPO, clean_env, cli, load_hf, metrics_rows, run_stage
+from test_heldout import _hf_loss
 from training import loop
 from training.models import ModelConfig, build
 
@@ -113,8 +114,10 @@ def test_killed_run_resumes_bit_identically(tmp_path, nproc, engine, sp):
     """
     out, ref = tmp_path / "run", tmp_path / "ref"
     steps = 16
+    # with held-out evaluations (stage.eval): one micro-batch per source, so at DP=2 rank 1 runs the uncounted one
     common = [f"trainer.max_steps={steps}", "logger=none", "model=tiny_qwen2_vl", f"engine={engine}",
-              "data.shapes.tasks=[caption,vqa,text]", f"parallel.sp_size={sp}"]
+              "data.shapes.tasks=[caption,vqa,text]", f"parallel.sp_size={sp}", "stage.eval.every=5",
+              "stage.eval.samples=5", "stage.eval.sources=[vqa,caption]"]
     launcher = TORCHRUN2 if nproc == 2 else [sys.executable, "-m"]
     args = launcher + ["training.train", conftest.SHORT_ROWS, "trainer.save_every=3", "trainer.keep_checkpoints=100",
                        f"output_dir={out}", *common]
@@ -151,7 +154,14 @@ def test_killed_run_resumes_bit_identically(tmp_path, nproc, engine, sp):
                                    f"output_dir={ref}", *common],
                        cwd=REPO, capture_output=True, text=True, timeout=600, env=clean_env())
     assert r.returncode == 0, r.stderr[-3000:]
-    assert [x["loss"] for x in rows] == [x["loss"] for x in metrics_rows(ref)]  # bit-identical, not approx
+    ref_rows = metrics_rows(ref)
+    assert [x["loss"] for x in rows] == [x["loss"] for x in ref_rows]  # bit-identical, not approx
+    held_out = [{k: v for k, v in x.items() if k.startswith(("eval/loss", "epoch/"))} for x in rows]
+    assert held_out == [{k: v for k, v in x.items() if k.startswith(("eval/loss", "epoch/"))} for x in ref_rows]
+    assert [x["step"] for x in rows if "eval/loss" in x] == [5, 10, 15, 16]
+    # the last evaluation saw the exported weights: HF's own loss on the same samples one at a time, weighted as
+    # the stage (s1_multimodal) weighs its samples
+    assert rows[-1]["eval/loss/vqa"] == pytest.approx(_hf_loss(out / "hf", "vqa", 5, "sqrt"), rel=1e-5)
 
 
 def test_resume_with_another_world_size_is_refused(tmp_path):

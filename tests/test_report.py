@@ -38,6 +38,19 @@ def test_report_shows_each_steps_skipped_and_dropped_samples(tmp_path):
     assert "Data skipped" not in c and "| data |" not in c
 
 
+def test_report_shows_the_held_out_losses_and_the_source_epochs(tmp_path):
+    rows = [{"step": i, "loss": 3.0 - 0.1 * i, "lr": 1e-4, "tokens": 10} for i in range(1, 5)]
+    rows[1].update({"eval/loss": 2.5, "eval/loss/vqa": 2.4, "eval/loss/caption": 2.6})
+    rows[3].update({"eval/loss": 2.0, "eval/loss/vqa": 1.9, "eval/loss/caption": 2.1})
+    steps = [_step(tmp_path, "a", rows, {"steps": 4, "epoch/vqa": 2, "epoch/caption": 0})]
+    (tmp_path / "pipeline.json").write_text(json.dumps({"name": "t", "steps": steps}))
+    a = _section(write_report(tmp_path, evaluate=False).read_text(), "a")
+    assert "| held-out | step 2 | step 4 |" in a
+    assert "| eval/loss | 2.500 | 2.000 |" in a and "| eval/loss/vqa | 2.400 | 1.900 |" in a
+    assert "passes completed): vqa 2" in a and "caption 0" not in a  # sources still in their first pass: not shown
+    assert "| epoch |" not in a  # not a skip/drop count
+
+
 # ---------------------------------------------------------------- training.plot
 
 

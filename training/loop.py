@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from data.encode import IGNORE
-from data.pipeline import DataConfig, Layout, Pipeline, source_configs
+from data.pipeline import DataConfig, Layout, Pipeline, eval_micro_batches, eval_source_configs, source_configs
 from stages import StageConfig, build_objective
 from stages.objective import Context
 from training import engine as engines
@@ -25,7 +25,7 @@ from training.parallel import ParallelConfig
 from training.vlm import VLM
 
 log = logging.getLogger("training")
-DATA_COUNTERS = ("skipped/", "dropped/", "truncated/")  # data.pipeline.Chain.metrics() keys
+DATA_COUNTERS = ("skipped/", "dropped/", "truncated/", "epoch/")  # data.pipeline.Chain.metrics() keys
 
 
 @dataclass
@@ -68,7 +68,8 @@ def _add_sums(into: dict, part: dict) -> None:
 
 def _gather_sums(sums: dict, counts: dict, own: bool = True) -> tuple[dict, dict]:
     """sum/count of each objective metric over all ranks (e.g. loss per source; keys may differ by rank), and
-    the data counters (`skipped/<source>/<reason>`, ...) summed over ranks, in one collective (`own` as in _sum)."""
+    the data counters (`skipped/<source>/<reason>`, ...) summed over ranks (`epoch/<source>`: the furthest rank's),
+    in one collective (`own` as in _sum)."""
     parts = [(sums, counts) if own else ({}, {})]
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
@@ -78,7 +79,7 @@ def _gather_sums(sums: dict, counts: dict, own: bool = True) -> tuple[dict, dict
     for part_sums, part_counts in parts:
         _add_sums(total, part_sums)
         for k, v in part_counts.items():
-            data[k] = data.get(k, 0) + int(v)
+            data[k] = max(data.get(k, 0), int(v)) if k.startswith("epoch/") else data.get(k, 0) + int(v)
     return {k: s / n for k, (s, n) in sorted(total.items()) if n > 0}, dict(sorted(data.items()))
 
 
@@ -130,6 +131,8 @@ class Run:
     peak_flops: float | None = None
     start: int = 0
     skipped_before: int = 0
+    heldout: dict = field(default_factory=dict)  # stage.eval: {source: its micro-batches}, the same on every rank
+    epochs: dict = field(default_factory=dict)  # epoch/<source> last logged (a line when a source wraps around)
 
 
 def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | None:
@@ -180,6 +183,8 @@ def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int)
                     seq_len=stage.seq_len)
     if rank == 0:  # the shapes cache is generated once, before the other ranks read it
         source_configs(job.data, stage.mixture)
+        if stage.eval.every:
+            eval_source_configs(job.data, stage.eval.sources)
     if dist.is_initialized():
         dist.barrier()
     # the objective's own record checks (e.g. RL rewards must be registered) make a bad record a counted skip
@@ -187,7 +192,27 @@ def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(resolved_yaml)
-    return Run(job, out, rank, world, bundle, _vlm(job, bundle.model), groups, loader, objective)
+    r = Run(job, out, rank, world, bundle, _vlm(job, bundle.model), groups, loader, objective)
+    if stage.eval.every:
+        r.heldout = _heldout(job, bundle, layout, objective)
+    return r
+
+
+def _heldout(job: JobConfig, bundle, layout: Layout, objective) -> dict:
+    """stage.eval's micro-batches per source, built once (every rank builds all of them; see `_evaluate`)."""
+    out = {}
+    for src in eval_source_configs(job.data, job.stage.eval.sources):
+        batches, counts = eval_micro_batches(src, job.data, bundle, layout, job.stage.eval.samples,
+                                             objective.check_sample)
+        n = sum(len(b["sources"]) for b in batches)
+        lost = {k: v for k, v in counts.items() if k.startswith(("skipped/", "dropped/", "truncated/"))}
+        if not batches:
+            raise ValueError(f"stage.eval.sources: {src.name} gave no usable sample (urls {src.urls}; skipped: "
+                             f"{lost or 'none'}); fix the held-out data or leave the source out")
+        log.info("held-out %s: %d samples in %d micro-batch(es)%s", src.name, n, len(batches),
+                 f"; skipped {lost}" if lost else "")
+        out[src.name] = batches
+    return out
 
 
 def _vlm(job: JobConfig, hf) -> VLM:
@@ -223,6 +248,7 @@ def _start_engine(r: Run, resolved_yaml: str) -> None:
         r.start, r.skipped_before = state["step"], state.get("skipped_steps", 0)
         r.loader.load_state_dict(state["data"])
         r.objective.load_state_dict(state.get("objective", {}))
+        r.epochs = state.get("epochs", {})
         r.metrics.truncate_after(r.start)
         log.info("resumed from %s at step %d", r.out / "checkpoints" / tag, r.start)
 
@@ -246,12 +272,19 @@ def _train(r: Run, stop: _StopOnSignal) -> dict:
         else:
             bad_in_row, loss = 0, row["loss"]
         row["skipped_steps"] = skipped + r.skipped_before
+        ev = r.job.stage.eval
+        if ev.every and ((step + 1) % ev.every == 0 or step + 1 == tr.max_steps):
+            row.update(_evaluate(r))
         data_counts = {k: v for k, v in row.items() if k.startswith(DATA_COUNTERS)}
+        _log_wraps(r, row)
         r.metrics.log(row, r.start)
+        if "eval/loss" in row and r.rank == 0:
+            log.info("step %d: held-out loss %.4f (%s)", step + 1, row["eval/loss"], ", ".join(
+                f"{k.removeprefix('eval/loss/')} {v:.4f}" for k, v in row.items() if k.startswith("eval/loss/")))
         if (tr.save_every and (step + 1) % tr.save_every == 0) or step + 1 == tr.max_steps or stopping:
             r.ckpt.save(r.engine, step + 1, {"step": step + 1, "data": r.loader.state_dict(),
                                              "skipped_steps": row["skipped_steps"],
-                                             "objective": r.objective.state_dict()})
+                                             "objective": r.objective.state_dict(), "epochs": r.epochs})
         if stopping:
             log.warning("stopping on a signal: checkpoint written at step %d; re-run the same command to resume",
                         step + 1)
@@ -317,6 +350,51 @@ def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
     row.update(means)
     row.update(counts)  # cumulative skipped/dropped/truncated samples per source and reason, all ranks
     return row, bool(stopping)
+
+
+def _evaluate(r: Run) -> dict:
+    """stage.eval: the objective's own loss on the held-out micro-batches, in eval mode and without gradients:
+    `eval/loss/<source>` (Σ loss_sum / Σ weights over the source) and `eval/loss` over all of them. The values do
+    not depend on the world size. A source's micro-batches are dealt round-robin over the data-parallel ranks; a
+    rank with one fewer runs one again, uncounted, so that every rank makes the same module calls (each is a
+    collective under ZeRO-3, and the ranks of an SP group share each row)."""
+    engine, obj, t0 = r.engine, r.objective, time.time()
+    own = float(engine.sp_rank == 0)
+    totals = []
+    was_training = engine.model.training
+    engine.model.train(False)
+    try:
+        with torch.no_grad():
+            for batches in r.heldout.values():
+                mine = batches[engine.dp_rank::engine.dp_size] or batches[:1]
+                counted = len(batches[engine.dp_rank::engine.dp_size])
+                loss = weight = 0.0
+                for i in range(-(-len(batches) // engine.dp_size)):
+                    mb = dict(mine[min(i, len(mine) - 1)])
+                    mb["weights"] = obj.weights(mb)
+                    ls, _ = obj.loss_sum(engine, _to(mb, engine.device))
+                    if i < counted:
+                        loss, weight = loss + float(ls), weight + float(mb["weights"].sum())
+                totals += [own * loss, own * weight]
+    finally:
+        engine.model.train(was_training)
+    totals = _sum(totals, engine.device)
+    losses, weights = totals[0::2], totals[1::2]
+    out = {f"eval/loss/{name}": l / w for name, l, w in zip(r.heldout, losses, weights) if w > 0}
+    if sum(weights) > 0:
+        out["eval/loss"] = sum(losses) / sum(weights)
+    out["eval_time_s"] = time.time() - t0
+    return out
+
+
+def _log_wraps(r: Run, row: dict) -> None:
+    """One line when a data source starts another pass over its shards (`epoch/<source>` goes up)."""
+    for k, v in row.items():
+        if k.startswith("epoch/") and v > r.epochs.get(k, 0):
+            r.epochs[k] = v
+            if r.rank == 0:
+                log.info("data source %s: all its shards read %d time(s) by step %d; it starts over (%s=%d)",
+                         k.removeprefix("epoch/"), v, row["step"], k, v)
 
 
 def _finite_or_none(x) -> float | None:

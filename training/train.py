@@ -94,9 +94,31 @@ def check_job(job, world: int) -> None:
         from data.pipeline import source_configs
 
         source_configs(job.data, stage.mixture)
+    _check_eval(job)
     _check_parallel(job, world)
     # the engine's own: zero stage, dtype, offload combinations, engine.raw batch keys vs trainer.* and the world
     engine.check(job.engine, tr.micro_batch_size, tr.grad_accum, world, stage.optimizer.grad_clip)
+
+
+def _check_eval(job) -> None:
+    """stage.eval: its numbers, its sources' entries (no file read) and whether the objective can be evaluated."""
+    from data.pipeline import eval_source_configs
+    from stages import build_objective
+
+    ev = job.stage.eval
+    if ev.every < 0 or ev.samples < 1:
+        raise ValueError(f"stage.eval: every={ev.every} must be >= 0 (0: off) and samples={ev.samples} >= 1")
+    if not ev.every:
+        return
+    if not ev.sources:
+        example = "[vqa, caption]" if job.data.name == "shapes" else "[{name: val, urls: '/data/val-{0000..0003}.tar'}]"
+        raise ValueError(f"stage.eval.every={ev.every} needs stage.eval.sources, the held-out data (e.g. "
+                         f"stage.eval.sources='{example}'); or set stage.eval.every=0")
+    why = build_objective(job.stage.objective).no_eval
+    if why:
+        raise ValueError(f"stage.eval: the {job.stage.objective['name']} objective has no held-out loss ({why}); set "
+                         f"stage.eval.every=0 for stage {job.stage.name!r}")
+    eval_source_configs(job.data, ev.sources, generate=False)
 
 
 def _check_parallel(job, world: int) -> None:
