@@ -80,6 +80,6 @@ def needed_kinds(objective: dict) -> Optional[tuple]:
 
 def _objectives() -> dict:
     """stage.objective.name -> its module (imported on use: the modules import torch and the data code)."""
-    from stages import dpo, lm, sapo
+    from stages import distill, dpo, lm, sapo
 
-    return {"lm": lm, "dpo": dpo, "sapo": sapo}
+    return {"lm": lm, "dpo": dpo, "sapo": sapo, "distill": distill}

@@ -18,12 +18,14 @@ import torch
 @dataclass
 class Context:
     """What an objective's set-up sees: the engine (its device, process groups), the model bundle (tokenizer,
-    family) and `reference()`: the stage's starting weights, frozen, as a step callable (a copy placed by the engine,
-    sharded under ZeRO-3; under LoRA the policy with its adapters switched off, no second copy)."""
+    family), `reference()`: the stage's starting weights, frozen, as a step callable (a copy placed by the engine,
+    sharded under ZeRO-3; under LoRA the policy with its adapters switched off, no second copy), and `frozen(path)`:
+    another model (a teacher) loaded like `model.path`, frozen and placed the same way: (its Bundle, step callable)."""
 
     engine: object  # training.engine.Engine
     bundle: object  # training.models.Bundle
     reference: Callable[[], Callable]
+    frozen: Callable[[str], tuple] = None
 
 
 class Objective:

@@ -42,7 +42,8 @@ def per_sample(values: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.T
 
 
 def split_samples(batch: dict, merge: int = 2) -> list[dict]:
-    """The micro-batch's samples, each alone: tokens, its own images/videos, and its meta (sample-id order).
+    """The micro-batch's samples, each alone: tokens (and labels), its own images/videos, and its meta (sample-id
+    order).
 
     Visual tensors are concatenated in the order samples appear (row-major); each sample takes as many
     grids as its pad tokens need (t*h*w/merge^2 tokens per grid)."""
@@ -57,6 +58,8 @@ def split_samples(batch: dict, merge: int = 2) -> list[dict]:
     for s in order:
         where = sids == s
         piece = {"input_ids": ids[where], "mm_token_type_ids": mm[where]}
+        if "labels" in batch:
+            piece["labels"] = batch["labels"][where]
         for pix_key, grid_key, kind in VISUAL:
             need = int((piece["mm_token_type_ids"] == kind).sum())
             if not need:

@@ -7,7 +7,7 @@ from conftest import REPO, cli, compose
 from stages import build_objective
 from training.train import to_job
 
-STAGES = ["vit_align", "s0_merger", "s1_multimodal", "s2_long_32k", "s3_long_256k", "sft", "dpo", "sapo"]
+STAGES = ["vit_align", "s0_merger", "s1_multimodal", "s2_long_32k", "s3_long_256k", "sft", "distill", "dpo", "sapo"]
 TINY = ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl"]
 
 
@@ -36,10 +36,60 @@ def test_stage_trainable_sets_follow_the_papers():
     assert trainable["s0_merger"] == {"merger"}
     for s in ("s1_multimodal", "s2_long_32k", "s3_long_256k"):
         assert trainable[s] == {"vision", "merger", "llm"}
-    for s in ("sft", "dpo", "sapo"):
+    for s in ("sft", "distill", "dpo", "sapo"):
         assert trainable[s] == {"merger", "llm"}
     seq = {s: to_job(compose([f"stage={s}"])).stage.seq_len for s in STAGES}
     assert (seq["s1_multimodal"], seq["s2_long_32k"], seq["s3_long_256k"]) == (8192, 32768, 262144)
+
+
+# keys a kind of group file may leave out, and why
+NOT_IN_FILE = {
+    "model/real": {"min_pixels": "the image processor comes from the checkpoint",
+                   "max_pixels": "the image processor comes from the checkpoint"},
+    "data/shards": {"shapes": "the synthetic generator's settings mean nothing there",
+                    "split": "the sources name their own files"},
+    "data/shapes": {"sources": "one source per task, made by the generator",
+                    "shapes.name": "the generator's own name, not a setting"},
+}
+
+
+def test_every_group_file_has_every_key_of_its_dataclass():
+    """A documented key (`model.loss_chunk=16`, `data.encoder.video_fps=1`) must work as a plain override: in struct
+    mode a key missing from the group file needs `+`, which the README never says."""
+    import dataclasses
+
+    import yaml
+
+    from data.pipeline import DataConfig
+    from stages import StageConfig
+    from training.engine import EngineConfig
+    from training.metrics import LoggerConfig
+    from training.models import ModelConfig
+
+    def missing(node: dict, cls, prefix: str) -> list:
+        out = []
+        for f in dataclasses.fields(cls):
+            if f.name not in node:
+                out.append(prefix + f.name)
+            elif dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
+                out += missing(node[f.name] or {}, type(f.default_factory()), f"{prefix}{f.name}.")
+        return out
+
+    schemas = {"model": ModelConfig, "stage": StageConfig, "engine": EngineConfig, "data": DataConfig,
+               "logger": LoggerConfig}
+    for group, cls in schemas.items():
+        for path in sorted((REPO / "conf" / group).glob("*.yaml")):
+            node = yaml.safe_load(path.read_text())
+            kind = {"model": "real" if node.get("path") is not None else "tiny", "data": node.get("name")}.get(group)
+            exempt = NOT_IN_FILE.get(f"{group}/{kind}", {})
+            gone = [k for k in missing(node, cls, "") if k not in exempt and k.split(".")[0] not in exempt]
+            assert not gone, f"conf/{group}/{path.name} lacks {gone}"
+
+
+def test_documented_keys_override_without_plus():
+    job = to_job(compose(["model.loss_chunk=16", "model.tiled_mlp=2", "data.encoder.video_fps=1.0", "engine=zero3",
+                          "engine.kind=deepspeed"]))
+    assert (job.model.loss_chunk, job.model.tiled_mlp, job.data.encoder.video_fps) == (16, 2, 1.0)
 
 
 def test_unknown_override_key_fails_naming_it():

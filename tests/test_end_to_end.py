@@ -113,7 +113,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, nproc, engine, sp):
     processes form one SP group (one data stream, each writing its trainer state); ZeRO-2 partitions over both.
     """
     out, ref = tmp_path / "run", tmp_path / "ref"
-    steps = 16
+    steps = 12
     # with held-out evaluations (stage.eval): one micro-batch per source, so at DP=2 rank 1 runs the uncounted one
     common = [f"trainer.max_steps={steps}", "logger=none", "model=tiny_qwen2_vl", f"engine={engine}",
               "data.shapes.tasks=[caption,vqa,text]", f"parallel.sp_size={sp}", "stage.eval.every=5",
@@ -126,7 +126,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, nproc, engine, sp):
                             start_new_session=True)
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 400
-    kill_after = random.Random().randint(3, 10)  # an arbitrary step past the first checkpoint
+    kill_after = random.Random().randint(3, 9)  # an arbitrary step past the first checkpoint
     while time.time() < deadline and proc.poll() is None:
         if latest.exists() and (out / "metrics.jsonl").exists() and \
                 len((out / "metrics.jsonl").read_text().splitlines()) >= kill_after:
@@ -158,7 +158,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, nproc, engine, sp):
     assert [x["loss"] for x in rows] == [x["loss"] for x in ref_rows]  # bit-identical, not approx
     held_out = [{k: v for k, v in x.items() if k.startswith(("eval/loss", "epoch/"))} for x in rows]
     assert held_out == [{k: v for k, v in x.items() if k.startswith(("eval/loss", "epoch/"))} for x in ref_rows]
-    assert [x["step"] for x in rows if "eval/loss" in x] == [5, 10, 15, 16]
+    assert [x["step"] for x in rows if "eval/loss" in x] == [5, 10, 12]
     # the last evaluation saw the exported weights: HF's own loss on the same samples one at a time, weighted as
     # the stage (s1_multimodal) weighs its samples
     assert rows[-1]["eval/loss/vqa"] == pytest.approx(_hf_loss(out / "hf", "vqa", 5, "sqrt"), rel=1e-5)

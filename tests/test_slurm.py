@@ -181,7 +181,7 @@ def test_chain_survives_requeue_and_time_limit_signal_on_a_real_cluster(slurm_cl
     env = slurm_cluster
     out = tmp_path / "chain"
     s0, s1 = out / "s0_merger", out / "s1_multimodal"
-    steps0, steps1 = 24, 16
+    steps0, steps1 = 12, 8  # checkpoints every 4: the requeue after 6 rows resumes at 4
     args = [sys.executable, "-m", "launch.pipeline", "launcher=slurm", "launcher.wait=true",
             f"launcher.python={sys.executable}", f"launcher.rdzv_port={_free_port()}", f"output_dir={out}", "pipeline.only=[s0_merger,s1_multimodal]",
             f"pipeline.steps.s0_merger.steps={steps0}", f"pipeline.steps.s1_multimodal.steps={steps1}",

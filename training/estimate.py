@@ -44,9 +44,11 @@ t = tokens per rank = micro_batch_size x seq_len / sp_size; RL below):
 - loss: one chunk of fp32 logits with its log-softmax and gradient, ~3 x chunk x V x 4 B (chunk = model.loss_chunk
   or 2**28 // (4 V), ~256 MiB of logits); the supervised hidden states gathered for lm_head (t x hidden x b, every
   token supervised: an upper bound). The lm objective outside ZeRO-3 runs the fused path (training/vlm.py
-  _FusedNLL): + grad_h (t x hidden x b) and, with llm trained, lm_head's fp32 gradient (V x hidden x 4 B).
+  _FusedLinear): + grad_h (t x hidden x b) and, with llm trained, lm_head's fp32 gradient (V x hidden x 4 B).
   ZeRO-3, DPO and RL recompute the chunk in backward instead.
 - reference model (dpo; sapo with kl_beta > 0): the frozen starting weights, placed like the parameters.
+- teacher (distill): its weights placed like the parameters; its supervised hidden states (t x its hidden x b) and
+  one chunk of its fp32 logits at the loss; on-policy steps (lmbda > 0) count their rollouts like RL's.
 - RL (sapo, no SP): a rollout takes `mini_batches` steps' prompts (mini_batches x grad_accum x micro_batch_size
   rows of seq_len prompt tokens, stages/sapo.py's steady state), G = num_generations completions each; with a
   mean prompt of `prompt_len` tokens (an assumption, default 1024) that is G x prompt tokens x (1 + max_new_tokens
@@ -281,6 +283,7 @@ class Plan:
     trainable: tuple = GROUPS
     objective: str = "lm"  # lm: fused loss outside ZeRO-3; dpo / sapo: log-probs recomputed per chunk
     reference: bool = False  # a frozen copy of the starting weights (dpo; sapo with kl_beta > 0)
+    teacher: Optional["Shapes"] = None  # distill: the frozen teacher's shapes (placed like the parameters)
     sp_allowed: bool = True  # False: the objective cannot run sequence-parallel (sapo): no sp lever
     loss_chunk: int = 0
     visual_fraction: float = VISUAL_FRACTION
@@ -411,6 +414,9 @@ def estimate(plan: Plan) -> Estimate:
     if plan.reference:
         add("reference model", total * b / parted, f"frozen starting weights {_b(total)} x {b} B"
             + (f" / {W} ranks" if z == 3 else ""))
+    if plan.teacher is not None:
+        tt = sum(plan.teacher.params().values())
+        add("teacher model", tt * b / parted, f"frozen teacher {_b(tt)} x {b} B" + (f" / {W} ranks" if z == 3 else ""))
 
     # -- decoder (its phase: from the end of the ViT's forward to the start of the ViT's backward)
     tokens = plan.tokens
@@ -475,8 +481,12 @@ def estimate(plan: Plan) -> Estimate:
 
     # -- loss (at the end of the decoder's forward, its gradients into the decoder's backward)
     chunk = min(plan.loss_chunk or max(1, CHUNK_BYTES // (4 * T.vocab)), t)
-    fused = plan.objective == "lm" and not (z == 3 and W > 1)
+    fused = plan.objective in ("lm", "distill") and not (z == 3 and W > 1)
     head = T.vocab * T.hidden * 4 if fused and "llm" in plan.trainable else 0
+    if plan.teacher is not None:  # its supervised hidden states, and its logits of the chunk
+        Tt = plan.teacher.text
+        add("teacher outputs", t * Tt.hidden * b + chunk * Tt.vocab * 4,
+            f"teacher hidden of {t} tokens x {Tt.hidden} x {b} B + one chunk of its fp32 logits", phase="decoder")
     add("loss", 3 * chunk * T.vocab * 4 + t * T.hidden * b * (2 if fused else 1) + head,
         f"3 x {chunk} x {T.vocab} x 4 B (one chunk) + hidden of {t} tokens"
         + (" and grad_h" if fused else "") + (f" + lm_head fp32 grad {_b(T.vocab * T.hidden)} x 4 B" if head else "")
@@ -582,7 +592,11 @@ def from_job(job, world: int, fallback: Optional[Shapes] = None) -> Plan:
                          f"preset ({sorted(PRESETS)}) or an HF config")
     objective = dict(job.stage.objective)
     name = objective.get("name", "lm")
-    return Plan(shapes=shapes, seq_len=job.stage.seq_len, world=world, micro_batch_size=job.trainer.micro_batch_size,
+    teacher = None
+    if name == "distill":  # its config.json, else the shapes standing in for not-yet-written exports
+        conf = Path(str(objective.get("teacher"))) / "config.json"
+        teacher = from_config_json(conf) if conf.is_file() else (fallback or shapes)
+    return Plan(teacher=teacher, shapes=shapes, seq_len=job.stage.seq_len, world=world, micro_batch_size=job.trainer.micro_batch_size,
                 sp_size=job.parallel.sp_size, sp_vision=job.parallel.sp_vision, zero_stage=job.engine.zero_stage,
                 dtype=job.engine.dtype, offload_optimizer=job.engine.offload_optimizer,
                 offload_params=job.engine.offload_params, checkpointing=m.gradient_checkpointing,
@@ -593,7 +607,13 @@ def from_job(job, world: int, fallback: Optional[Shapes] = None) -> Plan:
 
 
 def _rl(name: str, objective: dict) -> dict:
-    """The RL rollout's numbers from stage.objective (the objective's own defaults where it leaves them out)."""
+    """The RL rollout's numbers from stage.objective (the objective's own defaults where it leaves them out);
+    on-policy distillation's rollouts count like RL's (one mini-batch per rollout)."""
+    if name == "distill" and objective.get("lmbda", 0) > 0:
+        from stages.distill import Config as D
+
+        return dict(rollouts=objective.get("num_generations", D.num_generations),
+                    max_new_tokens=objective.get("max_new_tokens", D.max_new_tokens), mini_batches=1)
     if name != "sapo":
         return {}
     from stages.sapo import Config
@@ -653,7 +673,9 @@ def main(argv=None) -> None:
     ap.add_argument("--offload-optimizer", action="store_true")
     ap.add_argument("--offload-params", action="store_true")
     ap.add_argument("--trainable", default="vision,merger,llm", help="trained groups, comma-separated")
-    ap.add_argument("--objective", choices=("lm", "dpo", "sapo"), default="lm")
+    ap.add_argument("--objective", choices=("lm", "dpo", "sapo", "distill"), default="lm")
+    ap.add_argument("--teacher", help="distill: the teacher (a preset or an HF config.json / its directory); "
+                                      "default: the model's own shapes")
     ap.add_argument("--loss-chunk", type=int, default=0)
     ap.add_argument("--visual-fraction", type=float, default=VISUAL_FRACTION,
                     help="share of the row's tokens that are visual (merged image/video tokens)")
@@ -674,14 +696,15 @@ def main(argv=None) -> None:
                 sp_size=a.sp, sp_vision=a.sp_vision, zero_stage=a.zero, dtype=a.dtype,
                 offload_optimizer=a.offload_optimizer, offload_params=a.offload_params, checkpointing=a.checkpointing,
                 offload_activations=a.offload_activations, tiled_mlp=a.tiled_mlp, trainable=trainable,
-                objective=a.objective, reference=a.objective == "dpo", sp_allowed=a.objective != "sapo",
+                objective=a.objective, reference=a.objective == "dpo", sp_allowed=a.objective not in ("sapo", "distill"),
+                teacher=shapes_of(a.teacher or a.model) if a.objective == "distill" else None,
                 loss_chunk=a.loss_chunk, visual_fraction=a.visual_fraction, grad_accum=a.grad_accum,
                 **(dict(rollouts=a.rollouts, max_new_tokens=a.max_new_tokens, mini_batches=a.mini_batches,
                         prompt_len=a.prompt_len) if a.objective == "sapo" else {}))
     est = estimate(plan)
     print(render(est, a.device_gib, a.model, a.host_gib))
     if a.json:
-        Path(a.json).write_text(json.dumps({"plan": {k: v for k, v in asdict(plan).items() if k != "shapes"},
+        Path(a.json).write_text(json.dumps({"plan": {k: v for k, v in asdict(plan).items() if k not in ("shapes", "teacher")},
                                             "model": a.model, **est.to_dict()}, indent=1) + "\n")
 
 

@@ -1,6 +1,7 @@
 """One stage: build the components from their configs, train, checkpoint, export. No stage-specific code."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -234,7 +235,12 @@ def _start_engine(r: Run, resolved_yaml: str) -> None:
         reference = lambda: lora.AdapterOff(r.model)  # noqa: E731
     else:
         reference = lambda: r.engine.build_frozen(_vlm(job, models.build(job.model).model))  # noqa: E731
-    r.objective.setup(Context(r.engine, r.bundle, reference))
+
+    def frozen(path: str):
+        bundle = models.build(dataclasses.replace(job.model, name="frozen", path=path, gradient_checkpointing=False))
+        return bundle, r.engine.build_frozen(_vlm(job, bundle.model))
+
+    r.objective.setup(Context(r.engine, r.bundle, reference, frozen))
     tag = r.ckpt.latest_tag()  # rank 0 decides; every rank resumes from the same checkpoint
     if tag is None:
         if (r.out / "metrics.jsonl").is_file():

@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -60,21 +61,32 @@ class VLM(torch.nn.Module):
     def config(self):
         return self.hf.config
 
-    def forward(self, batch: dict, entropy: bool = False, nll: bool = False, weights: torch.Tensor | None = None):
+    def forward(self, batch: dict, entropy: bool = False, nll: bool = False, weights: torch.Tensor | None = None,
+                loss_fn=None, hidden: bool = False):
         """(log p(labels[:, t+1] | ...) [B, L-1], 0 where unsupervised, or with `nll` the cross-entropy -log p;
         the detached entropy there, if asked). With `weights` [B, L-1] (the lm objective): (Σ weights·CE, the
-        detached CE) by `weighted_nll`, whose gradients need no recomputed logits. Under sequence parallelism each
-        rank computes its slice and every rank returns the whole batch's values (training/sp.py)."""
+        detached CE) by `weighted_nll`, whose gradients need no recomputed logits; with `loss_fn` as well, any
+        per-token loss of the logits instead of CE (`chunked_loss`: distillation). `hidden`: the final hidden
+        states of the supervised positions [N, H] (a teacher's, for a student's `loss_fn`). Under sequence
+        parallelism each rank computes its slice and every rank returns the whole batch's values (training/sp.py)."""
         B, L = batch["input_ids"].shape
         with save_on_cpu(pin_memory=torch.cuda.is_available()) if self.offload_activations else nullcontext():
-            hidden, zero = self.hidden_states(batch)
+            states, zero = self.hidden_states(batch)
         if self.sp is None:
-            sup, h, t = _supervised(hidden, batch["labels"])
-        else:  # hidden is this rank's slice [1, n, H]; its targets are cut from the whole row's
+            sup, h, t = _supervised(states, batch["labels"])
+        else:  # states is this rank's slice [1, n, H]; its targets are cut from the whole row's
+            if hidden or loss_fn is not None:
+                raise ValueError("this objective does not run under sequence parallelism; set parallel.sp_size=1")
             target, weights = self.sp.targets(batch["labels"], weights)
             sup = target != IGNORE
-            h, t = hidden[sup], target[sup]
-        n = _chunks(len(t), self.loss_chunk, hidden.device, self.sync_group)
+            h, t = states[sup], target[sup]
+        if hidden:
+            return h, zero
+        n = _chunks(len(t), self.loss_chunk, states.device, self.sync_group)
+        if loss_fn is not None:
+            loss, per_token, stats = chunked_loss(self.lm_head, h, t, weights[sup].float(), n, self.loss_chunk,
+                                                  loss_fn, fused=self.sync_group is None)
+            return loss + zero, _scatter(sup, per_token), stats
         if weights is not None:
             loss, ce = _weighted_nll(self.lm_head, sup, h, t, weights, n, self.loss_chunk, self.sync_group)
             if self.sp is not None:
@@ -278,7 +290,7 @@ def weighted_nll(lm_head, hidden: torch.Tensor, labels: torch.Tensor, weights: t
                  sync_group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ weights·CE over the supervised targets, the detached CE [B, L-1]): the lm objective's loss.
 
-    One chunk: plain autograd. More: `_FusedNLL`, which computes the gradients chunk by chunk in the forward
+    One chunk: plain autograd. More: `_FusedLinear`, which computes the gradients chunk by chunk in the forward
     (three matmuls per chunk, as with full logits; nothing recomputed). Under ZeRO-3 (`sync_group`) lm_head's
     weight exists only inside its own module call, so the chunks go through `token_logps` (recomputed)."""
     sup, h, t = _supervised(hidden, labels)
@@ -290,40 +302,91 @@ def _weighted_nll(lm_head, sup, h, t, weights, n: int, chunk: int, sync_group):
     if n == 1 or sync_group is not None or not torch.is_grad_enabled():
         ce, _ = _logps(lm_head, sup, h, t, n, chunk, entropy=False, nll=True)
         return (ce * weights).sum(), ce.detach()
-    loss, flat = _FusedNLL.apply(h, lm_head.weight, t, weights[sup].float(), chunk)
+    loss, flat, _ = _FusedLinear.apply(h, lm_head.weight, weights[sup].float(), chunk, partial(_nll_grad, t))
     return loss, _scatter(sup, flat)
 
 
-class _FusedNLL(torch.autograd.Function):
-    """Σ_i w_i·CE_i of (h @ weightᵀ) with d/dh and d/dweight computed per chunk in the forward. The loss is linear
-    in the per-token CE and the weights are known there, so only the upstream scalar is missing; backward scales
-    the stored gradients by it. Per chunk: logits, softmax - onehot, two gradient matmuls; no [N, V] tensor is kept
-    (liger-kernel's fused linear cross-entropy, in plain torch). The gradient of the weight is accumulated in fp32
-    (a weight-sized buffer from forward to backward)."""
+def _nll_grad(target, logits, s: int, e: int):
+    """CE of one chunk's fp32 logits and its gradient softmax - onehot, in place of the logits."""
+    ts = target[s:e]
+    lsm = torch.log_softmax(logits, -1)
+    ce = -lsm.gather(-1, ts[:, None])[:, 0]
+    g = lsm.exp_()
+    g[torch.arange(len(ts), device=g.device), ts] -= 1.0
+    return ce, g, None
+
+
+def chunked_loss(lm_head, h: torch.Tensor, t: torch.Tensor, w: torch.Tensor, n: int, chunk: int, loss_fn,
+                 fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Σ w·ℓ, ℓ [N] detached, stats [N, k] detached) of a per-token loss of the logits:
+    `loss_fn(logits fp32 [c, V], targets [c], start, end) -> (ℓ [c], stats [c, k])` on chunk [start, end) of the
+    supervised positions (so it can fetch its own per-chunk inputs, e.g. a teacher's logits). `fused` (lm_head's
+    weight is a plain tensor, not ZeRO-3's): each chunk's gradient is taken in the forward (`_FusedLinear`, autograd
+    on that chunk's logits only); else, with gradients on, each chunk is recomputed in backward."""
+    if fused and torch.is_grad_enabled() and n > 0:
+        return _FusedLinear.apply(h, lm_head.weight, w, chunk, partial(_autograd_grad, loss_fn, t))
+    recompute = torch.is_grad_enabled() and n > 1
+    run = lambda hs, ts, s, e: loss_fn(lm_head(hs).float(), ts, s, e)  # noqa: E731
+    losses, stats = [], []
+    for i in range(n):
+        s, e = i * chunk, (i + 1) * chunk
+        args = (h[s:e], t[s:e], s, min(e, len(t)))
+        lt, st = checkpoint(run, *args, use_reentrant=False) if recompute else run(*args)
+        losses.append(lt)
+        stats.append(st.detach())
+    per_token = torch.cat(losses)
+    total = (per_token * w).sum()
+    if not len(t):  # keep the (empty) chunk in the graph
+        total = total + per_token.sum()
+    return total, per_token.detach(), torch.cat(stats)
+
+
+def _autograd_grad(loss_fn, target, logits, s: int, e: int):
+    """ℓ of one chunk, its gradient with respect to the chunk's logits (autograd on [c, V] only), the stats."""
+    with torch.enable_grad():
+        z = logits.detach().requires_grad_()
+        loss, stats = loss_fn(z, target[s:e], s, min(e, len(target)))
+        (g,) = torch.autograd.grad(loss.sum(), z)
+    return loss.detach(), g, stats.detach()
+
+
+class _FusedLinear(torch.autograd.Function):
+    """Σ_i w_i·ℓ_i(h_i @ weightᵀ) with d/dh and d/dweight computed per chunk in the forward. The loss is linear in
+    the per-token losses and the weights are known there, so only the upstream scalar is missing; backward scales
+    the stored gradients by it. `grad_fn(logits fp32 [c, V], start, end) -> (ℓ [c], dℓ/dlogits [c, V], stats [c, k]
+    or None)`: CE's closed form (`_nll_grad`) or autograd on the chunk (`_autograd_grad`). Per chunk: logits, their
+    gradient, two gradient matmuls; no [N, V] tensor is kept (liger-kernel's fused linear cross-entropy, in plain
+    torch). The gradient of the weight is accumulated in fp32 (a weight-sized buffer from forward to backward)."""
 
     @staticmethod
-    def forward(ctx, h, weight, target, w, chunk):
-        ce = torch.empty(len(target), dtype=torch.float32, device=h.device)
+    def forward(ctx, h, weight, w, chunk, grad_fn):
+        n = len(w)
+        losses = torch.empty(n, dtype=torch.float32, device=h.device)
+        stats = None
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if weight.requires_grad else None
-        for s in range(0, len(target), chunk):
-            hs, ts, ws = h[s:s + chunk], target[s:s + chunk], w[s:s + chunk]
-            lsm = torch.log_softmax(F.linear(hs, weight).float(), -1)
-            ce[s:s + chunk] = -lsm.gather(-1, ts[:, None])[:, 0]
-            g = lsm.exp_()  # d CE / d logits = softmax - onehot, times the token's weight
-            g[torch.arange(len(ts), device=g.device), ts] -= 1.0
-            g = (g * ws[:, None]).to(weight.dtype)
+        for s in range(0, n, chunk):
+            hs, ws = h[s:s + chunk], w[s:s + chunk]
+            loss, g, st = grad_fn(F.linear(hs, weight).float(), s, s + chunk)
+            losses[s:s + chunk] = loss
+            if st is not None:
+                if stats is None:
+                    stats = torch.empty(n, st.shape[1], dtype=st.dtype, device=st.device)
+                stats[s:s + chunk] = st
+            g = (g * ws[:, None]).to(weight.dtype)  # d ℓ / d logits times the token's weight
             grad_h[s:s + chunk] = g @ weight
             if grad_w is not None:
                 grad_w += (g.t() @ hs).float()
+        if stats is None:
+            stats = losses.new_empty(n, 0)
         ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
         ctx.has_w, ctx.w_dtype = grad_w is not None, weight.dtype
-        ctx.mark_non_differentiable(ce)
-        return (ce * w).sum(), ce
+        ctx.mark_non_differentiable(losses, stats)
+        return (losses * w).sum(), losses, stats
 
     @staticmethod
-    def backward(ctx, g_loss, g_ce):
+    def backward(ctx, g_loss, g_losses, g_stats):
         grad_h, grad_w = ctx.saved_tensors
         dw = (grad_w * g_loss).to(ctx.w_dtype) if ctx.has_w else None
         return grad_h * g_loss.to(grad_h.dtype), dw, None, None, None
