@@ -49,6 +49,11 @@ class StepConfig:
     nodes: int = 1  # SLURM nodes of this step (launcher=slurm)
     time: Optional[str] = None  # SLURM time limit of this step
     tokens: Optional[float] = None  # the paper's token budget: documentation, shown in the plan
+    model: Optional[str] = None  # model= of this step; null: pipeline.model
+    # where it starts: null: the export of the step listed before it (the first: pipeline.init_path); a step name:
+    # that step's export; "preset": the model preset's own initialisation
+    init: Optional[str] = None
+    teacher: Optional[str] = None  # distill steps: a step name (its export) or a path: stage.objective.teacher
     overrides: list = field(default_factory=list)  # any other training.train overrides
 
 
@@ -57,6 +62,7 @@ class EvalSettings:
     enabled: bool = True  # held-out evaluation of each step's start and end (local/torchrun launchers)
     samples: int = 48
     seed: int = 777_777
+    teacher: Optional[str] = None  # a step: every later step's evaluation adds the held-out KL to its export
 
 
 @dataclass
@@ -76,6 +82,7 @@ class PipelineConfig:
     # model shapes for that estimate while the checkpoints do not exist yet (init_path's config.json wins): a
     # training.estimate preset, e.g. qwen3_vl_8b; null: steps without a config.json are not estimated
     shapes: Optional[str] = None
+    teacher: Optional[str] = None  # a local HF directory: the distillation teacher its steps name as ${pipeline.teacher}
 
 
 @dataclass
@@ -139,21 +146,32 @@ def plan(p: PipelineConfig, out: Path) -> list[Step]:
         unknown = [n for n in picked if n not in names]
         if unknown:
             raise ValueError(f"{key} names unknown step(s) {unknown}; the steps of {p.name} are {names}")
+    exports = lambda n: str(out / n / "hf")  # noqa: E731
+    for name, s in p.steps.items():
+        for key in ("init", "teacher"):
+            ref = getattr(s, key)
+            if ref in names and names.index(ref) >= names.index(name):
+                raise ValueError(f"pipeline.steps.{name}.{key}={ref!r} is not an earlier step; steps run in order {names}")
+        if s.init not in (None, "preset") and s.init not in names:
+            raise ValueError(f"pipeline.steps.{name}.init={s.init!r}: name an earlier step, 'preset' or leave it null")
     steps, prev = [], p.init_path
     for i, name in enumerate(names):
         s = p.steps[name]
         d = out / name
-        args = [f"stage={s.stage}", f"model={p.model}", f"engine={s.engine or p.engine}", *p.data[s.data],
+        start = prev if s.init is None else None if s.init == "preset" else exports(s.init)
+        args = [f"stage={s.stage}", f"model={s.model or p.model}", f"engine={s.engine or p.engine}", *p.data[s.data],
                 f"trainer.max_steps={p.max_steps if p.max_steps is not None else s.steps}", f"output_dir={d}"]
-        if prev is not None:
-            args.append(f"model.path={prev}")
+        if start is not None:
+            args.append(f"model.path={start}")
+        if s.teacher is not None:
+            args.append(f"stage.objective.teacher={exports(s.teacher) if s.teacher in names else s.teacher}")
         if s.lr is not None:
             args.append(f"stage.optimizer.lr={s.lr}")
         if s.seq_len is not None:
             args.append(f"stage.seq_len={s.seq_len}")
         args += [*p.common, *s.overrides]
         selected = (not p.only or name in p.only) and (not p.start or i >= names.index(p.start))
-        steps.append(Step(i, name, s, d, prev, args, selected))
+        steps.append(Step(i, name, s, d, start, args, selected))
         prev = str(d / "hf")
     return steps
 
@@ -391,10 +409,14 @@ def run(cfg: DictConfig, resume: Optional[str] = None) -> int:
             if step.done:
                 progress.skipped(step)
             else:
-                if step.init is not None and step.index > 0 and not Path(step.init, "config.json").is_file():
-                    prev = steps[step.index - 1].name
-                    raise StepFailed(f"step {step.name} starts from {step.init}, which does not exist; run step "
-                                     f"{prev} first (pipeline.from={prev}) or leave out pipeline.only/pipeline.from")
+                needs = [("starts from", step.init)] if step.init is not None and step.index > 0 else []
+                if step.cfg.teacher in p.steps:
+                    needs.append(("has the teacher", str(step.out.parent / step.cfg.teacher / "hf")))
+                for what, path in needs:
+                    if not Path(path, "config.json").is_file():
+                        prev = Path(path).parent.name
+                        raise StepFailed(f"step {step.name} {what} {path}, which does not exist; run step {prev} "
+                                         f"first (pipeline.from={prev}) or leave out pipeline.only/pipeline.from")
                 progress.start(step)
                 rc = run_step(command(lc, step), step, progress, forward)
                 if not (rc == 0 and step.done) and (rc == 143 or forward.got is not None):

@@ -15,7 +15,9 @@ from omegaconf import OmegaConf
 from training.evaluate import dpo_accuracy
 from training.loop import DATA_COUNTERS  # cumulative `<what>/<source>/<reason>` counts and `epoch/<source>`
 
-OBJECTIVE_PREFIXES = ("dpo/", "rpo/", "rewards/", "reward/", "sapo/", "grpo/", "gspo/", "policy/")
+OBJECTIVE_PREFIXES = ("dpo/", "rpo/", "rewards/", "reward/", "sapo/", "grpo/", "gspo/", "policy/", "distill/",
+                      "rollout/")
+RATES = ("accuracy", "pass_rate", "clip_frac", "acc_student", "acc_teacher", "on_policy")  # metrics in [0, 1]
 OBJECTIVE_KEYS = {"kl", "clip_frac", "ratio", "gate"}
 
 
@@ -23,9 +25,10 @@ def _objective_keys(rows: list[dict]) -> tuple[list[str], list[str]]:
     """The DPO/SAPO metrics in the rows: (rates in [0, 1] such as preference accuracy, everything else)."""
     keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))
                    and (k.startswith(OBJECTIVE_PREFIXES) or k in OBJECTIVE_KEYS)})
-    rates = [k for k in keys if k.endswith(("accuracy", "pass_rate", "clip_frac"))]
+    rates = [k for k in keys if k.endswith(RATES)]
     return rates, [k for k in keys if k not in rates]
-OBJECTIVE_TITLES = {"dpo": "Preference optimisation (DPO)", "sapo": "Reinforcement learning (SAPO)"}
+OBJECTIVE_TITLES = {"dpo": "Preference optimisation (DPO)", "sapo": "Reinforcement learning (SAPO)",
+                    "distill": "Strong-to-weak distillation"}
 
 
 def _rows(d: Path) -> list[dict]:
@@ -48,18 +51,20 @@ def _model_cfg(section: dict, path: str | None):
     return cfg
 
 
-def _cached_eval(cache_file: Path, model_cfg, settings) -> dict:
-    """Held-out metrics of one model, computed once per (model, samples, seed)."""
+def _stamp(path) -> str:
+    """An export's weights files' mtimes: a step re-run (pipeline.from) writes new weights there."""
+    return ",".join(str(f.stat().st_mtime_ns) for f in sorted(Path(path).glob("*.safetensors"))) if path else ""
+
+
+def _cached_eval(cache_file: Path, model_cfg, settings, teacher: str | None = None) -> dict:
+    """Held-out metrics of one model, computed once per (model, samples, seed, teacher)."""
     from training.evaluate import EvalConfig, evaluate
 
-    # an export is keyed by its weights files' mtimes too: a step re-run (pipeline.from) writes new weights there
-    stamp = ",".join(str(f.stat().st_mtime_ns) for f in sorted(Path(model_cfg.path).glob("*.safetensors"))) \
-        if model_cfg.path else ""
     key = f"{model_cfg.path or 'init:' + model_cfg.name + ':' + str(model_cfg.init_seed)}|{settings.samples}|" \
-          f"{settings.seed}|{stamp}"
+          f"{settings.seed}|{_stamp(model_cfg.path)}" + (f"|teacher:{teacher}|{_stamp(teacher)}" if teacher else "")
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     if key not in cache:
-        cache[key] = evaluate(model_cfg, EvalConfig(samples=settings.samples, seed=settings.seed))
+        cache[key] = evaluate(model_cfg, EvalConfig(samples=settings.samples, seed=settings.seed), teacher)
         cache_file.write_text(json.dumps(cache, indent=1) + "\n")
     return cache[key]
 
@@ -71,8 +76,12 @@ def step_eval(step, settings) -> dict | None:
         return None
     cache = step.out.parent / "eval_cache.json"
     model = cfg["model"]
-    return {"start": _cached_eval(cache, _model_cfg(model, model.get("path")), settings),
-            "end": _cached_eval(cache, _model_cfg(model, str(step.out / "hf")), settings)}
+    teacher = None  # settings.teacher: a step before this one whose export exists
+    if getattr(settings, "teacher", None) and step.name != settings.teacher:
+        t = step.out.parent / settings.teacher / "hf"
+        teacher = str(t) if (t / "config.json").is_file() and _step_cfg(step.out.parent / settings.teacher) else None
+    return {"start": _cached_eval(cache, _model_cfg(model, model.get("path")), settings, teacher),
+            "end": _cached_eval(cache, _model_cfg(model, str(step.out / "hf")), settings, teacher)}
 
 
 def _plot_step(rows: list[dict], png: Path, title: str) -> None:
@@ -102,8 +111,7 @@ def _plot_step(rows: list[dict], png: Path, title: str) -> None:
             pts = [(r["step"], r[k]) for r in rows if k in r]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1, marker="." if len(pts) < 30 else None)
         ax.set_xlabel("step"), ax.legend(fontsize=7)
-        ax.set_title("preference accuracy / pass rate" if keys[0].endswith(("accuracy", "pass_rate", "clip_frac"))
-                     else "rewards and objective terms")
+        ax.set_title("accuracies and rates" if keys[0].endswith(RATES) else "rewards and objective terms")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
@@ -200,12 +208,14 @@ def write_report(out: Path, p=None, steps=None, stopped: str | None = None, eval
         ran.append((step_name, d, rows, _step_cfg(d)))
         evals.append(step_eval(_S(step_name, d), settings) if evaluate else None)
 
+    kl = any(ev and "teacher_kl" in ev["end"] for ev in evals)
     lines = [f"# Pipeline `{name}`", "", f"Output: `{out}`", ""]
     if stopped:
         lines += [f"> **Stopped early:** {stopped}", ""]
     lines += ["| step | stage | trains | objective | steps | first loss | last loss | held-out caption loss "
               "(start → end) | held-out VQA accuracy (start → end, chance) | held-out RL reward, greedy (sampled) | "
-              "held-out DPO preference accuracy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "held-out DPO preference accuracy |" + (" held-out KL to the teacher (start → end) |" if kl else ""),
+              "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if kl else "")]
     for (step_name, d, rows, cfg), ev in zip(ran, evals):
         st = cfg.get("stage", {})
         first, last = (rows[0]["loss"], rows[-1]["loss"]) if rows else (None, None)
@@ -218,9 +228,11 @@ def write_report(out: Path, p=None, steps=None, stopped: str | None = None, eval
               if ev else "–")
         objective = st.get("objective", {}).get("name", "?")
         pref = _fmt(dpo_accuracy(ev["start"], ev["end"]), ".2f") if ev and objective == "dpo" else "–"
+        teach = (f" {_fmt(ev['start'].get('teacher_kl'))} → {_fmt(ev['end'].get('teacher_kl'))} |"
+                 if ev and "teacher_kl" in ev["end"] else " – |") if kl else ""
         lines.append(f"| {step_name}{done} | {st.get('name', '?')} | {', '.join(st.get('trainable', []))} | "
                      f"{objective} | {rows[-1]['step'] if rows else 0} | "
-                     f"{_fmt(first)} | {_fmt(last)} | {cap} | {acc} | {rl} | {pref} |")
+                     f"{_fmt(first)} | {_fmt(last)} | {cap} | {acc} | {rl} | {pref} |{teach}")
     lines.append("")
     if any(evals):
         dpo_steps = {r[0] for r in ran if r[3].get("stage", {}).get("objective", {}).get("name") == "dpo"}
@@ -232,7 +244,11 @@ def write_report(out: Path, p=None, steps=None, stopped: str | None = None, eval
                   "temperature 1; the share of "
                   "preference pairs whose chosen reply the model gives the higher log-probability; and, for a DPO "
                   "step, DPO's preference accuracy: the share of pairs whose implicit reward margin against the "
-                  "step's starting model (the DPO reference) is positive (chance 0.5).",
+                  "step's starting model (the DPO reference) is positive (chance 0.5)."
+                  + (f" The KL to the teacher is KL(teacher ‖ model) per answer token of the held-out VQA samples, "
+                     f"the teacher being step {settings.teacher}'s export (pipeline.eval.teacher); a distillation "
+                     f"step and an SFT step of the same student side by side compare the two ways of training it."
+                     if kl else ""),
                   "", "![held-out](plots/held_out.png)", ""]
     for (step_name, d, rows, cfg), ev in zip(ran, evals):
         objective = cfg.get("stage", {}).get("objective", {}).get("name", "lm")

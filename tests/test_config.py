@@ -15,7 +15,7 @@ def test_conf_groups_have_exactly_the_documented_options():
     opts = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
             for g in ("model", "stage", "data", "engine", "logger")}
     assert opts["stage"] == sorted(STAGES)
-    assert opts["model"] == sorted(TINY + ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+    assert opts["model"] == sorted(TINY + ["tiny_qwen3_vl_small", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
     assert opts["engine"] == ["zero1", "zero2", "zero3"]
     assert opts["logger"] == ["none", "wandb"]
 

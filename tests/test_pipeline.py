@@ -31,16 +31,30 @@ def _pipeline(out: Path, *overrides, timeout=600) -> subprocess.CompletedProcess
 
 def test_plan_chains_exports_and_selects_steps(tmp_path):
     steps = _plan(tmp_path)
-    assert [s.name for s in steps] == ["s0_merger", "s1_multimodal", "s2_long_32k", "s3_long_256k", "sft", "dpo",
-                                       "sapo"]
+    assert [s.name for s in steps] == ["s0_merger", "s1_multimodal", "s2_long_32k", "s3_long_256k", "sft", "distill",
+                                       "sft_small", "dpo", "sapo"]
     assert steps[0].init is None and not any(a.startswith("model.path=") for a in steps[0].args)
-    for prev, step in zip(steps, steps[1:]):  # each step starts from the previous step's export
+    by = {s.name: s for s in steps}
+    main = [by[n] for n in ("s0_merger", "s1_multimodal", "s2_long_32k", "s3_long_256k", "sft")]
+    for prev, step in zip(main, main[1:]):  # each step starts from the previous step's export
         assert step.init == str(prev.out / "hf") and f"model.path={prev.out}/hf" in step.args
+    # the distillation demo: a smaller student from its own random init, the sft export as teacher; sft_small the
+    # same student by plain SFT; dpo goes on from sft (the main line), sapo from dpo
+    for name in ("distill", "sft_small"):
+        assert by[name].init is None and not any(a.startswith("model.path=") for a in by[name].args)
+        assert "model=tiny_qwen3_vl_small" in by[name].args
+    assert f"stage.objective.teacher={by['sft'].out}/hf" in by["distill"].args
+    assert not any("teacher" in a for a in by["sft_small"].args)
+    assert by["dpo"].init == str(by["sft"].out / "hf") and by["sapo"].init == str(by["dpo"].out / "hf")
+    with pytest.raises(ValueError, match="pipeline.steps.sft.teacher='dpo' is not an earlier step"):
+        _plan(tmp_path, "+pipeline.steps.sft.teacher=dpo")
+    with pytest.raises(ValueError, match="pipeline.steps.dpo.init='nope'"):
+        _plan(tmp_path, "pipeline.steps.dpo.init=nope")
     assert "data.shapes.tasks=[vqa,caption]" in steps[4].args and "stage=sft" in steps[4].args
     assert "stage.mixture={vqa: 3, caption: 1}" in steps[4].args
     assert all(s.selected for s in steps)
     picked = _plan(tmp_path, "pipeline.from=s3_long_256k", "pipeline.max_steps=2")
-    assert [s.name for s in picked if s.selected] == ["s3_long_256k", "sft", "dpo", "sapo"]
+    assert [s.name for s in picked if s.selected] == ["s3_long_256k", "sft", "distill", "sft_small", "dpo", "sapo"]
     assert all(s.max_steps == 2 for s in picked)
     only = _plan(tmp_path, "pipeline.only=[s1_multimodal,sft]")
     assert [s.name for s in only if s.selected] == ["s1_multimodal", "sft"]
@@ -53,8 +67,8 @@ def test_plan_chains_exports_and_selects_steps(tmp_path):
 def test_paper_recipes_have_the_papers_stage_order(tmp_path):
     order = {"qwen2vl": ["vit_align", "s1_multimodal", "sft"],
              "qwen2_5vl": ["vit_align", "s1_multimodal", "s2_long_32k", "sft", "dpo"],
-             "qwen3vl": ["s0_merger", "s1_multimodal", "s2_long_32k", "s3_long_256k", "sft", "sft", "dpo",
-                         "sapo"]}  # sft twice: the 32K pass, then the 256K one
+             "qwen3vl": ["s0_merger", "s1_multimodal", "s2_long_32k", "s3_long_256k", "sft", "sft", "distill",
+                         "distill", "dpo", "sapo"]}  # sft twice: the 32K pass, then the 256K one; distill off, on
     seq = {"s2_long_32k": "32768", "s3_long_256k": "262144", "s1_multimodal": "8192"}
     for name, stages in order.items():
         steps = _plan(tmp_path, "pipeline.init_path=/ckpt/x", pipeline=name)
@@ -65,6 +79,10 @@ def test_paper_recipes_have_the_papers_stage_order(tmp_path):
                 assert f"stage.seq_len={seq[s.cfg.stage]}" in s.args, (name, s.name)
     with pytest.raises(Exception, match="init_path"):  # real recipes need a starting checkpoint
         _plan(tmp_path, pipeline="qwen3vl")
+    steps = _plan(tmp_path, "pipeline.init_path=/ckpt/x", "pipeline.teacher=/ckpt/teacher", pipeline="qwen3vl")
+    distill = [s for s in steps if s.cfg.stage == "distill"]
+    assert all("stage.objective.teacher=/ckpt/teacher" in s.args for s in distill)
+    assert "stage.objective.lmbda=1.0" in distill[1].args and "stage.objective.lmbda=1.0" not in distill[0].args
 
 
 def test_every_step_config_composes_and_torchrun_flags(tmp_path):

@@ -182,6 +182,11 @@ PRESETS: dict[str, Shapes] = {
                                                 intermediate=12288, vocab=151936, qk_norm=True),
                           VisionShape(depth=27, hidden=1152, intermediate=4304, heads=16, patch=16, out_hidden=4096,
                                       patch_bias=True, pos_embeddings=2304, deepstack=3)),
+    # Qwen3-VL-32B: the Qwen3-32B decoder, the 8B's ViT with out_hidden_size 5120 (a distillation teacher for 8B)
+    "qwen3_vl_32b": Shapes("qwen3_vl", TextShape(hidden=5120, layers=64, heads=64, kv_heads=8, head_dim=128,
+                                                 intermediate=25600, vocab=151936, qk_norm=True),
+                           VisionShape(depth=27, hidden=1152, intermediate=4304, heads=16, patch=16, out_hidden=5120,
+                                       patch_bias=True, pos_embeddings=2304, deepstack=3)),
     # Qwen2.5-VL-7B (config.json of Qwen/Qwen2.5-VL-7B-Instruct; transformers' defaults are the 72B text shapes)
     "qwen2_5_vl_7b": Shapes("qwen2_5_vl", TextShape(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128,
                                                     intermediate=18944, vocab=152064, qkv_bias=True),
@@ -238,15 +243,18 @@ def from_config_json(path) -> Shapes:
     return from_hf(family.config_cls.from_dict(data))
 
 
+def tiny(family: str, changes: Optional[dict] = None) -> Shapes:
+    """The tiny preset of training/models.py (model=tiny_<family>, with model.tiny's `changes`), its vocabulary
+    that of the tiny tokenizer."""
+    return _tiny(family, json.dumps(changes or {}, sort_keys=True))
+
+
 @lru_cache(maxsize=None)
-def tiny(family: str) -> Shapes:
-    """The tiny preset of training/models.py (model=tiny_<family>), its vocabulary that of the tiny tokenizer."""
+def _tiny(family: str, changes: str) -> Shapes:
     from training import models
 
     fam = models.get_family(family)
-    vocab = len(models.tiny_tokenizer(fam))
-    return from_hf(fam.config_cls(text_config=dict(fam.tiny_text, vocab_size=vocab),
-                                  vision_config=dict(fam.tiny_vision), tie_word_embeddings=False))
+    return from_hf(models.tiny_config(fam, models.tiny_tokenizer(fam), json.loads(changes)))
 
 
 def shapes_of(name: str) -> Shapes:
@@ -582,7 +590,7 @@ def from_job(job, world: int, fallback: Optional[Shapes] = None) -> Plan:
 
     m = job.model
     if m.path is None:
-        shapes = tiny(m.family)
+        shapes = tiny(m.family, m.tiny)
     elif (Path(m.path) / "config.json").is_file():
         shapes = from_config_json(Path(m.path) / "config.json")
     elif fallback is not None:

@@ -208,8 +208,28 @@ def vqa_accuracy(bundle: models.Bundle, cfg: EvalConfig) -> dict:
     return out
 
 
-def evaluate(model_cfg: models.ModelConfig, cfg: EvalConfig = EvalConfig()) -> dict:
-    """Held-out metrics of the model `model_cfg` builds (an hf/ export via `path`, or the tiny random init)."""
+@torch.no_grad()
+def teacher_kl(bundle: models.Bundle, teacher: models.Bundle, cfg: EvalConfig) -> float:
+    """Mean per-token KL(teacher ‖ model) on the answers of the held-out VQA samples (stages/distill.py's
+    forward KL at temperature 1, over the full vocabulary): how far the model is from a distillation teacher."""
+    from stages.distill import divergence
+
+    source = _held_out(cfg, "vqa")
+    total, count = 0.0, 0
+    for i in range(cfg.samples):
+        enc = encode(bundle, *shapes.sample(source, i), key=f"vqa/{i}")[0]
+        inputs = _inputs(enc, enc["input_ids"], enc["mm_token_type_ids"])
+        sup = enc["labels"][1:] != IGNORE
+        zs = bundle.model(**inputs, use_cache=False).logits[0, :-1][sup].float()
+        zt = teacher.model(**inputs, use_cache=False).logits[0, :-1][sup].float()
+        V = min(zs.shape[-1], zt.shape[-1])
+        total, count = total + float(divergence(zs[:, :V], zt[:, :V], 0.0).sum()), count + int(sup.sum())
+    return total / max(count, 1)
+
+
+def evaluate(model_cfg: models.ModelConfig, cfg: EvalConfig = EvalConfig(), teacher: str | None = None) -> dict:
+    """Held-out metrics of the model `model_cfg` builds (an hf/ export via `path`, or the tiny random init); with
+    `teacher` (an hf/ export of the same family and tokenizer) also `teacher_kl`."""
     t0, threads = time.time(), torch.get_num_threads()
     torch.set_num_threads(1)  # batch-1 forwards of a tiny model: extra threads only contend (10x slower here)
     try:
@@ -220,6 +240,10 @@ def evaluate(model_cfg: models.ModelConfig, cfg: EvalConfig = EvalConfig()) -> d
         bundle.model.eval()
         out = {"caption_loss": caption_loss(bundle, cfg), **vqa_accuracy(bundle, cfg), **preference(bundle, cfg),
                **rl_reward(bundle, cfg)}
+        if teacher is not None:
+            t = models.build(dataclasses.replace(model_cfg, name="teacher", path=teacher, tiny={}))
+            t.model.eval()
+            out["teacher_kl"] = teacher_kl(bundle, t, cfg)
     finally:
         torch.set_num_threads(threads)
     out.update(samples=cfg.samples, seed=cfg.seed, seconds=round(time.time() - t0, 2))

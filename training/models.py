@@ -113,6 +113,8 @@ class ModelConfig:
     min_pixels: int = 56 * 56
     max_pixels: int = 128 * 128
     extra: dict = field(default_factory=dict)  # extra kwargs for from_pretrained
+    # the tiny preset's architecture changed: {text: {...}, vision: {...}} over the family's tiny_text/tiny_vision
+    tiny: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -137,13 +139,18 @@ def tiny_tokenizer(family: Family) -> PreTrainedTokenizerBase:
     return tok
 
 
-def tiny_config(family: Family, tokenizer: PreTrainedTokenizerBase):
+def tiny_config(family: Family, tokenizer: PreTrainedTokenizerBase, changes: Optional[dict] = None):
+    """The family's tiny HF config; `changes` (model.tiny): {text: {...}, vision: {...}} over its tiny presets."""
+    changes = dict(changes or {})
+    unknown = sorted(set(changes) - {"text", "vision"})
+    if unknown:
+        raise ValueError(f"model.tiny has unknown part(s) {unknown}; use model.tiny.text / model.tiny.vision")
     ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     special = dict(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    text = dict(family.tiny_text, vocab_size=len(tokenizer), **ids, **special)
-    return family.config_cls(text_config=text, vision_config=dict(family.tiny_vision),
+    text = dict(family.tiny_text, **dict(changes.get("text") or {}), vocab_size=len(tokenizer), **ids, **special)
+    return family.config_cls(text_config=text, vision_config=dict(family.tiny_vision, **dict(changes.get("vision") or {})),
                              tie_word_embeddings=False, **ids, **special)
 
 
@@ -205,7 +212,7 @@ def build(cfg: ModelConfig) -> Bundle:
         # fork_rng: the init seed must not disturb the training RNG stream (or depend on it)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
-            model = family.model_cls._from_config(tiny_config(family, tokenizer),
+            model = family.model_cls._from_config(tiny_config(family, tokenizer, cfg.tiny),
                                                   attn_implementation=cfg.attn_implementation, dtype=dtype)
         image_processor = Qwen2VLImageProcessorPil(
             patch_size=family.patch_size, temporal_patch_size=2, merge_size=2, image_mean=family.image_mean,
