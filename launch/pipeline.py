@@ -54,6 +54,7 @@ class StepConfig:
     # that step's export; "preset": the model preset's own initialisation
     init: Optional[str] = None
     teacher: Optional[str] = None  # distill steps: a step name (its export) or a path: stage.objective.teacher
+    exports: dict = field(default_factory=dict)  # {training.train key: an earlier step}: key=<that step's hf/>
     overrides: list = field(default_factory=list)  # any other training.train overrides
 
 
@@ -148,9 +149,8 @@ def plan(p: PipelineConfig, out: Path) -> list[Step]:
             raise ValueError(f"{key} names unknown step(s) {unknown}; the steps of {p.name} are {names}")
     exports = lambda n: str(out / n / "hf")  # noqa: E731
     for name, s in p.steps.items():
-        for key in ("init", "teacher"):
-            ref = getattr(s, key)
-            if ref in names and names.index(ref) >= names.index(name):
+        for key, ref in [("init", s.init), ("teacher", s.teacher), *((f"exports.{k}", v) for k, v in s.exports.items())]:
+            if ref in names and names.index(ref) >= names.index(name) or key.startswith("exports") and ref not in names:
                 raise ValueError(f"pipeline.steps.{name}.{key}={ref!r} is not an earlier step; steps run in order {names}")
         if s.init not in (None, "preset") and s.init not in names:
             raise ValueError(f"pipeline.steps.{name}.init={s.init!r}: name an earlier step, 'preset' or leave it null")
@@ -165,6 +165,7 @@ def plan(p: PipelineConfig, out: Path) -> list[Step]:
             args.append(f"model.path={start}")
         if s.teacher is not None:
             args.append(f"stage.objective.teacher={exports(s.teacher) if s.teacher in names else s.teacher}")
+        args += [f"{k}={exports(v)}" for k, v in s.exports.items()]
         if s.lr is not None:
             args.append(f"stage.optimizer.lr={s.lr}")
         if s.seq_len is not None:
@@ -412,6 +413,7 @@ def run(cfg: DictConfig, resume: Optional[str] = None) -> int:
                 needs = [("starts from", step.init)] if step.init is not None and step.index > 0 else []
                 if step.cfg.teacher in p.steps:
                     needs.append(("has the teacher", str(step.out.parent / step.cfg.teacher / "hf")))
+                needs += [(f"reads {k} from", str(step.out.parent / v / "hf")) for k, v in step.cfg.exports.items()]
                 for what, path in needs:
                     if not Path(path, "config.json").is_file():
                         prev = Path(path).parent.name

@@ -4,6 +4,7 @@ exactly. Split independence (2 ranks x 2 micro-batches, ZeRO-3's partitioned tea
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import pytest
@@ -220,6 +221,33 @@ def test_teacher_of_another_family_or_tokenizer_is_refused_naming_the_difference
     t2.tokenizer.add_tokens(["<extra_teacher_token>"])
     with pytest.raises(ValueError, match="'<extra_teacher_token>'.*teacher's vocabulary only"):
         check_teacher(student, t2)
+
+
+def test_held_out_teacher_kl_is_zero_for_the_teacher_itself(pair):
+    from training.evaluate import EvalConfig, teacher_kl
+
+    student, teacher, _ = pair
+    cfg = EvalConfig(samples=3)
+    assert teacher_kl(teacher, teacher, cfg) == pytest.approx(0.0, abs=1e-6)
+    assert teacher_kl(student, teacher, cfg) > 0.01
+
+
+def test_a_student_can_start_with_its_teachers_vit(tmp_path):
+    """model.groups_from: the small student's vision group is the export's, bit for bit; its merger (another output
+    width) and LLM keep their own init; a group whose shapes differ is refused."""
+    from safetensors.torch import load_file
+
+    run_stage(tmp_path, ["trainer.max_steps=0", "model.init_seed=5"])
+    export = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    cfg = models.ModelConfig(name="small", tiny={"text": {"hidden_size": 96, "num_attention_heads": 3,
+                                                           "num_key_value_heads": 1}, "vision": {"out_hidden_size": 96}},
+                             groups_from={"path": str(tmp_path / "hf"), "groups": ["vision"]})
+    small = dict(models.build(cfg).model.named_parameters())
+    vision = [n for n in small if n.startswith("model.visual.") and models.group_of(n, models.FAMILIES["qwen3_vl"]) == "vision"]
+    assert vision and all(torch.equal(small[n], export[n]) for n in vision)
+    assert not torch.equal(small["model.visual.merger.linear_fc1.weight"][:1], export["model.visual.merger.linear_fc1.weight"][:1])
+    with pytest.raises(ValueError, match="other shapes"):
+        models.build(dataclasses.replace(cfg, groups_from={"path": str(tmp_path / "hf"), "groups": ["merger"]}))
 
 
 def test_config_refusals():

@@ -26,6 +26,12 @@ HF = {
                          head_dim=128, intermediate_size=12288, vocab_size=151936),
                     dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
                          out_hidden_size=4096, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])),
+    # Qwen/Qwen3-VL-32B-Instruct: the Qwen3-32B decoder, the same ViT with a 5120-wide merger output
+    "qwen3_vl_32b": ("qwen3_vl",
+                     dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8,
+                          head_dim=128, intermediate_size=25600, vocab_size=151936),
+                     dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                          out_hidden_size=5120, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])),
     "qwen2_5_vl_7b": ("qwen2_5_vl",
                       dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                            intermediate_size=18944, vocab_size=152064),
@@ -67,6 +73,27 @@ def test_tiny_preset_counts_and_config_json(family, tmp_path):
     assert shapes.params() == _hf_counts(cfg, family)
     cfg.save_pretrained(tmp_path)  # the config.json an export writes reads back to the same shapes
     assert estimate.from_config_json(tmp_path) == shapes == estimate.shapes_of(f"tiny_{family}")
+
+
+def test_model_tiny_changes_reach_the_model_and_the_estimate():
+    """model=tiny_qwen3_vl_small (model.tiny: 2 layers, hidden 96): the built model and the estimator's shapes of
+    that job agree exactly; a distill job's plan counts its teacher."""
+    from conftest import compose
+    from training.models import build
+    from training.train import to_job
+
+    job = to_job(compose(["model=tiny_qwen3_vl_small"]))
+    model = build(job.model).model
+    assert model.config.text_config.num_hidden_layers == 2 and model.config.text_config.hidden_size == 96
+    plan = estimate.from_job(job, 1)
+    fam = FAMILIES["qwen3_vl"]
+    assert plan.shapes.params() == {g: sum(dict(model.named_parameters())[n].numel() for n in names)
+                                    for g, names in param_groups(model, fam).items()}
+    assert plan.teacher is None
+    job = to_job(compose(["model=tiny_qwen3_vl_small", "stage=distill", "stage.objective.teacher=/not/yet"]))
+    est = estimate.estimate(estimate.from_job(job, 1, fallback=estimate.tiny("qwen3_vl")))
+    part = next(p for p in est.parts if p.name == "teacher model")
+    assert part.device == sum(estimate.tiny("qwen3_vl").params().values()) * 4  # fp32, one rank
 
 
 def _saved_bytes(run, params) -> int:

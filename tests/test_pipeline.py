@@ -115,12 +115,21 @@ def test_every_step_config_composes_and_torchrun_flags(tmp_path):
 
 @pytest.mark.slow
 def test_chain_runs_skips_done_steps_and_reruns_from_a_step(tmp_path):
+    """s0 -> s1, and the distill step with s1's export as its teacher (a smaller student from its own init), then a
+    re-run that skips all three, then pipeline.from re-running one."""
     out = tmp_path / "run"
-    r = _pipeline(out, "pipeline.only=[s0_merger,s1_multimodal]", "pipeline.max_steps=3", "pipeline.eval.samples=6")
+    distill = ["pipeline.steps.distill.teacher=s1_multimodal", "pipeline.eval.teacher=s1_multimodal",
+               "pipeline.steps.distill.exports={model.groups_from.path: s1_multimodal}"]
+    only = "pipeline.only=[s0_merger,s1_multimodal,distill]"
+    r = _pipeline(out, only, "pipeline.max_steps=3", "pipeline.eval.samples=6", *distill)
     assert r.returncode == 0, r.stderr[-3000:]
-    s0, s1 = out / "s0_merger", out / "s1_multimodal"
-    for d in (s0, s1):
+    s0, s1, d2 = out / "s0_merger", out / "s1_multimodal", out / "distill"
+    for d in (s0, s1, d2):
         assert (d / "DONE").is_file() and [x["step"] for x in metrics_rows(d)] == [1, 2, 3]
+    conf = (d2 / "config.yaml").read_text()
+    assert f"teacher: {s1}/hf" in conf and "name: tiny_qwen3_vl_small" in conf and "  path: null" in conf
+    assert f"path: {s1}/hf" in conf  # model.groups_from: the student's ViT is the teacher's
+    assert all("distill/divergence" in x for x in metrics_rows(d2))
     assert f"model.path={s0}/hf" in (s1 / "config.yaml").read_text() or \
         str(s0 / "hf") in (s1 / "config.yaml").read_text()
     assert "[tiny 2/2 s1_multimodal] step 3/3" in r.stderr and "held-out: caption loss" in r.stderr
@@ -132,15 +141,18 @@ def test_chain_runs_skips_done_steps_and_reruns_from_a_step(tmp_path):
         data = (out / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     cache = json.loads((out / "eval_cache.json").read_text())
-    assert len(cache) == 3  # initial model, s0's export (= s1's start), s1's export: each evaluated once
+    # initial model, s0's export (= s1's start), s1's export: each evaluated once; the student's init and export
+    # with the KL to the teacher
+    assert len(cache) == 5 and sum("teacher_kl" in m for m in cache.values()) == 2
+    assert "held-out KL to the teacher (start → end)" in report and "## distill: Strong-to-weak distillation" in report
     assert all({"caption_loss", "vqa_accuracy", "rl_reward", "rl_reward_sampled", "pref_accuracy"} <= set(m) and len(m["pref_margins"]) == 6
                for m in cache.values())
     assert "held-out RL reward, greedy (sampled)" in report and "| rl_reward_sampled |" in report
     # a second run skips both steps and trains nothing
-    before = {d: (d / "metrics.jsonl").read_text() for d in (s0, s1)}
-    r = _pipeline(out, "pipeline.only=[s0_merger,s1_multimodal]", "pipeline.max_steps=3", "pipeline.eval.samples=6")
+    before = {d: (d / "metrics.jsonl").read_text() for d in (s0, s1, d2)}
+    r = _pipeline(out, only, "pipeline.max_steps=3", "pipeline.eval.samples=6", *distill)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count("DONE exists: skipped") == 2
+    assert r.stderr.count("DONE exists: skipped") == 3
     assert all((d / "metrics.jsonl").read_text() == t for d, t in before.items())
     # pipeline.from re-runs s1 (deleted) from s0's export, leaving s0 alone
     import shutil

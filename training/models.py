@@ -115,6 +115,9 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # extra kwargs for from_pretrained
     # the tiny preset's architecture changed: {text: {...}, vision: {...}} over the family's tiny_text/tiny_vision
     tiny: dict = field(default_factory=dict)
+    # {path: an hf/ export, groups: [vision, ...]}: those groups' weights taken from it (e.g. a smaller student
+    # starting with its teacher's ViT); every parameter of the groups must be there with the same shape
+    groups_from: dict = field(default_factory=lambda: {"path": None, "groups": []})
 
 
 @dataclass
@@ -226,9 +229,41 @@ def build(cfg: ModelConfig) -> Bundle:
         if tokenizer.chat_template is None:
             tokenizer.chat_template = (ASSETS / "chat_templates" / family.chat_template).read_text()
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    if (cfg.groups_from or {}).get("path") or (cfg.groups_from or {}).get("groups"):
+        _load_groups(model, family, dict(cfg.groups_from))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Bundle(family, model, tokenizer, image_processor)
+
+
+def _load_groups(model: torch.nn.Module, family: Family, spec: dict) -> None:
+    """model.groups_from: the named groups' parameters copied from an hf/ export's safetensors (shapes checked)."""
+    from safetensors import safe_open
+
+    unknown = sorted(set(spec) - {"path", "groups"})
+    if unknown or not spec.get("path") or not spec.get("groups"):
+        raise ValueError(f"model.groups_from={spec}: give {{path: <hf dir>, groups: [vision, ...]}}")
+    wanted = set(spec["groups"])
+    if wanted - set(GROUPS):
+        raise ValueError(f"model.groups_from.groups names unknown group(s) {sorted(wanted - set(GROUPS))}")
+    files = sorted(Path(spec["path"]).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model.groups_from.path={spec['path']!r} holds no *.safetensors")
+    params = {n: p for n, p in model.named_parameters() if group_of(n, family) in wanted}
+    found = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():  # export keys are the parameter names (transformers 5)
+                if key in params:
+                    found[key] = st.get_tensor(key)
+    missing = sorted(set(params) - set(found))
+    bad = sorted(n for n, t in found.items() if t.shape != params[n].shape)
+    if missing or bad:
+        raise ValueError(f"model.groups_from: {spec['path']} lacks {missing[:3]} or has other shapes for {bad[:3]} "
+                         f"of groups {sorted(wanted)}; the groups' architecture must match")
+    with torch.no_grad():
+        for n, t in found.items():
+            params[n].copy_(t.to(params[n].dtype))
 
 
 def group_of(name: str, family: Family) -> str | None:
