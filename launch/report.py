@@ -76,10 +76,13 @@ def step_eval(step, settings) -> dict | None:
         return None
     cache = step.out.parent / "eval_cache.json"
     model = cfg["model"]
-    teacher = None  # settings.teacher: a step before this one whose export exists
-    if getattr(settings, "teacher", None) and step.name != settings.teacher:
+    teacher = None  # settings.teacher: a step before this one (pipeline.json's order) whose export exists
+    if getattr(settings, "teacher", None):
         t = step.out.parent / settings.teacher / "hf"
-        teacher = str(t) if (t / "config.json").is_file() and _step_cfg(step.out.parent / settings.teacher) else None
+        manifest = step.out.parent / "pipeline.json"
+        order = [s["name"] for s in json.loads(manifest.read_text())["steps"]] if manifest.is_file() else []
+        later = settings.teacher in order and step.name in order and order.index(step.name) > order.index(settings.teacher)
+        teacher = str(t) if later and (t / "config.json").is_file() else None
     return {"start": _cached_eval(cache, _model_cfg(model, model.get("path")), settings, teacher),
             "end": _cached_eval(cache, _model_cfg(model, str(step.out / "hf")), settings, teacher)}
 

@@ -19,6 +19,12 @@ step itself adds: activations, logits, gradients) and L / (fastest timed step's 
 load on the machine only ever slows a step down). A child is capped at `--max-gib` of data (RLIMIT_DATA): a cell
 that does not fit is reported as "OOM" instead of swapping or killing the machine.
 
+`--objective distill`: the same for stages/distill.py's loss, forward KL to a teacher of the same shape (seed 1):
+  full     both models' [L, V] fp32 logits, the per-token divergence of every supervised position (trl GKD's way)
+  chunked  the teacher's hidden states of the supervised tokens, then training.vlm.chunked_loss with the objective's
+           per-chunk divergence (both models' logits one chunk at a time, gradients computed in the forward)
+The teacher's forward (no gradient) is part of the step in both.
+
 Reading the output: "ratio" = full / chunked peak (how many times less memory the step needs with chunking);
 "speed" = chunked / full tokens/s (>1: chunked is faster). The children's losses and lm_head gradient norms
 must agree between the paths (same model, same batch): their max relative differences are printed and the loss
@@ -48,7 +54,7 @@ def _status(key: str) -> float:
     return int(re.search(rf"{key}:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024 / GiB
 
 
-def build_model():
+def build_model(seed: int = 0):
     import torch
     import training.attention  # noqa: F401 - registers attn_implementation="sdpa_varlen"
     from training.models import FAMILIES
@@ -59,7 +65,7 @@ def build_model():
     special = dict(bos_token_id=None, eos_token_id=151645, pad_token_id=151643)
     cfg = fam.config_cls(text_config=dict(fam.tiny_text, vocab_size=V, **ids, **special),
                          vision_config=dict(fam.tiny_vision), tie_word_embeddings=False, **ids, **special)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = fam.model_cls._from_config(cfg, attn_implementation="sdpa_varlen", dtype=torch.float32)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
@@ -105,6 +111,34 @@ def full_logits_ce(lm_head, hidden, labels):
                            reduction="none").view_as(target)
 
 
+def distill_loss(path: str, vlm, teacher, batch: dict, hidden):
+    """Σ w·KL(teacher‖student) / Σ w over the supervised positions, by full logits or by chunks."""
+    import torch
+    from stages.distill import divergence
+    from training.vlm import _chunks, _supervised, chunked_loss
+
+    w = batch["weights"]
+    with torch.no_grad():
+        t_hidden, _ = teacher.hidden_states(batch)
+    sup, h, t = _supervised(hidden, batch["labels"])
+    if path == "full":
+        zs = vlm.lm_head(hidden).float()[:, :-1]
+        with torch.no_grad():
+            zt = teacher.lm_head(t_hidden).float()[:, :-1]
+        return (divergence(zs[sup], zt[sup], 0.0) * w[sup]).sum() / w.sum()
+    th = t_hidden[:, :-1][sup]
+    del t_hidden
+
+    def fn(logits, target, s, e):
+        with torch.no_grad():
+            zt = teacher.lm_head(th[s:e]).float()
+        return divergence(logits, zt, 0.0), logits.new_empty(len(target), 0)
+
+    n = _chunks(len(t), vlm.loss_chunk, h.device, None)
+    total, _, _ = chunked_loss(vlm.lm_head, h, t, w[sup].float(), n, vlm.loss_chunk, fn, fused=True)
+    return total / w.sum()
+
+
 def child(path: str, L: int, args) -> dict:
     """One (path, L) cell in this fresh process."""
     import torch
@@ -112,12 +146,16 @@ def child(path: str, L: int, args) -> dict:
 
     torch.set_num_threads(args.threads)
     vlm = VLM(build_model(), loss_chunk=0)
+    teacher = VLM(build_model(seed=1)).eval().requires_grad_(False) if args.objective == "distill" else None
     batch = make_batch(L, args.sample_len, args.supervised)
 
     def step() -> tuple[float, float]:
         hidden, zero = vlm.hidden_states(batch)
         w = batch["weights"]
-        if path == "full":
+        ce = None
+        if teacher is not None:
+            loss = distill_loss(path, vlm, teacher, batch, hidden) + zero
+        elif path == "full":
             ce = full_logits_ce(vlm.lm_head, hidden, batch["labels"])
             loss = (ce * w).sum() / w.sum() + zero
         else:
@@ -155,7 +193,7 @@ def run_cell(path: str, L: int, args) -> dict:
     cap = min(args.max_gib, avail - 2)  # never more than what the machine has free now, less 2 GiB
     cmd = [sys.executable, "-m", "training.memory", "--child", path, str(L), "--max-gib", f"{cap:.2f}",
            "--threads", str(args.threads), "--steps", str(args.steps), "--sample-len", str(args.sample_len),
-           "--supervised", str(args.supervised)]
+           "--supervised", str(args.supervised), "--objective", args.objective]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
@@ -179,6 +217,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up; the fastest is reported")
     p.add_argument("--max-gib", type=float, default=16.0, help="data cap of one child process")
+    p.add_argument("--objective", choices=("lm", "distill"), default="lm",
+                   help="the loss measured: the lm objective's CE, or distillation's KL to a teacher")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--child", nargs=2, metavar=("PATH", "L"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -192,9 +232,14 @@ def main(argv=None) -> None:
           f"checkpointing; {args.threads} threads; best of {args.steps} timed steps; samples of "
           f"{args.sample_len} tokens, {args.supervised:.0%} supervised")
     print("peak = RSS high-water mark of the step minus the RSS of the built model and batch")
-    print(f"baseline {BASELINE}")
-    print("chunked: training.vlm.weighted_nll, the lm objective's path (lm_head per chunk of supervised tokens, "
-          "gradients computed in the forward)")
+    if args.objective == "distill":
+        print("objective distill: forward KL to a teacher of the same shape (seed 1), its forward in the step")
+        print("baseline full logits: both models' [L, V] fp32 logits, the divergence of every supervised position")
+        print("chunked: training.vlm.chunked_loss with the per-chunk divergence (stages/distill.py's path)")
+    else:
+        print(f"baseline {BASELINE}")
+        print("chunked: training.vlm.weighted_nll, the lm objective's path (lm_head per chunk of supervised tokens, "
+              "gradients computed in the forward)")
     rows, cells = [], []
     hdr = (f"{'length':>6} | {'full GiB':>8} | {'chunked GiB':>11} | {'ratio':>6} | {'full tok/s':>10} | "
            f"{'chunked tok/s':>13} | {'speed':>5}")
@@ -229,7 +274,7 @@ def main(argv=None) -> None:
         assert dl < 1e-4, f"the two loss paths disagree: relative difference {dl:.2e}"
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(baseline=BASELINE, vocab_size=V, threads=args.threads, sample_len=args.sample_len,
+            json.dump(dict(baseline=BASELINE, objective=args.objective, vocab_size=V, threads=args.threads, sample_len=args.sample_len,
                            supervised=args.supervised, loss_chunk=chunk, rows=rows, cells=cells), f, indent=1)
 
 
