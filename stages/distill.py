@@ -68,7 +68,8 @@ class Config:
     def check(self) -> None:
         if not self.teacher:
             raise ValueError("stage.objective.teacher is not set: point it at the teacher's local HF directory (a "
-                             "larger model of the same family and tokenizer, e.g. an earlier stage's hf/ export)")
+                             "larger model of the same family and tokenizer, e.g. an earlier stage's hf/ export; in a recipe, "
+                             "pipeline.teacher=DIR or the step's `teacher`)")
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"stage.objective.divergence={self.divergence!r}; choose one of {list(DIVERGENCES)}")
         if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:

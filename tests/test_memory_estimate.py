@@ -226,11 +226,13 @@ def _recipe(tmp_path, name, *extra):
 def test_every_real_recipe_step_passes_the_guard(tmp_path):
     """8 GPUs per node as the recipes' comments count them; qwen3vl from its `shapes` preset (init_path does not
     exist), qwen2_5vl from init_path's config.json."""
-    init = tmp_path / "init"
-    family, text, vision = HF["qwen2_5_vl_7b"]
-    FAMILIES[family].config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False).save_pretrained(init)
-    for name, extra in (("qwen3vl", "pipeline.init_path=/ckpt/missing"), ("qwen2_5vl", f"pipeline.init_path={init}")):
-        p, steps, world = _recipe(tmp_path, name, extra)
+    init, teacher = tmp_path / "init", tmp_path / "teacher"
+    for d, key in ((init, "qwen2_5_vl_7b"), (teacher, "qwen3_vl_32b")):
+        family, text, vision = HF[key]
+        FAMILIES[family].config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False).save_pretrained(d)
+    for name, extra in (("qwen3vl", ["pipeline.init_path=/ckpt/missing", f"pipeline.teacher={teacher}"]),
+                        ("qwen2_5vl", [f"pipeline.init_path={init}"])):
+        p, steps, world = _recipe(tmp_path, name, *extra)
         shapes = recipe_shapes(p)
         assert shapes == estimate.PRESETS["qwen3_vl_8b" if name == "qwen3vl" else "qwen2_5_vl_7b"]
         assert check_steps(steps, world, p.device_gib, shapes) is None
@@ -238,6 +240,18 @@ def test_every_real_recipe_step_passes_the_guard(tmp_path):
         sp = {s.name: next((a for a in s.args if a.startswith("parallel.sp_size=")), None) for s in steps}
         if name == "qwen3vl":
             assert sp["s3_long_256k"] == "parallel.sp_size=8" and sp["sft_long"] == "parallel.sp_size=8"
+            mem = {s.name: s.memory_gib for s in steps}  # the 32B teacher on top of SFT's footprint at the same length
+            assert mem["distill_off"] > mem["sft"], mem
+            p8, steps8, _ = _recipe(tmp_path, name, extra[0], "pipeline.teacher=/ckpt/missing", "pipeline.only=[distill_off]")
+            check_steps(steps8, world, p8.device_gib, recipe_shapes(p8))  # no config.json: the student's own shapes
+            assert mem["distill_off"] > next(s.memory_gib for s in steps8 if s.selected), "the 32B teacher was not read"
+
+
+def test_a_recipe_distill_step_without_a_teacher_is_refused_naming_the_key(tmp_path):
+    p, steps, world = _recipe(tmp_path, "qwen3vl", "pipeline.init_path=/ckpt/missing", "pipeline.only=[distill_off]")
+    with pytest.raises(ValueError) as err:
+        check_steps(steps, world, p.device_gib, recipe_shapes(p))
+    assert "step distill_off" in str(err.value) and "pipeline.teacher" in str(err.value), err.value
 
 
 def test_a_step_that_cannot_fit_is_refused_with_the_levers(tmp_path):

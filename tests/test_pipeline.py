@@ -132,7 +132,7 @@ def test_chain_runs_skips_done_steps_and_reruns_from_a_step(tmp_path):
     assert all("distill/divergence" in x for x in metrics_rows(d2))
     assert f"model.path={s0}/hf" in (s1 / "config.yaml").read_text() or \
         str(s0 / "hf") in (s1 / "config.yaml").read_text()
-    assert "[tiny 2/2 s1_multimodal] step 3/3" in r.stderr and "held-out: caption loss" in r.stderr
+    assert "[tiny 2/3 s1_multimodal] step 3/3" in r.stderr and "held-out: caption loss" in r.stderr
     # the report: a table, a section per step, PNG plots that exist
     report = (out / "report.md").read_text()
     assert "| s0_merger | s0_merger | merger | lm | 3 |" in report and "## s1_multimodal" in report
