@@ -19,6 +19,7 @@ from typing import Literal, Optional
 
 import torch
 
+from data import teacher
 from data.errors import BadSample
 from data.video import MAX_VIDEO_FRAMES, VideoConfig, VideoProcessor
 from data.vision import ImageProcessor, VisionConfig, decode_image, refuse_pickle, smart_resize
@@ -128,7 +129,14 @@ class Encoder:
     def encode(self, raw: dict) -> list[dict]:
         key = str(raw.get("key", "?"))
         try:
-            return self._encode(raw, key)
+            samples = self._encode(raw, key)
+            stored = (raw.get("media") or {}).get(teacher.MEMBER)
+            if stored is not None:  # a teacher's top-k log-probs (data/teacher.py), checked against this encoding
+                if [s["kind"] for s in samples] != [None]:
+                    raise BadSample("bad_teacher_outputs", key, f"member {teacher.MEMBER} belongs to chat or "
+                                                                f"document records only; this is a {_shape(raw.get('record'))} record")
+                teacher.attach(samples[0], stored, len(self.tok), IGNORE)
+            return samples
         except NoFamily:
             raise
         except RECORD_ERRORS as e:  # past the explicit checks, still this record's fault: one counted sample
@@ -242,7 +250,7 @@ class Encoder:
                                                       f"{sorted(store)}; media must be image/video parts of the "
                                                       f"record: convert LLaVA data with `python -m data.convert "
                                                       f"--format llava`")
-        unreferenced = sorted(set(store) - named)
+        unreferenced = sorted(set(store) - named - {teacher.MEMBER})
         if unreferenced:
             raise BadSample("unreferenced_media", key, f"members {unreferenced} are in the sample but no image/video "
                                                        f"part of the record names them; name them in a part or drop "

@@ -8,7 +8,8 @@ class BadSample(Exception):
     `reason` is a short fixed slug (metrics key), e.g. "undecodable_image", "missing_media",
     "truncated_tar", "token_count_mismatch", "empty_assistant", "too_long", "pickle_member",
     "member_too_large", "video_too_long", "unknown_record_shape", "bad_record", "malformed_record",
-    "llava_placeholder", "unreferenced_media".
+    "llava_placeholder", "unreferenced_media", "bad_teacher_outputs", "teacher_outputs_mismatch" (data/teacher.py),
+    "no_teacher_outputs", "teacher_outputs_top_k" (stages/distill.py).
     `detail` names the key, file or member and the fix.
     """
 

@@ -274,9 +274,24 @@ def collate(rows: list[list[dict]], cfg: PackConfig) -> dict:
         if parts:
             batch[key] = torch.cat(parts)
     _second_per_grid(batch, samples)
+    _teacher_outputs(batch, samples)
     batch["sources"] = [str(s.get("source", "default")) for s in samples]
     batch["meta"] = [_meta(s) for s in samples]
     return batch
+
+
+def _teacher_outputs(batch: dict, samples: list[dict]) -> None:
+    """Stored teacher top-k rows (data/teacher.py) in the model step's order of supervised tokens: sample by
+    sample, each cut to the targets left after truncation (a prefix). Only when every sample has them."""
+    if not samples or not all("teacher_ids" in s for s in samples):
+        return
+    ks = {s["teacher_ids"].shape[1] for s in samples}
+    if len(ks) > 1:
+        raise ValueError(f"samples {[s.get('key') for s in samples]} carry teacher outputs of different top-k "
+                         f"{sorted(ks)}; the objective trims them to stage.objective.top_k first")
+    n = [int((s["labels"][1:] != IGNORE).sum()) for s in samples]
+    batch["teacher_ids"] = torch.cat([s["teacher_ids"][:k] for s, k in zip(samples, n)])
+    batch["teacher_logps"] = torch.cat([s["teacher_logps"][:k] for s, k in zip(samples, n)])
 
 
 def _second_per_grid(batch: dict, samples: list[dict]) -> None:

@@ -21,6 +21,10 @@ supervised positions; the student's model step (training/vlm.py `chunked_loss`) 
 at a time, computes the teacher's logits of the same chunk from those hidden states and the divergence there.
 The formulas are `divergence`, a pure function checked against trl's GKD `generalized_jsd_loss` in
 tests/test_distill.py (forward KL is its beta 0, reverse KL its beta 1).
+
+`teacher: precomputed` (off-policy only): no teacher model runs; each sample carries the teacher's top-k
+log-probs as a shard member (data/teacher.py, written by `python -m training.teacher_outputs`), and the
+divergence is over those k tokens (`divergence_topk`), which equals the co-hosted teacher's with the same top_k.
 """
 from __future__ import annotations
 
@@ -41,12 +45,15 @@ from stages.objective import Context, Objective, source_sums
 from stages.rollout import per_sample
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+PRECOMPUTED = "precomputed"
 STATS = ("divergence", "ce", "acc_student", "acc_teacher")  # per-token columns of the loss function's stats
 
 
 @dataclass
 class Config:
-    teacher: Optional[str] = None  # a local HF directory (or a stage's output dir) of the same family and tokenizer
+    # a local HF directory (or a stage's output dir) of the same family and tokenizer, or "precomputed": the
+    # teacher's top-k log-probs stored in the shards (data/teacher.py)
+    teacher: Optional[str] = None
     divergence: Optional[str] = None  # forward_kl | reverse_kl | jsd; None: forward_kl, reverse_kl when lmbda > 0
     beta: float = 0.5  # jsd's interpolation: 0 is forward KL, 1 reverse KL (trl's GKD beta)
     temperature: float = 1.0  # both distributions at this temperature (no T^2 factor, as trl)
@@ -70,6 +77,10 @@ class Config:
             raise ValueError("stage.objective.teacher is not set: point it at the teacher's local HF directory (a "
                              "larger model of the same family and tokenizer, e.g. an earlier stage's hf/ export; in a recipe, "
                              "pipeline.teacher=DIR or the step's `teacher`)")
+        if self.precomputed and (self.lmbda > 0 or self.top_k < 1):
+            raise ValueError(f"stage.objective.teacher=precomputed reads the teacher's stored top-k log-probs: it "
+                             f"needs top_k >= 1 (got {self.top_k}; at most the stored k) and off-policy lmbda=0 (got "
+                             f"{self.lmbda}: on-policy samples need a live teacher)")
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"stage.objective.divergence={self.divergence!r}; choose one of {list(DIVERGENCES)}")
         if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
@@ -92,6 +103,10 @@ class Config:
                              f"{list(REDUCTIONS)}")
 
     @property
+    def precomputed(self) -> bool:
+        return self.teacher == PRECOMPUTED
+
+    @property
     def jsd_beta(self) -> float:
         return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.divergence, self.beta)
 
@@ -105,7 +120,18 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta:
     if top_k:
         idx = t.topk(min(top_k, t.shape[-1]), dim=-1).indices
         s, t = s.gather(-1, idx), t.gather(-1, idx)
-    ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    return _jsd(F.log_softmax(s, -1), F.log_softmax(t, -1), beta)
+
+
+def divergence_topk(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logps: torch.Tensor, beta: float,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """`divergence` with top_k from stored teacher outputs: its k token ids [N, k] and log-probs [N, k] (any
+    per-row constant shift of the logits, which the renormalisation over the k tokens removes)."""
+    s = student_logits.gather(-1, ids) / temperature
+    return _jsd(F.log_softmax(s, -1), F.log_softmax(teacher_logps / temperature, -1), beta)
+
+
+def _jsd(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:
     if beta == 0:
         return F.kl_div(ls, lt, reduction="none", log_target=True).sum(-1)
     if beta == 1:
@@ -166,6 +192,11 @@ class DistillObjective(Objective):
     def setup(self, ctx: Context) -> None:
         """The teacher: loaded from `teacher`, checked against the student, frozen and placed like the reference
         models (ZeRO-3: partitioned)."""
+        self.tokenizer = ctx.bundle.tokenizer
+        sv = ctx.bundle.model.config.get_text_config().vocab_size
+        if self.cfg.precomputed:  # the shards carry the teacher (data/teacher.py checked them against the data)
+            self.vocab = min(sv, len(self.tokenizer))
+            return
         path = Path(self.cfg.teacher)
         conf = path / "config.json"
         if conf.is_file():  # the family check before loading (a wrong family would fail obscurely there)
@@ -175,11 +206,11 @@ class DistillObjective(Objective):
                                  f"{ctx.bundle.model.config.model_type!r}: distillation here needs one family")
         bundle, self.teacher = ctx.frozen(str(path))
         check_teacher(ctx.bundle, bundle)
-        self.tokenizer = ctx.bundle.tokenizer
         self.synced = ctx.engine.partitioned and ctx.engine.world > 1
-        sv = ctx.bundle.model.config.get_text_config().vocab_size
         tv = bundle.model.config.get_text_config().vocab_size
-        self.vocab = min(sv, tv)  # padded vocabularies (e.g. 151936 vs 152064): the shared real-token columns
+        # padded vocabularies (e.g. 151936 vs 152064, the tokenizer 151669): the real tokens' columns only, as the
+        # stored teacher outputs (training/teacher_outputs.py) take them
+        self.vocab = min(sv, tv, len(self.tokenizer))
 
     def weights(self, batch: dict) -> torch.Tensor:
         return token_weights(batch["labels"], batch["sample_ids"], self.cfg.loss_reduction)
@@ -187,7 +218,19 @@ class DistillObjective(Objective):
     # -- on-policy ----------------------------------------------------------------------------------------------
     def check_sample(self, sample: dict) -> None:
         """On-policy steps need a prompt to continue: a sample whose first token is supervised (a document) has
-        none, and is skipped and counted (BadSample no_prompt) when lmbda > 0."""
+        none, and is skipped and counted (BadSample no_prompt) when lmbda > 0. With a precomputed teacher a sample
+        needs its stored outputs with at least top_k tokens (trimmed to top_k here)."""
+        if self.cfg.precomputed:
+            ids = sample.get("teacher_ids")
+            if ids is None:
+                raise BadSample("no_teacher_outputs", str(sample.get("key", "?")), "stage.objective.teacher="
+                                "precomputed needs each sample's teacher.safetensors member: write the shards with "
+                                "`python -m training.teacher_outputs`")
+            if ids.shape[1] < self.cfg.top_k:
+                raise BadSample("teacher_outputs_top_k", str(sample.get("key", "?")), f"the stored outputs hold "
+                                f"the top {ids.shape[1]} tokens, fewer than stage.objective.top_k={self.cfg.top_k}")
+            sample["teacher_ids"] = ids[:, :self.cfg.top_k]
+            sample["teacher_logps"] = sample["teacher_logps"][:, :self.cfg.top_k]
         if self.cfg.lmbda > 0 and sample.get("kind") != "prompt" and "labels" in sample \
                 and bool(sample["labels"][0] != IGNORE):
             raise BadSample("no_prompt", str(sample.get("key", "?")), "on-policy distillation (stage.objective.lmbda "
@@ -233,30 +276,44 @@ class DistillObjective(Objective):
     def load_state_dict(self, state: dict) -> None:
         self.steps = int(state.get("steps", 0))
 
-    def loss_fn(self, teacher_hidden: torch.Tensor):
-        """The per-token loss of one chunk of the student's logits (training/vlm.py `chunked_loss`)."""
-        cfg, V, head = self.cfg, self.vocab, self.teacher.lm_head
+    def loss_fn(self, teacher_hidden: torch.Tensor | None = None, stored: tuple | None = None):
+        """The per-token loss of one chunk of the student's logits (training/vlm.py `chunked_loss`): against the
+        teacher's logits of the chunk (from its hidden states), or its stored top-k (ids, log-probs)."""
+        cfg, V = self.cfg, self.vocab
+        head = None if self.teacher is None else self.teacher.lm_head
 
         def fn(logits, target, s, e):
-            with torch.no_grad():
-                t = head(teacher_hidden[s:e]).float()
-            d = divergence(logits[:, :V], t[:, :V], cfg.jsd_beta, cfg.temperature, cfg.top_k)
+            if stored is None:
+                with torch.no_grad():
+                    t = head(teacher_hidden[s:e]).float()
+                d = divergence(logits[:, :V], t[:, :V], cfg.jsd_beta, cfg.temperature, cfg.top_k)
+                best = t.argmax(-1)
+            else:
+                ids = stored[0][s:e]
+                d = divergence_topk(logits, ids, stored[1][s:e].float(), cfg.jsd_beta, cfg.temperature)
+                best = ids[:, 0]
             ce = F.cross_entropy(logits, target, reduction="none")
             loss = d + cfg.ce_weight * ce if cfg.ce_weight else d
             with torch.no_grad():
-                stats = torch.stack([d, ce, (logits.argmax(-1) == target).float(),
-                                     (t.argmax(-1) == target).float()], 1)
+                stats = torch.stack([d, ce, (logits.argmax(-1) == target).float(), (best == target).float()], 1)
             return loss, stats
 
         return fn
 
     def loss_sum(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
         """Σ w·(divergence + ce_weight·CE) over the micro-batch's supervised tokens, and the distillation metrics."""
-        if self.teacher is None:
-            raise ValueError("the distill objective has no teacher: the loop must call objective.setup(ctx)")
-        with torch.no_grad():
-            hidden, _ = self.teacher(batch, hidden=True)
-        loss, per_token, stats = engine(batch, weights=batch["weights"], loss_fn=self.loss_fn(hidden))
+        if self.cfg.precomputed:
+            if batch.get("teacher_ids") is None:
+                raise ValueError("stage.objective.teacher=precomputed: this micro-batch has no stored teacher "
+                                 "outputs (rollout batches have none; every sample is checked by check_sample)")
+            fn = self.loss_fn(stored=(batch["teacher_ids"], batch["teacher_logps"]))
+        else:
+            if self.teacher is None:
+                raise ValueError("the distill objective has no teacher: the loop must call objective.setup(ctx)")
+            with torch.no_grad():
+                hidden, _ = self.teacher(batch, hidden=True)
+            fn = self.loss_fn(hidden)
+        loss, per_token, stats = engine(batch, weights=batch["weights"], loss_fn=fn)
         sums, counts = per_sample(per_token, batch)
         out = source_sums(sums, counts, batch["sources"], "loss")
         n = float(len(stats))

@@ -297,3 +297,14 @@ def test_distill_stage_lowers_the_divergence_and_resumes_exactly(tmp_path, teach
         run_stage(out, common)
     assert f"resumed from {out / 'checkpoints' / 'step_00000004'} at step 4" in caplog.text
     _assert_resumed_identically(ref, out, 4)
+
+
+def test_the_teacher_is_loaded_without_the_students_architecture_changes_or_start():
+    """model.tiny and model.groups_from describe the student; the teacher (Context.frozen) is its own checkpoint."""
+    from training.loop import frozen_model_config
+
+    student = models.ModelConfig(name="tiny_qwen3_vl_small", tiny={"text": {"num_hidden_layers": 2}}, dtype="bfloat16",
+                                 groups_from={"path": "/runs/sft/hf", "groups": ["vision"]}, gradient_checkpointing=True)
+    t = frozen_model_config(student, "/runs/sft/hf")
+    assert (t.path, t.tiny, t.groups_from, t.gradient_checkpointing, t.dtype) == \
+        ("/runs/sft/hf", {}, {"path": None, "groups": []}, False, "bfloat16")

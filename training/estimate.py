@@ -601,7 +601,8 @@ def from_job(job, world: int, fallback: Optional[Shapes] = None) -> Plan:
     objective = dict(job.stage.objective)
     name = objective.get("name", "lm")
     teacher = None
-    if name == "distill":  # its config.json, else the shapes standing in for not-yet-written exports
+    if name == "distill" and objective.get("teacher") != "precomputed":  # precomputed: no teacher model runs
+        # its config.json, else the shapes standing in for not-yet-written exports
         conf = Path(str(objective.get("teacher"))) / "config.json"
         teacher = from_config_json(conf) if conf.is_file() else (fallback or shapes)
     return Plan(teacher=teacher, shapes=shapes, seq_len=job.stage.seq_len, world=world, micro_batch_size=job.trainer.micro_batch_size,

@@ -222,6 +222,13 @@ def _vlm(job: JobConfig, hf) -> VLM:
     return vlm
 
 
+def frozen_model_config(model: "models.ModelConfig", path: str) -> "models.ModelConfig":
+    """Another model (a teacher) loaded from `path` with the stage's loading settings (dtype, attention, pixel
+    budgets), none of the student's own architecture or start (model.tiny, model.groups_from)."""
+    return dataclasses.replace(model, name="frozen", path=path, gradient_checkpointing=False, tiny={},
+                               groups_from={"path": None, "groups": []})
+
+
 def _start_engine(r: Run, resolved_yaml: str) -> None:
     """The engine, metrics sinks, and the state of the latest checkpoint if there is one."""
     job, tr = r.job, r.job.trainer
@@ -237,7 +244,7 @@ def _start_engine(r: Run, resolved_yaml: str) -> None:
         reference = lambda: r.engine.build_frozen(_vlm(job, models.build(job.model).model))  # noqa: E731
 
     def frozen(path: str):
-        bundle = models.build(dataclasses.replace(job.model, name="frozen", path=path, gradient_checkpointing=False))
+        bundle = models.build(frozen_model_config(job.model, path))
         return bundle, r.engine.build_frozen(_vlm(job, bundle.model))
 
     r.objective.setup(Context(r.engine, r.bundle, reference, frozen))
