@@ -107,7 +107,13 @@ def _plot_step(rows: list[dict], png: Path, title: str) -> None:
                 marker="o" if held_out else None, ms=3)
     ax.set_xlabel("step"), ax.set_title("loss (eval/: held-out)"), ax.legend(fontsize=7)
     ax = axes[1]
-    ax.plot(x, [r["lr"] for r in rows])
+    from training.plot import _drop_same_no_decay, _lr_keys
+
+    lrs = _drop_same_no_decay(rows, _lr_keys({k for r in rows for k in r}))  # one line per parameter group
+    for k in lrs:
+        ax.plot(x, [r.get(k, float("nan")) for r in rows], label=k.removeprefix("lr/"), lw=1)
+    if len(lrs) > 1:
+        ax.legend(fontsize=7)
     ax.set_xlabel("step"), ax.set_title("learning rate"), ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     for ax, keys in zip(axes[2:], panels):
         for k in keys:
