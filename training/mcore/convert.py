@@ -1,0 +1,153 @@
+"""HF <-> megatron-core weights of the Qwen-VL text decoder and LM head, split over tensor-parallel ranks.
+
+HF keys are the `*ForConditionalGeneration` ones (`model.language_model.…`, `lm_head.weight`); megatron keys are
+GPTModel's, which training/mcore/model.py's `Decoder` uses. Per layer i (HF `layers.i.`, megatron
+`decoder.layers.i.`), with the split each TP rank gets:
+
+    input_layernorm                  -> input_layernorm                  replicated
+    self_attn.{q,k,v}_proj (+bias)   -> self_attention.linear_qkv        rows [q heads of g; k_g; v_g] for each
+                                                                         query group g; rank r: the r-th 1/tp
+    self_attn.{q,k}_norm (Qwen3-VL)  -> self_attention.{q,k}_layernorm   replicated
+    self_attn.o_proj                 -> self_attention.linear_proj       input columns (the rank's heads)
+    post_attention_layernorm         -> pre_mlp_layernorm                replicated
+    mlp.{gate,up}_proj               -> mlp.linear_fc1                   rank r: [gate rows r; up rows r]
+    mlp.down_proj                    -> mlp.linear_fc2                   input columns
+    embed_tokens, lm_head            -> embedding.word_embeddings,       vocabulary rows, padded with zero rows to
+                                        output_layer                     `padded_vocab_size` (stripped back)
+    norm                             -> decoder.final_layernorm          replicated
+
+linear_qkv is split like any column-parallel weight, contiguous rows: for tp dividing the G query groups that is
+G/tp whole groups a rank; for tp a multiple of G it is a slice of one group, and megatron all-gathers the qkv
+output in the forward and keeps the rank's group (its k/v replicated over tp/G ranks, its own q heads).
+megatron's SwiGLU chunks linear_fc1's output in two and applies silu to the first half, so gate comes first.
+Tied embeddings (the real small checkpoints): no `output_layer.weight`; HF gets `lm_head.weight` back as the
+embedding (the same tensor, as HF's own state_dict has it).
+
+Resharding tp=a -> tp=b is `mcore_to_hf` of the a shards, then `hf_to_mcore` at b for every rank: simple, exact,
+and it holds one full copy of the weights at a time.
+"""
+from __future__ import annotations
+
+import torch
+
+HF = "model.language_model."
+LM_HEAD = "lm_head.weight"
+VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
+
+# (HF name in layer i, megatron name in layer i, split dim or None when replicated); qkv and fc1 are built apart
+_PLAIN = [("input_layernorm.weight", "input_layernorm.weight", None),
+          ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight", None),
+          ("self_attn.q_norm.weight", "self_attention.q_layernorm.weight", None),
+          ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight", None),
+          ("self_attn.o_proj.weight", "self_attention.linear_proj.weight", 1),
+          ("mlp.down_proj.weight", "mlp.linear_fc2.weight", 1)]
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
+    """Megatron-LM's padding: the vocabulary rounded up to a multiple of divisible_by * tp (each rank's shard a
+    multiple of divisible_by). It depends on tp, so every conversion pads and strips it."""
+    m = divisible_by * tp
+    return -(-vocab_size // m) * m
+
+
+def _shard(t: torch.Tensor, tp: int, rank: int, dim: int | None) -> torch.Tensor:
+    return t.clone() if dim is None else t.chunk(tp, dim)[rank].clone()
+
+
+def _groups(hf_text_config) -> tuple[int, int, int]:
+    """(query groups, query heads per group, head_dim)."""
+    from training.mcore.model import head_dim
+
+    groups = hf_text_config.num_key_value_heads
+    return groups, hf_text_config.num_attention_heads // groups, head_dim(hf_text_config)
+
+
+def _to_qkv(q, k, v, groups: int) -> torch.Tensor:
+    """HF q/k/v rows (or biases) -> megatron's per-group interleaved rows [q_g (n heads); k_g; v_g] for g."""
+    rest = q.shape[1:]
+    return torch.cat([q.reshape(groups, -1, *rest), k.reshape(groups, -1, *rest), v.reshape(groups, -1, *rest)],
+                     dim=1).reshape(-1, *rest)
+
+
+def _from_qkv(qkv, groups: int, per_group: int, hd: int):
+    rest = qkv.shape[1:]
+    q, k, v = qkv.reshape(groups, (per_group + 2) * hd, *rest).split([per_group * hd, hd, hd], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def is_tied(hf_state_dict: dict) -> bool:
+    """No lm_head, or an lm_head sharing the embedding's storage (HF's state_dict of a tied model)."""
+    head, emb = hf_state_dict.get(LM_HEAD), hf_state_dict[HF + "embed_tokens.weight"]
+    return head is None or head.data_ptr() == emb.data_ptr()
+
+
+def hf_to_mcore(hf_state_dict: dict, hf_text_config, tp: int, rank: int, tied: bool | None = None) -> dict:
+    """The megatron state dict of TP rank `rank` of `tp` from an HF state dict (other keys, e.g. the ViT's, are
+    ignored). `tied`: None = `is_tied(hf_state_dict)`; tied checkpoints get no output_layer.weight."""
+    from training.mcore.model import check
+
+    check(hf_text_config, tp)
+    if not 0 <= rank < tp:
+        raise ValueError(f"rank {rank} is not in 0..{tp - 1}")
+    hf = hf_state_dict
+    tied = is_tied(hf) if tied is None else tied
+    groups, _, _ = _groups(hf_text_config)
+    vocab, padded = hf_text_config.vocab_size, padded_vocab_size(hf_text_config.vocab_size, tp)
+
+    def vocab_rows(w):
+        if w.shape[0] != vocab:
+            raise ValueError(f"embedding/lm_head has {w.shape[0]} rows, the config's vocab_size is {vocab}")
+        return _shard(torch.cat([w, w.new_zeros(padded - vocab, *w.shape[1:])]), tp, rank, 0)
+
+    out = {"embedding.word_embeddings.weight": vocab_rows(hf[HF + "embed_tokens.weight"]),
+           "decoder.final_layernorm.weight": _shard(hf[HF + "norm.weight"], tp, rank, None)}
+    if not tied:
+        out["output_layer.weight"] = vocab_rows(hf[LM_HEAD])
+    for i in range(hf_text_config.num_hidden_layers):
+        src, dst = f"{HF}layers.{i}.", f"decoder.layers.{i}."
+        for hf_name, mc_name, dim in _PLAIN:
+            if src + hf_name in hf:
+                out[dst + mc_name] = _shard(hf[src + hf_name], tp, rank, dim)
+        for kind in ("weight", "bias"):
+            if src + f"self_attn.q_proj.{kind}" in hf:
+                q, k, v = (hf[src + f"self_attn.{p}_proj.{kind}"] for p in "qkv")
+                out[dst + f"self_attention.linear_qkv.{kind}"] = _shard(_to_qkv(q, k, v, groups), tp, rank, 0)
+        gate, up = hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
+    return out
+
+
+def mcore_to_hf(shards: list[dict], hf_text_config) -> dict:
+    """The HF state dict (model.language_model.* and lm_head.weight, exact HF names) from the megatron state dicts
+    of all TP ranks, in rank order. Works for gradients keyed like the weights too (sum the q/k-norm gradients
+    over TP first: `Decoder.reduce_tp_partial_grads`). Replicated tensors are taken from rank 0."""
+    tp = len(shards)
+    groups, per_group, hd = _groups(hf_text_config)
+    vocab = hf_text_config.vocab_size
+
+    def cat(key, dim):
+        return torch.cat([s[key] for s in shards], dim=dim)
+
+    emb = cat("embedding.word_embeddings.weight", 0)[:vocab].clone()
+    out = {HF + "embed_tokens.weight": emb, HF + "norm.weight": shards[0]["decoder.final_layernorm.weight"].clone(),
+           LM_HEAD: cat("output_layer.weight", 0)[:vocab].clone() if "output_layer.weight" in shards[0] else emb}
+    for i in range(hf_text_config.num_hidden_layers):
+        src, dst = f"decoder.layers.{i}.", f"{HF}layers.{i}."
+        for hf_name, mc_name, dim in _PLAIN:
+            if src + mc_name in shards[0]:
+                out[dst + hf_name] = shards[0][src + mc_name].clone() if dim is None else cat(src + mc_name, dim)
+        for kind in ("weight", "bias"):
+            if src + f"self_attention.linear_qkv.{kind}" in shards[0]:
+                q, k, v = _from_qkv(cat(src + f"self_attention.linear_qkv.{kind}", 0), groups, per_group, hd)
+                out.update({dst + f"self_attn.{p}_proj.{kind}": t.clone() for p, t in zip("qkv", (q, k, v))})
+        gate_up = [s[src + "mlp.linear_fc1.weight"].chunk(2) for s in shards]
+        out[dst + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in gate_up])
+        out[dst + "mlp.up_proj.weight"] = torch.cat([u for _, u in gate_up])
+    return out
+
+
+def reshard(shards: list[dict], hf_text_config, tp: int) -> list[dict]:
+    """tp=len(shards) -> tp: through the HF layout (see the module docstring)."""
+    hf = mcore_to_hf(shards, hf_text_config)
+    tied = "output_layer.weight" not in shards[0]
+    return [hf_to_mcore(hf, hf_text_config, tp, r, tied=tied) for r in range(tp)]

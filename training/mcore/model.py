@@ -1,0 +1,259 @@
+"""The Qwen-VL language-model decoder on megatron-core 0.16 (local spec: no Transformer Engine needed).
+
+`Decoder` is the HF text model (`model.language_model`) plus `lm_head`, built from megatron-core's
+tensor-parallel pieces with GPTModel's module names (so training/mcore/convert.py's keys are GPTModel's):
+
+    embedding.word_embeddings   VocabParallelEmbedding (vocabulary padded, training/mcore/convert.py)
+    decoder                     TransformerBlock: layers (TransformerLayer) + final_layernorm (RMSNorm)
+    output_layer                ColumnParallelLinear, vocab-parallel logits (weightless when tied)
+    rotary_pos_emb              M-RoPE: megatron's MultimodalRotaryEmbedding (Qwen2/2.5-VL, chunked sections)
+                                or `InterleavedMRoPE` (Qwen3-VL)
+
+It runs the decoder layers itself rather than through `TransformerBlock.forward`, because DeepStack (Qwen3-VL)
+adds visual features to the hidden states *between* layers; that block forward's extras (activation
+recompute, fp8 contexts, CPU offload) are not used yet. Activations inside are megatron's [L, B, H]; the
+interface is HF's [B, L, H].
+
+Tensor parallelism: tp must divide the query heads and either divide the key/value heads (whole query groups a
+rank) or be a multiple of them (megatron replicates each key/value head over tp/groups ranks); sequence and
+context parallelism are off (the local spec's torch RMSNorm and DotProductAttention refuse them).
+
+Attention is the local DotProductAttention, which takes no packed-sequence params (that path is Transformer
+Engine's): packed rows get an explicit block-diagonal causal mask, O(N^2) bools. That is right everywhere and
+cheap for tests; a GPU engine would use the TE spec with `PackedSeqParams` (cu_seqlens) instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from training.mcore import shim
+from training.mcore.convert import padded_vocab_size
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the three text decoders differ in. Qwen3-VL always interleaves its M-RoPE sections (HF's
+    Qwen3VLTextRotaryEmbedding ignores `rope_parameters.mrope_interleaved`), so the layout follows the family."""
+
+    qkv_bias: bool
+    qk_norm: bool
+    interleaved_mrope: bool
+
+
+FAMILIES = {  # model_type of the HF text config
+    "qwen2_vl_text": Family(qkv_bias=True, qk_norm=False, interleaved_mrope=False),
+    "qwen2_5_vl_text": Family(qkv_bias=True, qk_norm=False, interleaved_mrope=False),
+    "qwen3_vl_text": Family(qkv_bias=False, qk_norm=True, interleaved_mrope=True),
+}
+
+
+def family(hf) -> Family:
+    if hf.model_type not in FAMILIES:
+        raise ValueError(f"text config model_type={hf.model_type!r} is not supported by the megatron decoder; "
+                         f"supported: {sorted(FAMILIES)} (MoE variants are not)")
+    return FAMILIES[hf.model_type]
+
+
+def head_dim(hf) -> int:
+    return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+
+
+def mrope_section(hf) -> list[int]:
+    section = list((hf.rope_parameters or {}).get("mrope_section") or [])
+    if len(section) != 3 or sum(section) != head_dim(hf) // 2:
+        raise ValueError(f"rope_parameters.mrope_section={section or None} must be 3 sizes summing to head_dim/2 "
+                         f"= {head_dim(hf) // 2}")
+    return section
+
+
+def check(hf, tp: int) -> None:
+    """Refuses what the decoder does not implement, naming the field."""
+    fam = family(hf)
+    rope = hf.rope_parameters or {}
+    if rope.get("rope_type", "default") not in ("default", "mrope"):
+        raise ValueError(f"rope_parameters.rope_type={rope.get('rope_type')!r} is not supported (only plain "
+                         f"M-RoPE: 'default'/'mrope')")
+    mrope_section(hf)
+    if getattr(hf, "use_sliding_window", False) or any(t != "full_attention" for t in
+                                                       (getattr(hf, "layer_types", None) or [])):
+        raise ValueError("sliding window attention (use_sliding_window / layer_types) is not supported")
+    if getattr(hf, "num_experts", 0) or getattr(hf, "num_experts_per_tok", 0):
+        raise ValueError("MoE (num_experts) is not supported")
+    if hf.hidden_act != "silu":
+        raise ValueError(f"hidden_act={hf.hidden_act!r} is not supported (only silu)")
+    if getattr(hf, "attention_bias", False) and not fam.qkv_bias:
+        raise ValueError("attention_bias=True is not supported (o_proj bias has no place in this spec)")
+    heads, groups = hf.num_attention_heads, hf.num_key_value_heads
+    if tp < 1 or heads % tp or (groups % tp and tp % groups) or (heads + 2 * groups) * head_dim(hf) % tp:
+        # tp | groups: each rank holds whole query groups. tp a multiple of groups: megatron's SelfAttention
+        # all-gathers linear_qkv's output and each rank keeps its group's k/v (replicated over tp/groups ranks)
+        raise ValueError(f"tensor-parallel size {tp} must divide num_attention_heads={heads} and either divide "
+                         f"num_key_value_heads={groups} or be a multiple of it")
+    if hf.intermediate_size % tp:
+        raise ValueError(f"tensor-parallel size {tp} must divide intermediate_size={hf.intermediate_size}")
+
+
+def transformer_config(hf, tp: int, dtype: torch.dtype = torch.float32, **overrides) -> TransformerConfig:
+    """megatron's TransformerConfig of an HF Qwen-VL text config. `overrides` go to TransformerConfig (e.g.
+    perform_initialization=False when weights are loaded anyway). The RoPE base is not a TransformerConfig field
+    in megatron-core 0.16 (GPTModel takes it as an argument): `Decoder` reads it from the HF config."""
+    check(hf, tp)
+    fam = family(hf)
+    args = dict(
+        num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size, ffn_hidden_size=hf.intermediate_size,
+        num_attention_heads=hf.num_attention_heads, num_query_groups=hf.num_key_value_heads,
+        kv_channels=head_dim(hf), normalization="RMSNorm", layernorm_epsilon=hf.rms_norm_eps,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=fam.qkv_bias,
+        qk_layernorm=fam.qk_norm, mrope_section=mrope_section(hf),
+        hidden_dropout=0.0, attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
+        init_method_std=hf.initializer_range, tensor_model_parallel_size=tp,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        # unfused torch paths: the fused kernels need CUDA (and Apex/TE)
+        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+    )
+    return TransformerConfig(**{**args, **overrides})
+
+
+class InterleavedMRoPE(MultimodalRotaryEmbedding):
+    """Qwen3-VL's M-RoPE: frequency i is driven by the t, h or w position as HF's
+    `Qwen3VLTextRotaryEmbedding.recomposition_frequencies` interleaves them (h at i = 1, 4, .. < 3*section[1],
+    w at i = 2, 5, .. < 3*section[2], t elsewhere), not in megatron's contiguous chunks. Same interface as the
+    parent: position ids [3, B, L] -> angles [L, B, 1, head_dim]."""
+
+    def forward(self, position_ids: torch.Tensor, mrope_section: list[int], cp_group=None) -> torch.Tensor:
+        half = self.inv_freq.numel()
+        axis = torch.zeros(half, dtype=torch.long, device=self.inv_freq.device)
+        axis[1:3 * mrope_section[1]:3] = 1
+        axis[2:3 * mrope_section[2]:3] = 2
+        freqs = position_ids.to(self.inv_freq.device).float()[..., None] * self.inv_freq  # [3, B, L, half]
+        freqs = freqs.gather(0, axis.expand(1, *freqs.shape[1:3], half))[0]  # [B, L, half]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb[:, :, None, :].transpose(0, 1).contiguous()  # [L, B, 1, head_dim]
+
+
+def causal_mask(L: int, cu_seqlens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                device=None) -> torch.Tensor:
+    """megatron's attention mask (bool, True = masked out): causal within each cu_seqlens segment of one packed
+    row ([1, 1, L, L]), or causal over the valid keys of padded rows (attention_mask [B, L] of 0/1 ->
+    [B, 1, L, L]). A padding query's output is meaningless either way; a query never sees a later key."""
+    allowed = torch.ones(L, L, dtype=torch.bool, device=device).tril()[None]
+    if cu_seqlens is not None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(device)
+        seg = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+        if seg.numel() != L:
+            raise ValueError(f"cu_seqlens covers {seg.numel()} tokens but the row has {L}")
+        allowed = allowed & (seg[:, None] == seg[None, :])
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
+    return ~allowed[:, None]
+
+
+class Decoder(torch.nn.Module):
+    """The text decoder + LM head of one Qwen-VL family on megatron-core, for this process's tensor-parallel
+    rank (megatron's parallel state must be initialised: training/mcore/shim.py `init_model_parallel`)."""
+
+    def __init__(self, hf_text_config, config: TransformerConfig | None = None, tied: bool = False):
+        super().__init__()
+        shim.apply()  # before any megatron module is built (they allocate on torch.cuda.current_device())
+        tp = ps.get_tensor_model_parallel_world_size()
+        self.hf_config = hf_text_config
+        self.config = config or transformer_config(hf_text_config, tp)
+        if self.config.tensor_model_parallel_size != tp:
+            raise ValueError(f"config is for tp={self.config.tensor_model_parallel_size}, the parallel state has {tp}")
+        self.tied = tied
+        self.vocab_size = hf_text_config.vocab_size
+        self.padded_vocab_size = padded_vocab_size(self.vocab_size, tp)
+        self.mrope_section = self.config.mrope_section
+        self.deepstack = family(hf_text_config).interleaved_mrope  # only Qwen3-VL takes DeepStack features
+
+        self.embedding = torch.nn.Module()  # GPTModel's name: embedding.word_embeddings
+        self.embedding.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+            self.padded_vocab_size, self.config.hidden_size, init_method=self.config.init_method, config=self.config)
+        rope = InterleavedMRoPE if family(hf_text_config).interleaved_mrope else MultimodalRotaryEmbedding
+        self.rotary_pos_emb = rope(kv_channels=self.config.kv_channels, rotary_percent=1.0,
+                                   rotary_base=hf_text_config.rope_parameters["rope_theta"])
+        spec = get_gpt_layer_local_spec(qk_layernorm=self.config.qk_layernorm, normalization="RMSNorm")
+        self.decoder = TransformerBlock(self.config, spec, pre_process=True, post_process=True)
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            self.config.hidden_size, self.padded_vocab_size, config=self.config, init_method=self.config.init_method,
+            bias=False, gather_output=False, skip_weight_param_allocation=tied)
+        # the local spec's torch RMSNorm ignores params_dtype (float32 weights); Megatron-LM's Float16Module casts
+        # the whole model for bf16/fp16, as here (the rotary inv_freq is no buffer and stays float32)
+        self.to(self.config.params_dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, L, H] (full hidden size: the vocab-parallel lookup is all-reduced over TP).
+        HF builds `nn.Embedding(padding_idx=pad_token_id)`, whose lookup gives the pad row no gradient (the pad
+        token also occurs as a real token, e.g. <|endoftext|>); the lookups of pad ids are detached to match.
+        A tied LM head's gradient still reaches that row, as in HF."""
+        out = self.embedding.word_embeddings(input_ids)
+        pad = self.hf_config.pad_token_id
+        if pad is None or not torch.is_grad_enabled():
+            return out
+        return torch.where((input_ids == pad)[..., None], out.detach(), out)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, visual_pos_masks: torch.Tensor | None = None,
+                deepstack_visual_embeds: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Final hidden states [B, L, H] (after the final norm), as HF's `last_hidden_state` for the same inputs.
+
+        position_ids: the M-RoPE ids HF's text model takes, [3, B, L], or [4, B, L] (row 0, the text positions,
+        dropped: the boundaries come from cu_seqlens here), or [B, L] (text only). cu_seqlens: the segments of a
+        packed row (B = 1); attention_mask: padded rows [B, L] of 0/1; neither: plain causal. DeepStack
+        (Qwen3-VL): after layer k < len(deepstack_visual_embeds), hidden[visual_pos_masks] += embeds[k]."""
+        B, L, _ = inputs_embeds.shape
+        if cu_seqlens is not None and (B != 1 or attention_mask is not None):
+            raise ValueError("cu_seqlens describes one packed row [1, N, H] and takes no attention_mask")
+        if position_ids.ndim == 2:
+            position_ids = position_ids[None].expand(3, -1, -1)
+        elif position_ids.shape[0] == 4:
+            position_ids = position_ids[1:]
+        if deepstack_visual_embeds and not self.deepstack:
+            raise ValueError(f"{self.hf_config.model_type} has no DeepStack; got deepstack_visual_embeds")
+        rope = self.rotary_pos_emb(position_ids, self.mrope_section)
+        mask = causal_mask(L, cu_seqlens, attention_mask, device=inputs_embeds.device)
+        h = inputs_embeds.transpose(0, 1)  # megatron's [L, B, H]
+        if deepstack_visual_embeds:
+            b, l = visual_pos_masks.to(inputs_embeds.device).nonzero(as_tuple=True)  # HF's [B, L] order
+        for k, layer in enumerate(self.decoder.layers):
+            h, _ = layer(hidden_states=h, attention_mask=mask, rotary_pos_emb=rope)
+            if deepstack_visual_embeds and k < len(deepstack_visual_embeds):
+                h = h.index_put((l, b), deepstack_visual_embeds[k].to(h.dtype), accumulate=True)
+        return self.decoder.final_layernorm(h).transpose(0, 1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's vocab shard of the logits [..., padded_vocab_size / tp]. The padded columns
+        (ids >= vocab_size) are 0 from zero weights: mask them before any softmax over the vocabulary."""
+        weight = self.embedding.word_embeddings.weight if self.tied else None
+        return self.output_layer(hidden, weight=weight)[0]
+
+    def load(self, state_dict: dict) -> None:
+        """load_state_dict of a training/mcore/convert.py state dict. The local linears' `_extra_state` (None:
+        Transformer Engine's fp8 metadata slot) is not converted; every other key must match."""
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.endswith("._extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"state dict does not fit the decoder: missing {missing}, unexpected {unexpected}")
+
+    def reduce_tp_partial_grads(self) -> None:
+        """Sums the q/k-norm weight gradients over the tensor-parallel group. Those weights are replicated but
+        each rank applies them to its own heads only, so each rank's gradient is a partial sum (megatron's
+        finalize_model_grads does the same for qk_layernorm). Every other replicated weight (the RMSNorms before
+        column-parallel layers) already gets the full gradient on every rank."""
+        if ps.get_tensor_model_parallel_world_size() == 1:
+            return
+        for name, p in self.named_parameters():
+            if p.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
+                torch.distributed.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())

@@ -1,0 +1,108 @@
+"""Running megatron-core 0.16 on a CPU-only machine (tests, CI), and its model-parallel state on any machine.
+
+megatron-core assumes CUDA in a few places that the local (non-Transformer-Engine) spec still reaches on CPU.
+`apply()` redirects exactly these, and only when `torch.cuda.is_available()` is false (idempotent):
+
+- `torch.cuda.current_device` -> returns "cpu". megatron-core allocates with `device=torch.cuda.current_device()`
+  (e.g. the global memory buffer the local DotProductAttention takes its score matrix from, and the inv_freq of
+  `MultimodalRotaryEmbedding`); on a CPU-only torch the call raises. This is the one process-wide patch: code
+  that calls it on a CPU machine would otherwise raise "Torch not compiled with CUDA enabled".
+- `megatron.core.tensor_parallel.random._get_cuda_rng_state` / `_set_cuda_rng_state` -> `torch.get_rng_state` /
+  `torch.set_rng_state`. The local DotProductAttention runs its (attention-)dropout inside
+  `get_cuda_rng_tracker().fork()`, which swaps the CUDA generator's state; on CPU the tracker holds CPU generator
+  states instead, so fork() swaps the CPU generator's state in and restores it on exit (dropout is 0 for these
+  models; the swap leaves the CPU RNG stream of the caller as it was; with a nonzero attention dropout megatron
+  logs "CPU RNG state changed within GPU RNG context" on every call, since on CPU both are one generator).
+  These are megatron's own module functions, not torch.cuda's: `torch.cuda.manual_seed` / `get_rng_state` /
+  `set_rng_state` are left alone, and megatron's `model_parallel_cuda_manual_seed` (which calls them) is
+  replaced by `manual_seed` below.
+
+Not redirected because nothing on our path needs it: the local spec's default causal mask (built with
+device="cuda"; `Decoder` always passes an explicit mask), megatron's activation recompute (`CheckpointFunction`
+saves torch.cuda RNG states; not used), and the fused kernels (off in `transformer_config`).
+"""
+from __future__ import annotations
+
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+_applied = False
+
+
+def apply() -> None:
+    """Redirects megatron-core's CUDA-only calls to the CPU (see the module docstring); no-op on CUDA machines."""
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random
+
+    torch.cuda.current_device = _cpu_device
+    random._get_cuda_rng_state = _get_cpu_rng_state
+    random._set_cuda_rng_state = _set_cpu_rng_state
+    _applied = True
+
+
+def _cpu_device() -> str:
+    return "cpu"
+
+
+def _get_cpu_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()  # already a copy
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def manual_seed(seed: int) -> None:
+    """megatron's `model_parallel_cuda_manual_seed` (same seeds: data-parallel `seed`, tensor-parallel
+    `seed + 2718 + tp_rank`, expert `seed + 1024 + 100 * ep_rank + etp_rank`) on CUDA; on CPU the tracker's states
+    are CPU generator states made without touching torch.cuda, and the default generator is seeded with `seed`."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import random
+
+    if torch.cuda.is_available():
+        random.model_parallel_cuda_manual_seed(seed)
+        return
+    apply()
+    seeds = {random._DATA_PARALLEL_RNG_TRACKER_NAME: seed,
+             random._MODEL_PARALLEL_RNG_TRACKER_NAME: seed + 2718 + ps.get_tensor_model_parallel_rank(),
+             random._EXPERT_PARALLEL_RNG_TRACKER_NAME: seed + 1024 + 100 * ps.get_expert_model_parallel_rank()
+             + ps.get_expert_tensor_parallel_rank()}
+    tracker = random.get_cuda_rng_tracker()
+    tracker.reset()
+    for name, s in seeds.items():
+        tracker.states_[name] = torch.Generator().manual_seed(s).get_state()
+        tracker.seeds_.add(s)
+    tracker._is_initialized = True
+    torch.manual_seed(seed)
+
+
+def init_model_parallel(tp: int = 1, seed: int = 0) -> bool:
+    """megatron's parallel state for tensor-parallel size `tp` (pipeline 1, data = world / tp) on the existing
+    torch.distributed group, or on a new single-process gloo group (FileStore: no port to collide on) when there is
+    none; then `manual_seed(seed)`. Returns whether it created the process group (pass that to `destroy`)."""
+    from megatron.core import parallel_state as ps
+
+    apply()
+    created = not dist.is_initialized()
+    if created:
+        store = dist.FileStore(tempfile.mkdtemp(prefix="mcore_") + "/store", 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    if dist.get_world_size() % tp:
+        raise ValueError(f"tensor-parallel size {tp} does not divide the {dist.get_world_size()} processes")
+    ps.destroy_model_parallel()  # another caller's state in this process (tests): rebuilt for this tp
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
+    manual_seed(seed)
+    return created
+
+
+def destroy(created_group: bool) -> None:
+    """Undoes `init_model_parallel`: megatron's groups, and the process group if it made it."""
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    if created_group and dist.is_initialized():
+        dist.destroy_process_group()
