@@ -16,7 +16,7 @@ def test_conf_groups_have_exactly_the_documented_options():
             for g in ("model", "stage", "data", "engine", "logger")}
     assert opts["stage"] == sorted(STAGES)
     assert opts["model"] == sorted(TINY + ["tiny_qwen3_vl_small", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-    assert opts["engine"] == ["zero1", "zero2", "zero3"]
+    assert opts["engine"] == ["megatron", "zero1", "zero2", "zero3"]
     assert opts["logger"] == ["none", "wandb"]
 
 
@@ -50,6 +50,9 @@ NOT_IN_FILE = {
                     "split": "the sources name their own files"},
     "data/shapes": {"sources": "one source per task, made by the generator",
                     "shapes.name": "the generator's own name, not a setting"},
+    "engine/deepspeed": {"tp": "tensor parallelism is engine=megatron's", "pp": "pipeline parallelism is engine=megatron's"},
+    "engine/megatron": {"zero_stage": "ZeRO is DeepSpeed's", "offload_optimizer": "DeepSpeed's offload",
+                        "offload_params": "DeepSpeed's offload", "raw": "DeepSpeed's config"},
 }
 
 
@@ -80,7 +83,8 @@ def test_every_group_file_has_every_key_of_its_dataclass():
     for group, cls in schemas.items():
         for path in sorted((REPO / "conf" / group).glob("*.yaml")):
             node = yaml.safe_load(path.read_text())
-            kind = {"model": "real" if node.get("path") is not None else "tiny", "data": node.get("name")}.get(group)
+            kind = {"model": "real" if node.get("path") is not None else "tiny", "data": node.get("name"),
+                    "engine": node.get("kind")}.get(group)
             exempt = NOT_IN_FILE.get(f"{group}/{kind}", {})
             gone = [k for k in missing(node, cls, "") if k not in exempt and k.split(".")[0] not in exempt]
             assert not gone, f"conf/{group}/{path.name} lacks {gone}"

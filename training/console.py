@@ -37,6 +37,9 @@ NOISE_LOGGERS = ("compilers", "distutils", "torch.utils.cpp_extension", "stdout"
 KNOWN_WARNINGS = (
     (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),
     (FutureWarning, r"`torch\.distributed\.reduce_scatter_tensor` is deprecated"),
+    # megatron-core (engine=megatron) on a machine without its CUDA extensions: the torch fallbacks it then uses
+    # are the ones training/engines/megatron.py is built and tested on
+    (UserWarning, r"Transformer Engine and Apex are not installed|Apex is not installed"),
 )
 _KNOWN = [re.compile(msg) for _, msg in KNOWN_WARNINGS]
 

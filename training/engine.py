@@ -27,12 +27,20 @@ class EngineConfig:
     """`engine=` config group (conf/engine/*.yaml)."""
 
     name: str = "zero2"
-    kind: str = "deepspeed"  # the implementation (training/engines/<kind>.py)
+    kind: str = "deepspeed"  # the implementation (training/engines/<kind>.py): deepspeed | megatron
     zero_stage: int = 2
     offload_optimizer: bool = False
     offload_params: bool = False  # ZeRO-3 only
     dtype: str = "fp32"  # fp32 | bf16
     raw: dict = field(default_factory=dict)  # merged last into the generated DeepSpeed config
+    tp: int = 1  # megatron: tensor-parallel size (consecutive ranks of one replica)
+    pp: int = 1  # megatron: pipeline-parallel size (1 only, for now)
+
+
+def replica_size(cfg: EngineConfig, sp_size: int = 1) -> int:
+    """Processes that train the same rows (consecutive ranks): an SP group (DeepSpeed) or a TP group (megatron).
+    The data-parallel size is world / this."""
+    return sp_size * (cfg.tp * cfg.pp if cfg.kind == "megatron" else 1)
 
 
 class Engine(Protocol):
@@ -44,7 +52,8 @@ class Engine(Protocol):
     dp_size: int  # data-parallel ranks (world / sp_size): data shards and the loss normalisation count these
     dp_rank: int
     sp_size: int  # ranks of a sequence-parallel group: they train the same rows (training/sp.py)
-    sp_rank: int  # rank in it; 0 counts the group's data and metrics once
+    sp_rank: int  # rank in it
+    replica_rank: int  # rank among the processes that train the same rows (SP or TP group); 0 counts them once
     groups: dict  # process groups by name: "dp", "sp" (later "tp", "pp"); None = the default group / none
     partitioned: bool  # parameters are sharded, so each module's forward is a collective on every rank
 
@@ -88,15 +97,23 @@ def init_distributed(cfg: Optional[EngineConfig] = None) -> None:
 
 
 def checkpoint_weights(step_dir: Path) -> dict:
-    """Full weights of a training checkpoint directory (the next stage may start from one)."""
+    """Full weights (HF names) of a training checkpoint directory of either engine (a next stage may start there)."""
+    from training.engines import megatron
+
+    if megatron.is_checkpoint(step_dir):
+        return megatron.checkpoint_weights(step_dir)
     from training.engines import deepspeed
 
     return deepspeed.checkpoint_weights(step_dir)
 
 
 def _kind(cfg: EngineConfig):
+    if cfg.kind == "megatron":
+        from training.engines import megatron
+
+        return megatron
     if cfg.kind != "deepspeed":
-        raise ValueError(f"engine.kind={cfg.kind!r} is unknown; choose deepspeed")
+        raise ValueError(f"engine.kind={cfg.kind!r} is unknown; choose deepspeed or megatron")
     from training.engines import deepspeed
 
     return deepspeed

@@ -169,8 +169,9 @@ def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | Non
 
 def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int) -> Run:
     tr, stage = job.trainer, job.stage  # the settings were checked by training.train.check_job
-    dp_rank, dp_size = rank // job.parallel.sp_size, world // job.parallel.sp_size  # SP groups: consecutive ranks
-    torch.manual_seed(tr.seed + dp_rank)  # the ranks of an SP group draw the same numbers
+    replica = engines.replica_size(job.engine, job.parallel.sp_size)  # SP or TP groups: consecutive ranks
+    dp_rank, dp_size = rank // replica, world // replica
+    torch.manual_seed(tr.seed + dp_rank)  # the ranks of a replica draw the same numbers
     bundle = models.build(job.model)
     if stage.lora.r:  # adapters first: the groups then list their parameters too
         lora.inject(bundle.model, bundle.family, stage.lora)
@@ -232,11 +233,11 @@ def frozen_model_config(model: "models.ModelConfig", path: str) -> "models.Model
 def _start_engine(r: Run, resolved_yaml: str) -> None:
     """The engine, metrics sinks, and the state of the latest checkpoint if there is one."""
     job, tr = r.job, r.job.trainer
+    r.flops = flops.build(r.bundle.model, job.stage.trainable)  # of the HF model, before an engine replaces modules
     r.engine = engines.build(r.model, r.groups, job.stage, job.engine, tr.micro_batch_size, tr.grad_accum, r.world,
                              tr.max_steps, job.parallel, job.model.tiled_mlp)
     r.ckpt = Checkpointer(r.out / "checkpoints", r.rank, tr.keep_checkpoints)
     r.metrics = Metrics(job.logger, r.out, r.rank, tr.max_steps, config={"yaml": resolved_yaml})
-    r.flops = flops.build(r.bundle.model, job.stage.trainable)
     r.peak_flops = flops.peak_flops(job.engine.dtype)
     if job.stage.lora.r:  # the frozen base weights are the starting weights: no second copy
         reference = lambda: lora.AdapterOff(r.model)  # noqa: E731
@@ -309,7 +310,7 @@ def _train(r: Run, stop: _StopOnSignal) -> dict:
 def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
     """One optimizer step: the step's micro-batches, the global weight sum, forward/backward, step."""
     stage, engine, world, obj = r.job.stage, r.engine, r.world, r.objective
-    own = float(engine.sp_rank == 0)  # an SP group's ranks hold the same rows: its data and metrics count once
+    own = float(engine.replica_rank == 0)  # an SP group's ranks hold the same rows: its data and metrics count once
     t0 = time.time()
     # learning rates this step uses; "lr" is the stage's base lr (group lr / its multiplier)
     lrs = {f"lr/{g['name']}": g["lr"] for g in engine.param_groups}
@@ -372,7 +373,7 @@ def _evaluate(r: Run) -> dict:
     rank with one fewer runs one again, uncounted, so that every rank makes the same module calls (each is a
     collective under ZeRO-3, and the ranks of an SP group share each row)."""
     engine, obj, t0 = r.engine, r.objective, time.time()
-    own = float(engine.sp_rank == 0)
+    own = float(engine.replica_rank == 0)
     totals = []
     was_training = engine.model.training
     engine.model.train(False)

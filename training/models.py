@@ -7,6 +7,7 @@ belongs to no group (a new module in a future transformers release) is an error,
 from __future__ import annotations
 
 import json
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -175,7 +176,8 @@ def _training_checkpoint(path: Path) -> Optional[Path]:
     for root in (path / "checkpoints", path):
         if (root / "latest").is_file():
             return root / (root / "latest").read_text().strip()
-    return path if path.name.startswith("step_") and any(path.glob("*model_states.pt")) else None
+    return path if path.name.startswith("step_") and (any(path.glob("*model_states.pt")) or
+                                                       (path / "mcore_rank00000.pt").is_file()) else None
 
 
 def _build_from_checkpoint(cfg: ModelConfig, step_dir: Path) -> Bundle:
@@ -208,6 +210,9 @@ def build(cfg: ModelConfig) -> Bundle:
     """The tiny preset from its config (seeded), a real HF checkpoint, or a previous stage's training checkpoint."""
     if cfg.path is not None and (step_dir := _training_checkpoint(Path(cfg.path))) is not None:
         return _build_from_checkpoint(cfg, step_dir)
+    if cfg.path is not None and not (Path(cfg.path) / "config.json").is_file() \
+            and (Path(cfg.path) / "hf" / "config.json").is_file():  # a stage's output dir with no checkpoint
+        cfg = dataclasses.replace(cfg, path=str(Path(cfg.path) / "hf"))
     family = get_family(cfg.family)
     dtype = getattr(torch, cfg.dtype)
     if cfg.path is None:

@@ -96,6 +96,8 @@ def check_job(job, world: int) -> None:
         source_configs(job.data, stage.mixture)
     _check_eval(job)
     _check_parallel(job, world)
+    if job.engine.kind == "megatron":
+        _check_megatron(job, world)
     # the engine's own: zero stage, dtype, offload combinations, engine.raw batch keys vs trainer.* and the world
     engine.check(job.engine, tr.micro_batch_size, tr.grad_accum, world, stage.optimizer.grad_clip)
 
@@ -144,6 +146,33 @@ def _check_parallel(job, world: int) -> None:
                              f"{job.stage.name!r}")
     if job.model.tiled_mlp < 0:
         raise ValueError(f"model.tiled_mlp={job.model.tiled_mlp} must be >= 0 (0/1: off; N: N sequence shards)")
+
+
+def _check_megatron(job, world: int) -> None:
+    """engine=megatron: what its decoder does not run yet, before a model is built."""
+    from stages import build_objective
+    from training.attention import VARLEN
+
+    why = build_objective(job.stage.objective).no_megatron
+    if why:
+        raise ValueError(f"engine=megatron: the {job.stage.objective['name']} objective cannot run there yet ({why}); "
+                         f"use a DeepSpeed engine (engine=zero2 / zero3) for stage {job.stage.name!r}")
+    if job.stage.lora.r:
+        raise ValueError("engine=megatron: stage.lora adapts HF modules, which the megatron decoder replaces; set "
+                         "stage.lora.r=0 or use a DeepSpeed engine")
+    if job.parallel.sp_size != 1 or job.model.tiled_mlp > 1:
+        raise ValueError("engine=megatron: parallel.sp_size and model.tiled_mlp are the DeepSpeed engine's long-context "
+                         "levers; set parallel.sp_size=1 and model.tiled_mlp=0 there")
+    if job.model.attn_implementation not in VARLEN:
+        raise ValueError(f"engine=megatron takes packed rows by cu_seqlens: set model.attn_implementation to one of "
+                         f"{list(VARLEN)}, not {job.model.attn_implementation!r}")
+    text, tp = _text_config(job.model), job.engine.tp  # the decoder's own check (training/mcore) runs at its build
+    if text:
+        heads, groups = text["num_attention_heads"], text["num_key_value_heads"]
+        if heads % tp or (groups % tp and tp % groups) or text["intermediate_size"] % tp:
+            raise ValueError(f"engine.tp={tp} must divide num_attention_heads={heads} and intermediate_size="
+                             f"{text['intermediate_size']}, and divide num_key_value_heads={groups} or be a multiple "
+                             f"of it")
 
 
 def _text_config(cfg) -> dict | None:

@@ -52,6 +52,9 @@ def init_distributed() -> None:
 
 
 def check(cfg: EngineConfig, micro_batch: int, grad_accum: int, world: int, grad_clip: float) -> None:
+    if cfg.tp != 1 or cfg.pp != 1:
+        raise ValueError(f"engine.tp={cfg.tp}, engine.pp={cfg.pp}: tensor and pipeline parallelism are engine=megatron's; "
+                         f"DeepSpeed shards with ZeRO (engine.zero_stage) and sequence-parallelises (parallel.sp_size)")
     deepspeed_config(cfg, micro_batch, grad_accum, world, grad_clip)
 
 
@@ -199,6 +202,7 @@ class Engine:
         self.model, self.device = model, self.ds.device
         rank = dist.get_rank() if dist.is_initialized() else 0
         self.world, self.dp_size, self.dp_rank, self.sp_rank = world, world // self.sp_size, *divmod(rank, self.sp_size)
+        self.replica_rank = self.sp_rank
         # gradients are reduced over every process (DeepSpeed's data-parallel group is the world; an SP group's
         # ranks hold parts of one gradient), so ZeRO also partitions over every process
         self.groups = {"dp": None, "sp": self.sp_group}

@@ -143,6 +143,22 @@ class InterleavedMRoPE(MultimodalRotaryEmbedding):
         return emb[:, :, None, :].transpose(0, 1).contiguous()  # [L, B, 1, head_dim]
 
 
+def _mark_sharded(model: torch.nn.Module) -> None:
+    """megatron sets `tensor_model_parallel` on its parallel layers' weights only when it initialises them
+    (perform_initialization), but gradient norms and checkpoints need it on loaded weights too: the column-parallel
+    weights and biases and the vocabulary-parallel embedding (dim 0), the row-parallel weights (dim 1)."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for m in model.modules():
+        parts = {tensor_parallel.ColumnParallelLinear: (("weight", 0), ("bias", 0)),
+                 tensor_parallel.RowParallelLinear: (("weight", 1),),
+                 tensor_parallel.VocabParallelEmbedding: (("weight", 0),)}.get(type(m), ())
+        for name, dim in parts:
+            p = getattr(m, name, None)
+            if isinstance(p, torch.nn.Parameter) and not hasattr(p, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(p, True, dim, 1)
+
+
 def causal_mask(L: int, cu_seqlens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 device=None) -> torch.Tensor:
     """megatron's attention mask (bool, True = masked out): causal within each cu_seqlens segment of one packed
@@ -192,6 +208,11 @@ class Decoder(torch.nn.Module):
         # the local spec's torch RMSNorm ignores params_dtype (float32 weights); Megatron-LM's Float16Module casts
         # the whole model for bf16/fp16, as here (the rotary inv_freq is no buffer and stays float32)
         self.to(self.config.params_dtype)
+        _mark_sharded(self)
+
+    def sharded(self, p: torch.nn.Parameter) -> bool:
+        """Whether `p` is this rank's shard of a tensor-parallel weight (else a replica of a whole one)."""
+        return bool(getattr(p, "tensor_model_parallel", False))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, L, H] (full hidden size: the vocab-parallel lookup is all-reduced over TP).

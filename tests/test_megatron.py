@@ -1,0 +1,98 @@
+"""engine=megatron (training/engines/megatron.py): the same stages on megatron-core's tensor-parallel decoder.
+
+Against the DeepSpeed engine as the reference: the same fixed global batches give the same losses and weights
+with TP=2 under torchrun as with zero2 in one process; a stage's export loads with plain from_pretrained; a
+killed-and-resumed run equals an uninterrupted one; what the engine does not run yet is refused by name.
+(The decoder itself against HF's: tests/test_mcore.py.)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import compose, load_hf, metrics_rows, run_stage
+from tests.test_mixed_batches import _assert_same, _run
+
+MEGATRON = ["engine=megatron", "trainer.save_every=0"]
+
+
+@pytest.mark.slow
+def test_dp2_x_tp2_trains_the_same_global_batches_as_zero2_on_one_rank(tmp_path):
+    """Qwen3-VL (DeepStack, images) on s1 for 3 steps: megatron with TP=2 x DP=2 (4 processes; each replica's two
+    TP ranks read the same rows, the replicas' gradients summed over the data-parallel group only) against
+    DeepSpeed zero2 in one process with the same global batches (4 rows a step)."""
+    opts = dict(family="qwen3_vl", attention="varlen", tasks="caption,vqa,text")
+    ref = _run(tmp_path / "zero2", 1, engine="zero2", **opts)
+    tp2 = _run(tmp_path / "tp2", 4, engine="megatron", tp="2", **opts)
+    _assert_same(tp2, ref, atol=2e-5)
+    rows = metrics_rows(tmp_path / "tp2")
+    assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in metrics_rows(tmp_path / "zero2")],
+                                                           rel=1e-4)
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in metrics_rows(tmp_path / "zero2")]  # counted once
+
+
+@pytest.mark.parametrize("stage", ["s1_multimodal", "dpo", "distill"])
+def test_a_stage_on_megatron_equals_zero2_and_exports_a_plain_hf_model(tmp_path, stage):
+    """One process, tp 1, qwen2_5_vl (QKV bias): the logged losses and grad norms of 3 steps equal zero2's (DPO
+    with its frozen reference and distillation with its frozen teacher placed by the engine), and hf/ loads with
+    from_pretrained and holds the same weights as zero2's export."""
+    common = ["model=tiny_qwen2_5_vl", f"stage={stage}", "trainer.max_steps=3", "trainer.save_every=0"]
+    if stage == "dpo":
+        common.append("stage.mixture={preference: 1}")
+    if stage == "distill":
+        run_stage(tmp_path / "teacher", ["model=tiny_qwen2_5_vl", "model.init_seed=1", "trainer.max_steps=0"])
+        common += [f"stage.objective.teacher={tmp_path / 'teacher'}", "stage.objective.top_k=8"]
+    run_stage(tmp_path / "zero2", [*common, "engine=zero2"])
+    run_stage(tmp_path / "mg", [*common, "engine=megatron"])
+    a, b = metrics_rows(tmp_path / "zero2"), metrics_rows(tmp_path / "mg")
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)
+    # DPO's rewards are beta x differences of sequence log-probs (sums of ~100 float32 terms): round-off ~1e-6
+    objective = [k for k in a[-1] if k.startswith(("dpo/", "distill/", "rewards/"))]
+    assert (objective or stage == "s1_multimodal") and all(b[-1][k] == pytest.approx(a[-1][k], rel=1e-5, abs=1e-6) for k in objective), \
+        [(k, a[-1][k], b[-1][k]) for k in objective]
+    assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-5)
+    wa, wb = load_hf(tmp_path / "zero2" / "hf"), load_hf(tmp_path / "mg" / "hf")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=2e-5, msg=k)
+
+
+def test_killed_megatron_run_resumes_bit_identically_and_a_changed_layout_is_refused(tmp_path):
+    """4 steps with a checkpoint at 2; a run restarted from it logs the same steps 3-4 and ends with the same
+    weights as the uninterrupted one. A checkpoint written with another tp is refused naming it."""
+    from test_preference_dist import _assert_resumed_identically, _rewind
+
+    common = [*MEGATRON, "stage=sft", "trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_checkpoints=5"]
+    ref, out = tmp_path / "ref", tmp_path / "resumed"
+    run_stage(ref, common)
+    _rewind(ref, out, 2)
+    run_stage(out, common)
+    _assert_resumed_identically(ref, out, 2)
+    f = out / "checkpoints" / "step_00000002" / "mcore_rank00000.pt"
+    state = torch.load(f, weights_only=True)
+    state["layout"]["tp"] = 2
+    torch.save(state, f)
+    again = tmp_path / "again"
+    _rewind(out, again, 2)
+    with pytest.raises(ValueError, match=r"written with \{'tp': 2.*changed: \{'tp': \(2, 1\)\}"):
+        run_stage(again, common)
+
+
+def test_what_megatron_does_not_run_yet_is_refused_by_name():
+    from training.train import check_job, to_job
+
+    def refused(overrides, world=1):
+        with pytest.raises(ValueError) as err:
+            check_job(to_job(compose(["engine=megatron", *overrides])), world)
+        return str(err.value)
+
+    assert "engine.pp=2" in refused(["engine.pp=2"])
+    assert "engine.tp=2 must divide the 1 processes" in refused(["engine.tp=2"])
+    assert "engine.tp=4 must divide num_attention_heads=6" in refused(["engine.tp=4"], world=4)
+    assert "sapo objective cannot run there yet" in refused(["stage=sapo"])
+    assert "on-policy" in refused(["stage=distill", "stage.objective.teacher=/x", "stage.objective.lmbda=0.5"])
+    assert "stage.lora" in refused(["stage=sft", "stage.lora.r=4"])
+    assert "parallel.sp_size" in refused(["parallel.sp_size=2"], world=2)
+    assert "model.attn_implementation" in refused(["model.attn_implementation=sdpa"])
+    with pytest.raises(ValueError, match="engine=megatron's"):
+        check_job(to_job(compose(["engine=zero2", "+engine.tp=2"])), 2)

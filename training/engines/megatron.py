@@ -1,0 +1,337 @@
+"""The megatron-core engine (`engine=megatron`): the language model tensor-parallel on megatron-core, the rest as is.
+
+The step module stays training/vlm.py's VLM, so the model step (ViT -> merge -> decoder -> chunked loss) and every
+objective are the DeepSpeed engine's. What changes is inside it:
+
+- `model.language_model` (HF's text decoder) is replaced by `_LanguageModel`, which takes HF's call (inputs_embeds,
+  M-RoPE ids, cu_seq_lens_q or a padding mask, DeepStack features) and runs training/mcore/model.py's `Decoder`:
+  megatron-core's TransformerLayers, this rank's `engine.tp` shard of every attention and MLP matrix and of the
+  vocabulary-parallel embedding. Its weights come from the HF model through training/mcore/convert.py.
+- `lm_head` becomes `_Head`: this rank's vocabulary shard of the logits, all-gathered to the whole vocabulary
+  (padding columns cut), so the chunked loss sees ordinary [chunk, V] logits. Its calls are collectives over the
+  TP group, which `VLM.sync_group` says (the chunk count is agreed on and each chunk recomputed in backward, as
+  under ZeRO-3).
+- The ViT and merger are HF modules, replicated over the TP group: every TP rank encodes the same images, and gets
+  the same (whole) gradients, because the decoder's first column-parallel layers all-reduce their input gradient.
+
+Data parallelism is over megatron's data-parallel group (world / tp ranks; a replica's TP ranks are consecutive
+and read the same rows): gradients are summed over that group only, after the q/k-norm partial gradients are
+summed over TP (training/mcore/model.py `reduce_tp_partial_grads`). The gradient norm counts a TP-sharded weight
+once over its shards and a replicated one once. The optimizer is torch's AdamW over this rank's parameters (the
+same parameter groups and LR schedule as DeepSpeed's, training/engine.py); megatron's distributed optimizer and
+DDP buckets, pipeline parallelism (`engine.pp`) and TP sequence parallelism are not used yet.
+
+Checkpoints: one file per rank, `mcore_rank<r>.pt` (this rank's weights, optimizer and scheduler state, the layout
+that wrote it), loaded with torch.load(weights_only=True); a resume with another tp or world is refused naming
+what changed. `full_state_dict` gathers the TP shards and converts them back to HF names, so `hf/` is a plain HF
+export; `checkpoint_weights` does the same from a checkpoint directory (a next stage may start from one).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from stages import StageConfig
+from training.engine import EngineConfig, lr_lambda, optimizer_groups
+from training.parallel import ParallelConfig
+
+log = logging.getLogger("training")
+LM_PREFIXES = ("model.language_model.", "lm_head.")  # the HF modules the megatron decoder replaces
+DECODER = "model.language_model.decoder."  # the Decoder's keys in the step module's state dict
+
+
+def init_distributed() -> None:
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def check(cfg: EngineConfig, micro_batch: int, grad_accum: int, world: int, grad_clip: float) -> None:
+    if cfg.tp < 1 or world % cfg.tp:
+        raise ValueError(f"engine.tp={cfg.tp} must divide the {world} processes (data-parallel size = world / tp)")
+    if cfg.pp != 1:
+        raise ValueError(f"engine.pp={cfg.pp}: pipeline parallelism is not implemented on engine=megatron yet; "
+                         f"use engine.pp=1 (tensor parallelism: engine.tp)")
+    if cfg.dtype not in ("fp32", "bf16"):
+        raise ValueError(f"engine.dtype={cfg.dtype!r}; choose fp32 or bf16")
+
+
+class _Embed(torch.nn.Module):
+    """The vocabulary-parallel token embedding as HF's `get_input_embeddings()` module (ids -> [.., H])."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.__dict__["decoder"] = decoder  # not a child: its parameters are registered once, under the decoder
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed(ids)
+
+
+class _LanguageModel(torch.nn.Module):
+    """HF's text-model call on the megatron decoder (training/vlm.py `hidden_states` calls it as HF's)."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+        self.embed_tokens = _Embed(decoder)
+        self.config = decoder.hf_config  # HF's text config (FLOP counts, the step read it)
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None, cu_seq_lens_q=None,
+                visual_pos_masks=None, deepstack_visual_embeds=None, use_cache=False, **_):
+        if inputs_embeds is None:
+            inputs_embeds = self.decoder.embed(input_ids)
+        if cu_seq_lens_q is not None:  # packed rows: the segments say it all (sdpa_varlen adds an all-ones mask)
+            attention_mask = None
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("engine=megatron takes packed rows by cu_seqlens (model.attn_implementation="
+                             "sdpa_varlen) or padded rows with a [B, L] mask, not a dense 4-D mask")
+        hidden = self.decoder(inputs_embeds, position_ids, cu_seqlens=cu_seq_lens_q, attention_mask=attention_mask,
+                              visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack_visual_embeds)
+        return SimpleNamespace(last_hidden_state=hidden)
+
+
+class _Head(torch.nn.Module):
+    """lm_head: this rank's vocabulary shard of the logits, all-gathered over TP, the padding columns cut."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.__dict__["decoder"] = decoder
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        from megatron.core import tensor_parallel
+
+        local = self.decoder.logits(h)
+        return tensor_parallel.gather_from_tensor_model_parallel_region(local)[..., :self.decoder.vocab_size]
+
+
+def _hf_lm_state(model: torch.nn.Module) -> dict:
+    """The HF text decoder's and lm_head's weights (HF names, as training/mcore/convert.py takes them)."""
+    hf = model.hf
+    return {k: v for k, v in hf.state_dict().items() if k.startswith(LM_PREFIXES)}
+
+
+def to_megatron(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Replaces a VLM's HF text decoder and lm_head by this TP rank's megatron Decoder (in place; same weights)."""
+    from megatron.core import parallel_state as ps
+
+    from training.mcore.convert import hf_to_mcore, is_tied
+    from training.mcore.model import Decoder, transformer_config
+
+    hf = model.hf
+    text = hf.config.get_text_config()
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    state = _hf_lm_state(model)
+    tied = bool(getattr(hf.config, "tie_word_embeddings", False)) or is_tied(state)
+    trainable = next(p for n, p in hf.named_parameters() if n.startswith(LM_PREFIXES)).requires_grad
+    decoder = Decoder(text, transformer_config(text, tp, dtype, perform_initialization=False), tied=tied)
+    decoder.load(hf_to_mcore(state, text, tp, rank, tied=tied))
+    decoder.requires_grad_(trainable)
+    hf.model.language_model = _LanguageModel(decoder)  # hf.model is the VLM's `model`: the step sees it too
+    model.lm_head = hf.lm_head = _Head(decoder)
+    # the head's weight is a (padded) vocabulary shard, not the plain [V, H] the fused chunks take: always the
+    # module-call path (a TP group of one: its all-reduces are no-ops)
+    model.sync_group = ps.get_tensor_model_parallel_group()
+    return model
+
+
+def _weights(model: torch.nn.Module) -> dict:
+    """The state dict's tensors, detached (megatron's local linears add `_extra_state` entries, None here)."""
+    return {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _split(state: dict) -> tuple[dict, dict]:
+    """(the Decoder's keys without their prefix, the other keys) of a step module's state dict."""
+    dec = {k[len(DECODER):]: v for k, v in state.items() if k.startswith(DECODER)}
+    return dec, {k: v for k, v in state.items() if not k.startswith(DECODER)}
+
+
+class Engine:
+    """training.engine.Engine on megatron-core tensor parallelism (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, groups: dict, stage: StageConfig, cfg: EngineConfig, micro_batch: int,
+                 grad_accum: int, world: int, max_steps: int, parallel: ParallelConfig = ParallelConfig(),
+                 tiled_mlp: int = 0):
+        from megatron.core import parallel_state as ps
+
+        from training.mcore import shim
+
+        if parallel.sp_size != 1 or tiled_mlp > 1:
+            raise ValueError("engine=megatron: parallel.sp_size and model.tiled_mlp are DeepSpeed's long-context "
+                             "levers; set parallel.sp_size=1 and model.tiled_mlp=0 (context parallelism on megatron "
+                             "needs Transformer Engine)")
+        check(cfg, micro_batch, grad_accum, world, stage.optimizer.grad_clip)
+        self.cfg, self.world, self.tp = cfg, world, cfg.tp
+        self.dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+        shim.init_model_parallel(cfg.tp, seed=1234)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.sp_size, self.sp_rank = 1, 0
+        self.replica_rank = self.tp_rank  # the TP ranks of a replica train the same rows: count them once
+        self.groups = {"dp": ps.get_data_parallel_group() if self.dp_size < world else None, "sp": None,
+                       "tp": ps.get_tensor_model_parallel_group()}
+        self.partitioned = False
+        self.model = self._place(to_megatron(model, self.dtype))
+        self.param_names = _regroup(model, groups)
+        self.optimizer = torch.optim.AdamW(optimizer_groups(model, self.param_names, stage), lr=stage.optimizer.lr,
+                                           betas=tuple(stage.optimizer.betas), eps=stage.optimizer.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage, max_steps))
+        self.grad_clip = float(stage.optimizer.grad_clip)
+        log.info("engine megatron: tp %d x dp %d (this rank: tp %d, dp %d), %s", self.tp, self.dp_size, self.tp_rank,
+                 self.dp_rank, cfg.dtype)
+
+    def _place(self, model: torch.nn.Module) -> torch.nn.Module:
+        model.to(self.device)
+        if self.dtype != torch.float32:
+            model.to(self.dtype)
+        return model
+
+    def __call__(self, batch: dict, **kw):
+        return self.model(batch, **kw)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss` is this replica's share of the global mean on each of its TP ranks: gradients accumulate here and
+        are summed over the data-parallel group in `step`."""
+        loss.backward()
+
+    @torch.no_grad()
+    def step(self) -> tuple[Optional[float], bool]:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.model.model.language_model.decoder.reduce_tp_partial_grads()
+        if self.dp_size > 1:
+            for p in params:  # one collective per parameter: megatron's DDP buckets are not used yet
+                dist.all_reduce(p.grad, group=self.groups["dp"])
+        norm = self._grad_norm(params)
+        skipped = not math.isfinite(norm)
+        if not skipped:
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, torch.tensor(norm))
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, skipped
+
+    def _grad_norm(self, params: list) -> float:
+        """The global L2 norm of the gradients: TP-sharded weights summed over the TP group, replicated ones once."""
+        decoder = self.model.model.language_model.decoder
+        sharded = [p.grad for p in params if decoder.sharded(p)]
+        replicated = [p.grad for p in params if not decoder.sharded(p)]
+        sq = sum((g.double().pow(2).sum() for g in sharded), torch.zeros((), dtype=torch.float64, device=self.device))
+        if self.tp > 1:
+            dist.all_reduce(sq, group=self.groups["tp"])
+        sq = sq + sum((g.double().pow(2).sum() for g in replicated), torch.zeros((), dtype=torch.float64,
+                                                                                device=self.device))
+        return float(sq.sqrt())
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def full_state_dict(self, rank: int = 0) -> Optional[dict]:
+        """HF-named full weights on global rank `rank` (a collective over the TP group of every replica)."""
+        from training.mcore.convert import mcore_to_hf
+
+        dec, rest = _split(_weights(self.model))
+        shards = _gather_tp(dec, self.tp, self.groups["tp"])
+        if dist.is_initialized() and dist.get_rank() != rank:
+            return None
+        out = {k: v.cpu().clone() for k, v in rest.items()}
+        out.update({k: v.cpu() for k, v in mcore_to_hf(shards, self.model.hf.config.get_text_config()).items()})
+        return out
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.save({"model": _weights(self.model),
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "layout": self.layout(), "text_config": self.model.hf.config.get_text_config().to_dict()},
+                   path / f"mcore_rank{rank:05d}.pt")
+
+    def layout(self) -> dict:
+        return {"tp": self.tp, "pp": 1, "world": self.world}
+
+    def load(self, path: Path) -> None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        f = path / f"mcore_rank{rank:05d}.pt"
+        if not f.is_file():
+            raise ValueError(f"{f} is missing: {path} is not an engine=megatron checkpoint of this layout "
+                             f"(DeepSpeed checkpoints resume with their engine)")
+        state = torch.load(f, map_location=self.device, weights_only=True)
+        if state["layout"] != self.layout():
+            changed = {k: (v, self.layout()[k]) for k, v in state["layout"].items() if self.layout().get(k) != v}
+            raise ValueError(f"{path} was written with {state['layout']} but this run has {self.layout()} "
+                             f"(changed: {changed}); each rank's shards belong to the original layout, so resume "
+                             f"with it, or start a new stage from the weights (model.path={path})")
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        missing = [k for k in missing if not k.endswith("._extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"{f} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def build_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen copy (reference, teacher) with its decoder tensor-parallel like the policy's."""
+        model.requires_grad_(False)
+        model.eval()
+        return self._place(to_megatron(model, self.dtype))
+
+
+def _regroup(model: torch.nn.Module, groups: dict) -> dict:
+    """The parameter groups with the replaced HF text decoder's names swapped for the megatron decoder's (the
+    group that held the HF decoder; engine=megatron needs it in one group)."""
+    names = dict(model.named_parameters())
+    owner = {g for g, ps in groups.items() for n in ps if n.startswith(LM_PREFIXES)}
+    if len(owner) > 1:
+        raise ValueError(f"engine=megatron: the language model's parameters are in groups {sorted(owner)}; the "
+                         f"megatron decoder trains as one group")
+    out = {g: [n for n in ps if not n.startswith(LM_PREFIXES) and n in names] for g, ps in groups.items()}
+    if owner:
+        out[owner.pop()] += [n for n in names if n.startswith(LM_PREFIXES)]
+    return out
+
+
+def _gather_tp(state: dict, tp: int, group) -> list[dict]:
+    """Every TP rank's copy of a (decoder) state dict, in TP-rank order, on every rank of the group."""
+    if tp == 1:
+        return [state]
+    out = [{} for _ in range(tp)]
+    for k, v in state.items():
+        parts = [torch.empty_like(v) for _ in range(tp)]
+        dist.all_gather(parts, v.contiguous(), group=group)
+        for r in range(tp):
+            out[r][k] = parts[r]
+    return out
+
+
+def checkpoint_weights(step_dir: Path) -> dict:
+    """HF-named full weights of an engine=megatron checkpoint directory (its data-parallel rank 0's TP shards)."""
+    from transformers import AutoConfig
+
+    from training.mcore.convert import mcore_to_hf
+
+    first = torch.load(step_dir / "mcore_rank00000.pt", map_location="cpu", weights_only=True)
+    tp = first["layout"]["tp"]
+    states = [first] + [torch.load(step_dir / f"mcore_rank{r:05d}.pt", map_location="cpu", weights_only=True)
+                        for r in range(1, tp)]
+    text = dict(first["text_config"])
+    config = AutoConfig.for_model(text.pop("model_type"), **text)
+    shards, rest = zip(*(_split(s["model"]) for s in states))
+    out = dict(rest[0])
+    out.update(mcore_to_hf(list(shards), config))
+    return out
+
+
+def is_checkpoint(step_dir: Path) -> bool:
+    return (Path(step_dir) / "mcore_rank00000.pt").is_file()
