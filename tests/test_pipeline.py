@@ -256,14 +256,16 @@ def test_a_failing_step_stops_the_chain_and_names_its_log(tmp_path):
 @pytest.mark.slow
 def test_torchrun_launcher_runs_a_data_parallel_then_a_sequence_parallel_step(tmp_path):
     """launcher=torchrun, 2 processes: s0 data-parallel, s1 as one SP group of 2 (parallel.sp_size=2, as the
-    recipes' long steps), starting from s0's export."""
+    recipes' long steps), starting from s0's export, then s2 on engine=megatron with TP 2 from s1's (engines mixed
+    per step)."""
     out = tmp_path / "run"
-    sp = '["parallel.sp_size=2"]'
+    sp, tp = '["parallel.sp_size=2"]', '["engine=megatron","engine.tp=2"]'
     r = _pipeline(out, "launcher=torchrun", "launcher.nproc_per_node=2", "pipeline.max_steps=2",
-                  "pipeline.only=[s0_merger,s1_multimodal]", "pipeline.eval.enabled=false",
-                  f"pipeline.steps.s1_multimodal.overrides={sp}")
+                  "pipeline.only=[s0_merger,s1_multimodal,s2_long_32k]", "pipeline.eval.enabled=false",
+                  f"pipeline.steps.s1_multimodal.overrides={sp}", f"pipeline.steps.s2_long_32k.overrides={tp}")
     assert r.returncode == 0, r.stderr[-3000:]
-    for name, sp_groups in (("s0_merger", 0), ("s1_multimodal", 1)):
+    assert "engine megatron: tp 2 x dp 1" in (out / "s2_long_32k" / "console.log").read_text()
+    for name, sp_groups in (("s0_merger", 0), ("s1_multimodal", 1), ("s2_long_32k", 0)):
         d = out / name
         log = (d / "console.log").read_text()
         assert (d / "DONE").is_file() and "torch.distributed.run --nproc-per-node=2 --standalone" in log

@@ -606,7 +606,9 @@ def from_job(job, world: int, fallback: Optional[Shapes] = None) -> Plan:
         conf = Path(str(objective.get("teacher"))) / "config.json"
         teacher = from_config_json(conf) if conf.is_file() else (fallback or shapes)
     return Plan(teacher=teacher, shapes=shapes, seq_len=job.stage.seq_len, world=world, micro_batch_size=job.trainer.micro_batch_size,
-                sp_size=job.parallel.sp_size, sp_vision=job.parallel.sp_vision, zero_stage=job.engine.zero_stage,
+                sp_size=job.parallel.sp_size, sp_vision=job.parallel.sp_vision,
+                # engine=megatron: counted as unpartitioned (its TP shards are not modelled: an upper bound)
+                zero_stage=0 if job.engine.kind == "megatron" else job.engine.zero_stage,
                 dtype=job.engine.dtype, offload_optimizer=job.engine.offload_optimizer,
                 offload_params=job.engine.offload_params, checkpointing=m.gradient_checkpointing,
                 offload_activations=m.offload_activations, tiled_mlp=m.tiled_mlp, trainable=tuple(job.stage.trainable),
