@@ -182,8 +182,6 @@ class DistillObjective(Objective):
     def __init__(self, cfg: Config):
         cfg.check()
         self.cfg = cfg
-        if cfg.lmbda > 0:
-            self.no_megatron = "on-policy steps generate with the HF decoder's KV cache (lmbda > 0)"
         self.teacher = None
         self.vocab = None
         self.tokenizer = None

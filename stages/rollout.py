@@ -10,6 +10,8 @@ once per completion.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 
@@ -141,7 +143,14 @@ def generate(module, prompts: list[dict], n: int, pad_id: int, stop_ids: list[in
     stepping until all are done, which ZeRO-3 needs (each forward all-gathers the partitioned weights). `banned`
     tokens (the vision placeholders) are never sampled: one in a completion would ask the model for an image it
     does not have."""
-    module = vlm.hf_model(module)
+    with getattr(module, "generation", nullcontext)():  # engine=megatron: its HF decoder gets the weights
+        out = _generate(vlm.hf_model(module), prompts, n, pad_id, stop_ids, temperature, top_p, max_new_tokens,
+                        synced, banned)
+    return getattr(module, "broadcast_replica", lambda x: x)(out)  # TP ranks of a replica: the same completions
+
+
+def _generate(module, prompts: list[dict], n: int, pad_id: int, stop_ids: list[int], temperature: float,
+              top_p: float, max_new_tokens: int, synced: bool, banned) -> list[list[int]]:
     device = next(module.parameters()).device
     P = max(len(p["input_ids"]) for p in prompts)
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)

@@ -143,7 +143,6 @@ class RLObjective(Objective):
                "prompts is `python -m training.evaluate HF_DIR`'s rl_reward (and the pipeline report's)")
     no_sequence_parallel = ("its rollouts are generated and scored as padded rows with a KV cache, which Ulysses "
                             "does not shard")
-    no_megatron = "its rollouts generate with the HF decoder's KV cache, which engine=megatron replaces"
 
     def __init__(self, cfg: Config):
         cfg.check()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -134,6 +135,7 @@ def to_megatron(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     decoder = Decoder(text, transformer_config(text, tp, dtype, perform_initialization=False), tied=tied)
     decoder.load(hf_to_mcore(state, text, tp, rank, tied=tied))
     decoder.requires_grad_(trainable)
+    model.__dict__["hf_lm"] = (hf.model.language_model, hf.lm_head)  # kept for generation (Engine.generation)
     hf.model.language_model = _LanguageModel(decoder)  # hf.model is the VLM's `model`: the step sees it too
     model.lm_head = hf.lm_head = _Head(decoder)
     # the head's weight is a (padded) vocabulary shard, not the plain [V, H] the fused chunks take: always the
@@ -170,7 +172,9 @@ class Engine:
         check(cfg, micro_batch, grad_accum, world, stage.optimizer.grad_clip)
         self.cfg, self.world, self.tp = cfg, world, cfg.tp
         self.dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+        rng = torch.get_rng_state()  # the loop seeded it per data-parallel rank; megatron's seeding must not reset it
         shim.init_model_parallel(cfg.tp, seed=1234)
+        torch.set_rng_state(rng)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         self.tp_rank = ps.get_tensor_model_parallel_rank()
@@ -280,6 +284,38 @@ class Engine:
             raise ValueError(f"{f} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    @contextmanager
+    def generation(self):
+        """HF generation (rollouts: stages/rollout.py) with the current weights. The HF text decoder and head that
+        the megatron decoder replaced get its weights, gathered over TP and converted (every rank holds the whole
+        decoder for the call: verl's way of syncing a trainer's weights into its rollout model), and are swapped
+        in for the call."""
+        from training.mcore.convert import mcore_to_hf
+
+        hf = self.model.hf
+        lm, head = self.model.hf_lm
+        dec, _ = _split(_weights(self.model))
+        full = mcore_to_hf(_gather_tp(dec, self.tp, self.groups["tp"]), hf.config.get_text_config())
+        lm.to(self.device, self.dtype), head.to(self.device, self.dtype)
+        prefix = "model.language_model."
+        with torch.no_grad():
+            lm.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
+            head.weight.copy_(full["lm_head.weight"])
+        saved = hf.model.language_model, hf.lm_head
+        hf.model.language_model, hf.lm_head = lm, head
+        try:
+            yield
+        finally:
+            hf.model.language_model, hf.lm_head = saved
+
+    def broadcast_replica(self, obj):
+        """`obj` as the replica's first TP rank has it (its TP ranks must train on the same rollouts)."""
+        if self.tp == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.groups["tp"], 0), group=self.groups["tp"])
+        return box[0]
 
     def build_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen copy (reference, teacher) with its decoder tensor-parallel like the policy's."""
