@@ -104,7 +104,8 @@ def test_a_finished_stage_is_not_run_again(tmp_path):
 TORCHRUN2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
 
 
-@pytest.mark.parametrize("nproc,engine,sp", [(2, "zero3", 1), (2, "zero2", 2)])  # 1 process: SAPO resume (test_preference_dist)
+# 1 process: SAPO resume (test_preference_dist); megatron: one replica of TP 2 (engine.tp=2)
+@pytest.mark.parametrize("nproc,engine,sp", [(2, "zero3", 1), (2, "zero2", 2), (2, "megatron", 1)])
 def test_killed_run_resumes_bit_identically(tmp_path, nproc, engine, sp):
     """SIGKILL at an arbitrary step, re-run: losses from the restored step on equal an uninterrupted run exactly.
 
@@ -117,7 +118,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, nproc, engine, sp):
     # with held-out evaluations (stage.eval): one micro-batch per source, so at DP=2 rank 1 runs the uncounted one
     common = [f"trainer.max_steps={steps}", "logger=none", "model=tiny_qwen2_vl", f"engine={engine}",
               "data.shapes.tasks=[caption,vqa,text]", f"parallel.sp_size={sp}", "stage.eval.every=5",
-              "stage.eval.samples=5", "stage.eval.sources=[vqa,caption]"]
+              "stage.eval.samples=5", "stage.eval.sources=[vqa,caption]", *(["engine.tp=2"] if engine == "megatron" else [])]
     launcher = TORCHRUN2 if nproc == 2 else [sys.executable, "-m"]
     args = launcher + ["training.train", conftest.SHORT_ROWS, "trainer.save_every=3", "trainer.keep_checkpoints=100",
                        f"output_dir={out}", *common]
