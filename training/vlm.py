@@ -299,6 +299,10 @@ def weighted_nll(lm_head, hidden: torch.Tensor, labels: torch.Tensor, weights: t
 
 
 def _weighted_nll(lm_head, sup, h, t, weights, n: int, chunk: int, sync_group):
+    fused = getattr(lm_head, "fused_nll", None)  # a head with its own fused path (engine=megatron's vocab-parallel)
+    if fused is not None and torch.is_grad_enabled():
+        loss, flat = fused(h, t, weights[sup].float(), chunk)
+        return loss, _scatter(sup, flat)
     if n == 1 or sync_group is not None or not torch.is_grad_enabled():
         ce, _ = _logps(lm_head, sup, h, t, n, chunk, entropy=False, nll=True)
         return (ce * weights).sum(), ce.detach()

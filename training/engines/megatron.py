@@ -10,7 +10,8 @@ objective are the DeepSpeed engine's. What changes is inside it:
 - `lm_head` becomes `_Head`: this rank's vocabulary shard of the logits, all-gathered to the whole vocabulary
   (padding columns cut), so the chunked loss sees ordinary [chunk, V] logits. Its calls are collectives over the
   TP group, which `VLM.sync_group` says (the chunk count is agreed on and each chunk recomputed in backward, as
-  under ZeRO-3).
+  under ZeRO-3). The lm objective's cross-entropy skips the gather: `_Head.fused_nll` is Megatron's
+  vocabulary-parallel cross-entropy, chunked, with its gradient taken in the forward (training/mcore/loss.py).
 - The ViT and merger are HF modules, replicated over the TP group: every TP rank encodes the same images, and gets
   the same (whole) gradients, because the decoder's first column-parallel layers all-reduce their input gradient.
 
@@ -111,6 +112,16 @@ class _Head(torch.nn.Module):
 
         local = self.decoder.logits(h)
         return tensor_parallel.gather_from_tensor_model_parallel_region(local)[..., :self.decoder.vocab_size]
+
+    def fused_nll(self, h: torch.Tensor, target: torch.Tensor, w: torch.Tensor, chunk: int):
+        """The lm objective's (Σ w·CE, CE) without gathering logits (training/mcore/loss.py)."""
+        from megatron.core import parallel_state as ps
+
+        from training.mcore.loss import VocabParallelNLL
+
+        d = self.decoder
+        weight = d.embedding.word_embeddings.weight if d.tied else d.output_layer.weight
+        return VocabParallelNLL.apply(h, weight, target, w, chunk, d.vocab_size, ps.get_tensor_model_parallel_group())
 
 
 def _hf_lm_state(model: torch.nn.Module) -> dict:
