@@ -13,9 +13,13 @@ EXPECTED = json.loads(golden.FILE.read_text())
 
 
 def _close(a, b) -> bool:
+    """Within 1e-4 relative: the recorded runs' CPU and this one's round differently. MKL and oneDNN pick their
+    kernels by CPU vendor and ISA; on an AMD EPYC the same commit drifted by up to 3e-5 over 20 steps, against
+    1e-7 on the recording machine. A refactor that changes the arithmetic (a normalisation, a missed token, a
+    wrong reduction) moves these numbers by 1e-3 or more."""
     if a is None or b is None:
         return a is b
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
 
 
 @pytest.mark.slow
