@@ -19,7 +19,7 @@ def _close(a, b) -> bool:
     wrong reduction) moves these numbers by 1e-3 or more."""
     if a is None or b is None:
         return a is b
-    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-8)
 
 
 @pytest.mark.slow
