@@ -26,7 +26,10 @@ from data.vision import ImageProcessor, VisionConfig, decode_image, refuse_pickl
 
 IGNORE = -100
 CONTENT_TYPES = ("text", "image", "video", "box")
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# family -> the text layout it shares (boxes, video blocks, Qwen2.5-VL's seconds per grid): the MoE model is
+# Qwen3-VL's processor and chat template on another decoder
+LAYOUT = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl"}
+FAMILIES = tuple(LAYOUT)
 ROLES = ("system", "user", "assistant")  # as data.convert checks; the templates differ on others
 LLAVA_PLACEHOLDERS = ("<image>", "<video>")
 # what a crafted record can still raise past the explicit checks: counted as "malformed_record", not a crash
@@ -113,6 +116,7 @@ class Encoder:
         if family is not None and family not in FAMILIES:
             raise ValueError(f"family={family!r} is unknown; choose one of {FAMILIES}")
         self.tok, self.family, self.cfg = tokenizer, family, cfg or EncoderConfig()
+        self.layout = LAYOUT.get(family)  # what the branches below test: the family's layout
         self.vision = VisionConfig.from_hf(image_processor, self.cfg.image_min_pixels, self.cfg.image_max_pixels,
                                            self.cfg.resize)
         self.images = ImageProcessor(self.vision)
@@ -353,7 +357,7 @@ class Encoder:
         except (KeyError, TypeError, ValueError):
             raise BadSample("bad_record", key, f"box part needs 'box': [x1, y1, x2, y2], got {part!r:.80}") from None
         label = part.get("label")
-        if self.family == "qwen2_5_vl":
+        if self.layout == "qwen2_5_vl":
             v = self.vision
             rh, rw = smart_resize(H, W, v.factor, v.min_pixels, v.max_pixels)
             coords = [_clamp(x1 * rw / W, rw - 1), _clamp(y1 * rh / H, rh - 1),
@@ -361,7 +365,7 @@ class Encoder:
         else:
             coords = [_clamp(x1 / W * 1000, 1000), _clamp(y1 / H * 1000, 1000),
                       _clamp(x2 / W * 1000, 1000), _clamp(y2 / H * 1000, 1000)]
-        if self.family == "qwen2_vl":
+        if self.layout == "qwen2_vl":
             ref = f"<|object_ref_start|>{label}<|object_ref_end|>" if label else ""
             return f"{ref}<|box_start|>({coords[0]},{coords[1]}),({coords[2]},{coords[3]})<|box_end|>"
         obj = {"bbox_2d": coords}
@@ -378,7 +382,7 @@ class Encoder:
         n_img = [grid[0] * grid[1] * grid[2] // self.merge2 for _, grid in images]
         n_vid = [v.grid_thw[0] * v.grid_thw[1] * v.grid_thw[2] // self.merge2 for v in videos]
         text = self._expand(text, "<|image_pad|>", ["<|image_pad|>" * n for n in n_img], key)
-        if self.family == "qwen3_vl":
+        if self.layout == "qwen3_vl":
             # one "<t seconds><|vision_start|>pads<|vision_end|>" block per temporal patch, replacing the
             # template's "<|vision_start|><|video_pad|><|vision_end|>" (Qwen3VLProcessor's layout)
             blocks = ["".join(f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * (n // v.grid_thw[0]) +
@@ -398,7 +402,7 @@ class Encoder:
         if videos:
             out["pixel_values_videos"] = torch.cat([v.pixel_values for v in videos])
             out["video_grid_thw"] = torch.tensor([v.grid_thw for v in videos], dtype=torch.long)
-            if self.family == "qwen2_5_vl":
+            if self.layout == "qwen2_5_vl":
                 out["second_per_grid_ts"] = torch.tensor([v.second_per_grid_t for v in videos], dtype=torch.float)
         return ids, out
 

@@ -27,7 +27,7 @@ import torch
 from data.errors import BadSample
 
 Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-# model_type of the HF config -> the get_rope_index rule it uses
+# model_type of the HF config -> the get_rope_index rule it uses (Qwen3VLMoeModel's is Qwen3VLModel's)
 _RULES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl"}
 TEXT, IMAGE, VIDEO = 0, 1, 2
 

@@ -8,14 +8,15 @@ from stages import build_objective
 from training.train import to_job
 
 STAGES = ["vit_align", "s0_merger", "s1_multimodal", "s2_long_32k", "s3_long_256k", "sft", "distill", "dpo", "sapo"]
-TINY = ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl"]
+TINY = ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl", "tiny_qwen3_vl_moe"]
 
 
 def test_conf_groups_have_exactly_the_documented_options():
     opts = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
             for g in ("model", "stage", "data", "engine", "logger")}
     assert opts["stage"] == sorted(STAGES)
-    assert opts["model"] == sorted(TINY + ["tiny_qwen3_vl_small", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+    assert opts["model"] == sorted(TINY + ["tiny_qwen3_vl_small", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+                                           "qwen3_vl_moe"])
     assert opts["engine"] == ["megatron", "zero1", "zero2", "zero3"]
     assert opts["logger"] == ["none", "wandb"]
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from data import shapes
-from data.encode import IGNORE, Encoder, EncoderConfig, build_encoder
+from data.encode import IGNORE, LAYOUT, Encoder, EncoderConfig, build_encoder
 from data.errors import BadSample
 from data.video import write_mp4
 from training.models import FAMILIES, ModelConfig, build
@@ -102,7 +102,7 @@ def test_boxes_are_rendered_in_the_family_format(bundle):
     (out,) = _enc(bundle).encode(_raw(rec, {"0.png": _png()}))
     assert tuple(out["image_grid_thw"][0].tolist()) == ((1, 4, 8) if bundle.family.patch_size == 14 else (1, 4, 6))
     supervised = _text(bundle.tokenizer, out["input_ids"][out["labels"] != IGNORE])
-    assert supervised == BOXES[bundle.family.name] + "<|im_end|>"
+    assert supervised == BOXES[LAYOUT[bundle.family.name]] + "<|im_end|>"  # the MoE family: Qwen3-VL's
 
 
 def test_preference_record_gives_two_samples_of_one_group(bundle):
@@ -145,7 +145,7 @@ def test_video_sample_runs_through_the_hf_model(bundle):
     assert t == 2 and int((out["input_ids"] == bundle.model.config.video_token_id).sum()) == t * h * w // 4
     assert out["pixel_values_videos"].shape[0] == t * h * w
     text = _text(bundle.tokenizer, out["input_ids"])
-    if bundle.family.name == "qwen3_vl":
+    if LAYOUT[bundle.family.name] == "qwen3_vl":  # and qwen3_vl_moe
         # frames 0, 2, 5, 7 of 8 at 4 fps: patches centred at 0.25 s and 1.5 s
         assert text.count("<|vision_start|>") == t + 1 and text.startswith(
             "<|im_start|>user\n<0.2 seconds><|vision_start|><|video_pad|>") and "<|vision_end|><1.5 seconds>" in text

@@ -7,6 +7,7 @@ import torch
 from training import models
 from training.models import FAMILIES, ModelConfig, build, param_groups
 
+QWEN3 = ("qwen3_vl", "qwen3_vl_moe")  # Qwen3-VL's ViT (DeepStack), processor and chat template
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
            "<|box_start|>", "<|box_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|endoftext|>"]
 
@@ -21,7 +22,8 @@ def test_groups_cover_every_parameter_exactly_once(bundle):
     names = [n for n, _ in bundle.model.named_parameters()]
     flat = [n for g in groups.values() for n in g]
     assert sorted(flat) == sorted(names)  # none in two groups, none in no group
-    assert all(groups[g] for g in models.GROUPS)
+    assert list(groups) == list(bundle.family.leaf_groups) and all(groups.values())
+    assert models.leaf_groups(models.GROUPS, groups) == list(groups)  # vision, merger, llm name every leaf
 
 
 def test_groups_hold_the_right_modules(bundle):
@@ -30,10 +32,13 @@ def test_groups_hold_the_right_modules(bundle):
     assert any(".blocks.0." in n for n in groups["vision"])
     assert not any("merger" in n for n in groups["vision"])
     assert all(n.startswith("model.visual.") and "merger" in n for n in groups["merger"])
-    assert "lm_head.weight" in groups["llm"]
-    assert any("embed_tokens" in n for n in groups["llm"])
-    assert any(n.startswith("model.language_model.norm.") for n in groups["llm"])
-    if bundle.family.name == "qwen3_vl":
+    llm = [n for g in models.leaf_groups(["llm"], groups) for n in groups[g]]  # MoE: dense + router + experts
+    assert "lm_head.weight" in llm
+    assert any("embed_tokens" in n for n in llm)
+    assert any(n.startswith("model.language_model.norm.") for n in llm)
+    assert sorted(llm) == sorted(n for n, _ in bundle.model.named_parameters()
+                                 if n.startswith(("model.language_model.", "lm_head.")))
+    if bundle.family.name in QWEN3:
         n_deep = len(bundle.model.config.vision_config.deepstack_visual_indexes)
         for k in range(n_deep):  # every DeepStack merger is in the merger group (a peer's freezing bug)
             assert any(n.startswith(f"model.visual.deepstack_merger_list.{k}.") for n in groups["merger"])
@@ -43,7 +48,7 @@ def test_tiny_presets_are_small_and_keep_each_familys_features(bundle):
     n = sum(p.numel() for p in bundle.model.parameters())
     assert 1_000_000 < n < 10_000_000
     vc = bundle.model.config.vision_config
-    if bundle.family.name == "qwen3_vl":
+    if bundle.family.name in QWEN3:
         assert len(vc.deepstack_visual_indexes) == 3 and vc.patch_size == 16
     if bundle.family.name == "qwen2_5_vl":
         assert vc.fullatt_block_indexes and len(vc.fullatt_block_indexes) < vc.depth  # window + full blocks
@@ -75,7 +80,7 @@ def test_tokenizer_carries_qwen_special_tokens_and_chat_template(bundle):
     assert "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n" in text
     assert text.endswith("<|im_start|>assistant\nred<|im_end|>\n")
     # Qwen2/2.5-VL templates add the default system prompt; Qwen3-VL's does not
-    assert ("You are a helpful assistant." in text) == (bundle.family.name != "qwen3_vl")
+    assert ("You are a helpful assistant." in text) == (bundle.family.name not in QWEN3)
 
 
 def test_real_checkpoint_directory_loads_weights_tokenizer_and_processor(bundle, tmp_path):

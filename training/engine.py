@@ -124,21 +124,28 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
 
 
 def optimizer_groups(model: torch.nn.Module, groups: dict[str, list[str]], stage: StageConfig) -> list[dict]:
-    """One torch param group per (trainable group, decay/no-decay); frozen groups are left out entirely."""
+    """One torch param group per (trainable leaf group, decay/no-decay); frozen groups are left out entirely.
+
+    `groups` is training/models.py `param_groups` (leaf groups); stage.trainable may name top-level groups
+    (`llm` on a MoE model: dense, router, experts), and each leaf's lr is the most specific stage.lr_mult entry
+    (`lr_mult.experts` over `lr_mult.llm`). "group" is the name whose multiplier applies, so lr / lr_mult[group]
+    is the base lr; groups at lr 0 go last, so the first group gives the loop a base lr to log."""
+    from training.models import leaf_groups, lr_mult_of
+
     params = dict(model.named_parameters())
     out = []
-    for g in stage.trainable:
-        mult = float(stage.lr_mult.get(g, 1.0))
+    for g in leaf_groups(stage.trainable, groups):
+        source, mult = lr_mult_of(g, stage.lr_mult)
         names = [n for n in groups[g] if params[n].requires_grad]
         for decay in (True, False):
             ps = [params[n] for n in names if _no_decay(n, params[n]) != decay]
             if ps:
-                out.append({"params": ps, "name": f"{g}{'' if decay else '_no_decay'}", "group": g,
+                out.append({"params": ps, "name": f"{g}{'' if decay else '_no_decay'}", "group": source,
                             "lr": stage.optimizer.lr * mult,
                             "weight_decay": stage.optimizer.weight_decay if decay else 0.0})
     if not out:
         raise ValueError(f"stage {stage.name!r} trains no parameter (stage.trainable={stage.trainable})")
-    return out
+    return sorted(out, key=lambda g: g["lr"] == 0)  # stable: the order is unchanged unless some lr is 0
 
 
 def lr_lambda(stage: StageConfig, max_steps: int):

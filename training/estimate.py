@@ -203,6 +203,10 @@ PRESETS: dict[str, Shapes] = {
 def from_hf(cfg) -> Shapes:
     """Shapes of a transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL config object (text_config, vision_config)."""
     family = cfg.model_type
+    if family == "qwen3_vl_moe":  # a FAMILIES member the formulas below would count as a dense decoder
+        raise ValueError("model_type 'qwen3_vl_moe' (Qwen3-VL MoE): the memory estimate does not model routed "
+                         "experts yet (their parameters, optimizer state and per-expert activations); no estimate "
+                         "for this model")
     if family not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         raise ValueError(f"model_type {family!r} is not a Qwen2-VL / Qwen2.5-VL / Qwen3-VL config")
     t, v = cfg.text_config, cfg.vision_config
@@ -261,7 +265,7 @@ def shapes_of(name: str) -> Shapes:
     """A preset name, tiny_<family>, or an HF config.json (file or directory)."""
     if name in PRESETS:
         return PRESETS[name]
-    if name.startswith("tiny_") and name[5:] in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if name.startswith("tiny_") and name[5:] in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):  # MoE: refused
         return tiny(name[5:])
     if Path(name).exists():
         return from_config_json(name)

@@ -29,7 +29,9 @@ class LoraSettings:
     save_adapter: bool = False  # also write hf/adapter/ (the adapter alone, peft's format)
 
 
-def check(cfg: LoraSettings, trainable: list) -> None:
+def check(cfg: LoraSettings, trainable: list, leaves=None) -> None:
+    """`leaves`: the model's leaf groups (training/models.py), so that a LoRA group inside a trainable top-level
+    group (lora.groups=[dense] with stage.trainable=[llm] on a MoE model) counts as trainable."""
     if not isinstance(cfg.r, int) or cfg.r < 0:
         raise ValueError(f"stage.lora.r={cfg.r} must be an integer >= 0 (0: no LoRA)")
     if not cfg.r:
@@ -38,7 +40,13 @@ def check(cfg: LoraSettings, trainable: list) -> None:
         raise ValueError(f"stage.lora: alpha={cfg.alpha} must be > 0 and dropout={cfg.dropout} in [0, 1)")
     if not cfg.targets:
         raise ValueError("stage.lora.targets is empty: name the linear layers to adapt, e.g. [q_proj,v_proj]")
-    outside = sorted(set(cfg.groups) - set(trainable))
+    if leaves is None:
+        outside = sorted(set(cfg.groups) - set(trainable))
+    else:
+        from training.models import leaf_groups
+
+        on = set(leaf_groups(trainable, leaves))
+        outside = sorted(g for g in cfg.groups if not set(leaf_groups([g], leaves, "stage.lora.groups")) <= on)
     if outside or not cfg.groups:
         raise ValueError(f"stage.lora.groups={list(cfg.groups)}: a LoRA group must be one of stage.trainable="
                          f"{list(trainable)} (adapters train in it, its base weights stay frozen)")
@@ -53,12 +61,14 @@ def _config(cfg: LoraSettings, modules: list[str]):
 
 def target_modules(model: torch.nn.Module, family, cfg: LoraSettings) -> list[str]:
     """Full names of the nn.Linear modules to adapt: last name part in cfg.targets, inside a LoRA group (the
-    group training/models.py assigns their parameters to)."""
-    from training.models import group_of
+    group training/models.py assigns their parameters to; `llm` on a MoE model: its dense, router and experts
+    leaves, of which only dense holds nn.Linear layers: the routers and the 3-D expert weights get no adapter)."""
+    from training.models import group_of, leaf_groups
 
+    wanted = set(leaf_groups(cfg.groups, family.leaf_groups, "stage.lora.groups"))
     out = [name for name, module in model.named_modules()
            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets
-           and group_of(name, family) in cfg.groups]
+           and group_of(name, family) in wanted]
     if not out:
         raise ValueError(f"stage.lora.targets={list(cfg.targets)} match no linear layer in groups "
                          f"{list(cfg.groups)} of {family.name}")
@@ -77,7 +87,9 @@ def inject(model: torch.nn.Module, family, cfg: LoraSettings) -> list[str]:
 
 def train_adapters_only(model: torch.nn.Module, groups: dict, cfg: LoraSettings) -> None:
     """After training.models.apply_trainable: in the LoRA groups only adapter parameters train."""
-    names = {n for g in cfg.groups for n in groups[g]}
+    from training.models import leaf_groups
+
+    names = {n for g in leaf_groups(cfg.groups, groups, "stage.lora.groups") for n in groups[g]}
     for name, p in model.named_parameters():
         if name in names:
             p.requires_grad_(".lora_" in name)

@@ -3,6 +3,11 @@
 Stages name parameter *groups* (vision, merger, llm), never parameter names. The groups are computed here
 from each family's module tree, so a stage file works unchanged for every family and a parameter that
 belongs to no group (a new module in a future transformers release) is an error, not silently frozen.
+
+A family may split a top-level group into finer *leaf* groups (`SUBGROUPS`): the MoE family's llm is `dense`
+(attention, norms, embeddings, lm_head, any dense MLP), `router` (the MoE gates) and `experts` (the routed
+experts). Every parameter is in exactly one leaf; a stage names leaves or top-level groups (`llm` = all three),
+and `leaf_groups` turns those names into leaves for freezing, the optimizer groups and LoRA alike.
 """
 from __future__ import annotations
 
@@ -25,17 +30,22 @@ from transformers import (
     Qwen2VLImageProcessorPil,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 
 ASSETS = Path(__file__).parent / "assets"
-GROUPS = ("vision", "merger", "llm")
+GROUPS = ("vision", "merger", "llm")  # the top-level groups: every family has them, stage files name them
+# top-level groups a family may split into these leaves (a MoE llm: its routers and routed experts apart)
+SUBGROUPS = {"llm": ("dense", "router", "experts")}
+PARENT = {leaf: g for g, leaves in SUBGROUPS.items() for leaf in leaves}
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between Qwen2-VL, Qwen2.5-VL and Qwen3-VL, as data."""
+    """What differs between Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE, as data."""
 
     name: str
     model_cls: type
@@ -44,21 +54,47 @@ class Family:
     image_mean: list
     image_std: list
     chat_template: str  # file under assets/chat_templates
-    # module path prefixes of each group; the longest matching prefix wins
+    # module path prefixes of each leaf group, "*" standing for any one name part (layers.*.mlp.gate); the most
+    # specific match (most name parts) wins, so a leaf can be carved out of a wider one (merger out of vision)
     group_prefixes: dict
     tiny_text: dict
     tiny_vision: dict
+
+    def __post_init__(self):
+        """A top-level group is one leaf or split into all of its SUBGROUPS, so `llm` always means the whole LLM."""
+        leaves = set(self.group_prefixes)
+        expected = {leaf for g in GROUPS for leaf in ((g,) if g in leaves else SUBGROUPS.get(g, (g,)))}
+        if leaves != expected:
+            raise ValueError(f"FAMILIES[{self.name!r}].group_prefixes has groups {sorted(leaves)}; each of {GROUPS} "
+                             f"must be one group or split into all of {SUBGROUPS}")
 
     @property
     def model_type(self) -> str:
         return self.config_cls.model_type
 
+    @property
+    def leaf_groups(self) -> tuple:
+        return tuple(self.group_prefixes)
+
+    @property
+    def moe(self) -> bool:
+        """Routed experts in the LLM (the engines and the estimator that do not model them refuse the family)."""
+        return "experts" in self.group_prefixes
+
 
 _LLM = ["model.language_model", "lm_head"]
+_QWEN3_VISION = {"vision": ["model.visual"], "merger": ["model.visual.merger", "model.visual.deepstack_merger_list"]}
 _TINY_TEXT = dict(
     hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
     num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
 )
+
+_QWEN3_TINY_TEXT = dict(_TINY_TEXT, head_dim=32,
+                        rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                         "mrope_section": [6, 5, 5], "mrope_interleaved": True})
+_QWEN3_TINY_VISION = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=192,
+                          patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                          num_position_embeddings=256, deepstack_visual_indexes=[1, 2, 3])
 
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family(
@@ -84,15 +120,24 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl": Family(
         name="qwen3_vl", model_cls=Qwen3VLForConditionalGeneration, config_cls=Qwen3VLConfig,
         patch_size=16, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], chat_template="qwen3_vl.jinja",
-        group_prefixes={"vision": ["model.visual"],
-                        "merger": ["model.visual.merger", "model.visual.deepstack_merger_list"],
-                        "llm": _LLM},
-        tiny_text=dict(_TINY_TEXT, head_dim=32,
-                       rope_parameters={"rope_type": "default", "rope_theta": 5e6,
-                                        "mrope_section": [6, 5, 5], "mrope_interleaved": True}),
-        tiny_vision=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=192,
-                         patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                         num_position_embeddings=256, deepstack_visual_indexes=[1, 2, 3]),
+        group_prefixes={**_QWEN3_VISION, "llm": _LLM},
+        tiny_text=_QWEN3_TINY_TEXT,
+        tiny_vision=_QWEN3_TINY_VISION,
+    ),
+    # Qwen3-VL-30B-A3B / 235B-A22B: Qwen3-VL's ViT, processor and chat template; every decoder MLP a sparse MoE
+    # block (mlp.gate: the router [E, H]; mlp.experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] as 3-D
+    # parameters), except the layers in mlp_only_layers or off decoder_sparse_step, which keep a dense MLP (dense)
+    "qwen3_vl_moe": Family(
+        name="qwen3_vl_moe", model_cls=Qwen3VLMoeForConditionalGeneration, config_cls=Qwen3VLMoeConfig,
+        patch_size=16, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], chat_template="qwen3_vl.jinja",
+        group_prefixes={**_QWEN3_VISION, "dense": _LLM,
+                        "router": ["model.language_model.layers.*.mlp.gate"],
+                        "experts": ["model.language_model.layers.*.mlp.experts"]},
+        # the tiny qwen3_vl text shapes; 4 experts of moe_intermediate 128, top-2, every layer sparse (~2.5M
+        # parameters); the text config's own tie_word_embeddings defaults to True, so it is set here too
+        tiny_text=dict(_QWEN3_TINY_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                       decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False),
+        tiny_vision=_QWEN3_TINY_VISION,
     ),
 }
 
@@ -248,9 +293,7 @@ def _load_groups(model: torch.nn.Module, family: Family, spec: dict) -> None:
     unknown = sorted(set(spec) - {"path", "groups"})
     if unknown or not spec.get("path") or not spec.get("groups"):
         raise ValueError(f"model.groups_from={spec}: give {{path: <hf dir>, groups: [vision, ...]}}")
-    wanted = set(spec["groups"])
-    if wanted - set(GROUPS):
-        raise ValueError(f"model.groups_from.groups names unknown group(s) {sorted(wanted - set(GROUPS))}")
+    wanted = set(leaf_groups(spec["groups"], family.leaf_groups, "model.groups_from.groups"))
     files = sorted(Path(spec["path"]).glob("*.safetensors"))
     if not files:
         raise ValueError(f"model.groups_from.path={spec['path']!r} holds no *.safetensors")
@@ -272,15 +315,59 @@ def _load_groups(model: torch.nn.Module, family: Family, spec: dict) -> None:
 
 
 def group_of(name: str, family: Family) -> str | None:
-    """The group of a parameter or module name: its longest matching group prefix (the merger inside the ViT is
-    its own group), None for none."""
-    prefixes = sorted(((p, g) for g, ps in family.group_prefixes.items() for p in ps), key=lambda x: -len(x[0]))
-    return next((g for p, g in prefixes if name == p or name.startswith(p + ".")), None)
+    """The leaf group of a parameter or module name: its most specific matching group prefix (the merger inside
+    the ViT is its own group, a router inside the llm too), None for none."""
+    parts = name.split(".")
+    best = None
+    for group, prefixes in family.group_prefixes.items():
+        for prefix in prefixes:
+            want = prefix.split(".")
+            if len(want) <= len(parts) and all(w in ("*", p) for w, p in zip(want, parts)):
+                if best is None or len(want) > best[0]:
+                    best = (len(want), group)
+    return best[1] if best else None
+
+
+def group_names(leaves) -> list[str]:
+    """Every name a stage may use for a model whose leaf groups are `leaves` (a Family's leaf_groups or a
+    param_groups dict): the leaves, and each top-level group that is split into them."""
+    leaves = list(leaves)
+    split = [g for g, subs in SUBGROUPS.items() if all(s in leaves for s in subs)]
+    return [g for g in GROUPS if g in leaves or g in split] + [g for g in leaves if g not in GROUPS]
+
+
+def describe_groups(leaves) -> str:
+    """The valid names for error messages, saying what a split group stands for."""
+    leaves = list(leaves)
+    parts = [f"{g} = {' + '.join(SUBGROUPS[g])}" for g in group_names(leaves) if g in SUBGROUPS and g not in leaves]
+    return f"{group_names(leaves)}" + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def leaf_groups(names, leaves, key: str = "stage.trainable") -> list[str]:
+    """The leaf groups that group names stand for (`llm` on a MoE model: dense, router and experts), in the
+    model's order; an unknown name (`router` on a dense model) raises a ValueError naming `key` and the valid
+    names. The one place names are resolved: freezing, the optimizer groups, LoRA and model.groups_from use it."""
+    leaves = list(leaves)
+    unknown = sorted(set(names) - set(group_names(leaves)))
+    if unknown:
+        raise ValueError(f"{key} names unknown group(s) {unknown}; groups are {describe_groups(leaves)}")
+    want = {leaf for n in names for leaf in ((n,) if n in leaves else SUBGROUPS[n])}
+    return [g for g in leaves if g in want]
+
+
+def lr_mult_of(leaf: str, lr_mult: dict) -> tuple[str, float]:
+    """(the name whose multiplier applies, the multiplier) of a leaf group: its own entry in stage.lr_mult, else
+    its top-level group's (lr_mult.llm covers dense, router and experts unless they have their own), else 1."""
+    for name in (leaf, PARENT.get(leaf)):
+        if name is not None and name in lr_mult:
+            return name, float(lr_mult[name])
+    return leaf, 1.0
 
 
 def param_groups(model: torch.nn.Module, family: Family) -> dict[str, list[str]]:
-    """Parameter names per group; every parameter lands in exactly one group or this raises."""
-    groups: dict[str, list[str]] = {g: [] for g in GROUPS}
+    """Parameter names per leaf group (for the dense families: vision, merger, llm); every parameter lands in
+    exactly one group or this raises."""
+    groups: dict[str, list[str]] = {g: [] for g in family.leaf_groups}
     for name, _ in model.named_parameters():
         group = group_of(name, family)
         if group is None:
@@ -291,11 +378,8 @@ def param_groups(model: torch.nn.Module, family: Family) -> dict[str, list[str]]
 
 
 def apply_trainable(model: torch.nn.Module, groups: dict[str, list[str]], trainable: list[str]) -> None:
-    """Freezing comes from the stage's group list only."""
-    unknown = sorted(set(trainable) - set(GROUPS))
-    if unknown:
-        raise ValueError(f"stage.trainable names unknown group(s) {unknown}; groups are {list(GROUPS)}")
-    on = {n for g in trainable for n in groups[g]}
+    """Freezing comes from the stage's group list only (leaf or top-level names, resolved by `leaf_groups`)."""
+    on = {n for g in leaf_groups(trainable, groups) for n in groups[g]}
     for name, p in model.named_parameters():
         p.requires_grad_(name in on)
 

@@ -77,19 +77,25 @@ def check_job(job, world: int) -> None:
             raise ValueError(f"trainer.{key}={getattr(tr, key)} must be at least 1")
     if tr.max_steps < 0:
         raise ValueError(f"trainer.max_steps={tr.max_steps} must be >= 0 (0 exports the starting model)")
+    family = models.get_family(job.model.family)
     if not stage.trainable:
         raise ValueError(f"stage.trainable is empty: stage {stage.name!r} would train nothing; name at least one "
-                         f"of {list(models.GROUPS)} (e.g. stage.trainable=[merger,llm])")
+                         f"of {models.describe_groups(family.leaf_groups)} (e.g. stage.trainable=[merger,llm])")
     for key, names in (("stage.trainable", stage.trainable), ("stage.lr_mult", list(stage.lr_mult))):
-        unknown = sorted(set(names) - set(models.GROUPS))
-        if unknown:
-            raise ValueError(f"{key} names unknown group(s) {unknown}; groups are {list(models.GROUPS)}")
+        try:  # the groups of this model: router / experts / dense only where the family splits its llm
+            models.leaf_groups(names, family.leaf_groups, key)
+        except ValueError as e:
+            raise ValueError(f"{e} for model.family={family.name}") from None
     if stage.seq_len < 1:
         raise ValueError(f"stage.seq_len={stage.seq_len} must be >= 1 (tokens per packed row)")
     _check_optimization(stage)
+    trained = models.leaf_groups(stage.trainable, family.leaf_groups)
+    if all(models.lr_mult_of(g, stage.lr_mult)[1] == 0 for g in trained):
+        raise ValueError(f"stage.lr_mult is 0 for every group of stage.trainable={list(stage.trainable)}: stage "
+                         f"{stage.name!r} would change nothing; give one of them a multiplier > 0")
     from training import lora
 
-    lora.check(stage.lora, list(stage.trainable))
+    lora.check(stage.lora, list(stage.trainable), family.leaf_groups)
     if job.data.name != "shapes":  # shards: the entries of data.sources and stage.mixture (reads no file)
         from data.pipeline import source_configs
 
@@ -146,13 +152,26 @@ def _check_parallel(job, world: int) -> None:
                              f"{job.stage.name!r}")
     if job.model.tiled_mlp < 0:
         raise ValueError(f"model.tiled_mlp={job.model.tiled_mlp} must be >= 0 (0/1: off; N: N sequence shards)")
+    from training import models
+
+    if job.model.tiled_mlp > 1 and models.get_family(job.model.family).moe:
+        # DeepSpeed's TiledMLP recomputes each shard in backward as a 2-D [tokens, hidden] tensor, and HF's sparse
+        # MoE block unpacks a 3-D input (batch, seq, hidden): it would fail at the first backward
+        raise ValueError(f"model.tiled_mlp={job.model.tiled_mlp}: DeepSpeed's TiledMLP does not run the "
+                         f"{job.model.family} MoE blocks yet (their forward takes [batch, seq, hidden], TiledMLP's "
+                         f"backward passes [tokens, hidden]); set model.tiled_mlp=0")
 
 
 def _check_megatron(job, world: int) -> None:
     """engine=megatron: what its decoder does not run yet, before a model is built."""
     from stages import build_objective
+    from training import models
     from training.attention import VARLEN
 
+    if models.get_family(job.model.family).moe:
+        raise ValueError(f"engine=megatron: model.family={job.model.family} has routed experts, which the megatron "
+                         f"decoder does not implement (no MoE layers or expert parallelism yet); use a DeepSpeed "
+                         f"engine (engine=zero2 / zero3)")
     why = build_objective(job.stage.objective).no_megatron
     if why:
         raise ValueError(f"engine=megatron: the {job.stage.objective['name']} objective cannot run there yet ({why}); "
