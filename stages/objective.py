@@ -35,8 +35,6 @@ class Objective:
     no_sequence_parallel: str | None = None
     # None: stage.eval can score held-out samples with `loss_sum` (no gradient); else why it cannot
     no_eval: str | None = None
-    # None: runs on engine=megatron; else why it cannot (generation needs the HF decoder, which megatron replaces)
-    no_megatron: str | None = None
 
     def setup(self, ctx: Context) -> None:
         pass

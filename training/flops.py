@@ -88,7 +88,7 @@ def _moe_elems(model: torch.nn.Module, text) -> tuple[int, int]:
     groups; an expert tensor [E, ...] counts num_experts_per_tok / E of its elements. (0, 0) for a dense model."""
     from training import models
 
-    family = next((f for f in models.FAMILIES.values() if f.model_type == model.config.model_type), None)
+    family = _family(model)
     if family is None or not family.moe:
         return 0, 0
     num, k = text.num_experts, text.num_experts_per_tok
@@ -109,8 +109,15 @@ def _leaves(model: torch.nn.Module, trainable: list[str]) -> set:
     the model is not a family's (a test module)."""
     from training import models
 
-    family = next((f for f in models.FAMILIES.values() if f.model_type == model.config.model_type), None)
+    family = _family(model)
     return set(models.leaf_groups(trainable, family.leaf_groups)) if family else set(trainable)
+
+
+def _family(model: torch.nn.Module):
+    """The training/models.py family of an HF model, None for another module (a test's)."""
+    from training import models
+
+    return next((f for f in models.FAMILIES.values() if f.model_type == model.config.model_type), None)
 
 
 def build(model: torch.nn.Module, trainable: list[str]) -> FlopModel:

@@ -221,8 +221,10 @@ def _training_checkpoint(path: Path) -> Optional[Path]:
     for root in (path / "checkpoints", path):
         if (root / "latest").is_file():
             return root / (root / "latest").read_text().strip()
+    from training.engines import megatron
+
     return path if path.name.startswith("step_") and (any(path.glob("*model_states.pt")) or
-                                                       (path / "mcore_rank00000.pt").is_file()) else None
+                                                       megatron.is_checkpoint(path)) else None
 
 
 def _build_from_checkpoint(cfg: ModelConfig, step_dir: Path) -> Bundle:

@@ -164,7 +164,6 @@ def _check_parallel(job, world: int) -> None:
 
 def _check_megatron(job, world: int) -> None:
     """engine=megatron: what its decoder does not run yet, before a model is built."""
-    from stages import build_objective
     from training import models
     from training.attention import VARLEN
 
@@ -172,10 +171,6 @@ def _check_megatron(job, world: int) -> None:
         raise ValueError(f"engine=megatron: model.family={job.model.family} has routed experts, which the megatron "
                          f"decoder does not implement (no MoE layers or expert parallelism yet); use a DeepSpeed "
                          f"engine (engine=zero2 / zero3)")
-    why = build_objective(job.stage.objective).no_megatron
-    if why:
-        raise ValueError(f"engine=megatron: the {job.stage.objective['name']} objective cannot run there yet ({why}); "
-                         f"use a DeepSpeed engine (engine=zero2 / zero3) for stage {job.stage.name!r}")
     if job.stage.lora.r:
         raise ValueError("engine=megatron: stage.lora adapts HF modules, which the megatron decoder replaces; set "
                          "stage.lora.r=0 or use a DeepSpeed engine")
@@ -185,13 +180,13 @@ def _check_megatron(job, world: int) -> None:
     if job.model.attn_implementation not in VARLEN:
         raise ValueError(f"engine=megatron takes packed rows by cu_seqlens: set model.attn_implementation to one of "
                          f"{list(VARLEN)}, not {job.model.attn_implementation!r}")
-    text, tp = _text_config(job.model), job.engine.tp  # the decoder's own check (training/mcore) runs at its build
+    text, tp = _text_config(job.model), job.engine.tp  # the decoder's whole check (training/mcore) runs at its build
     if text:
-        heads, groups = text["num_attention_heads"], text["num_key_value_heads"]
-        if heads % tp or (groups % tp and tp % groups) or text["intermediate_size"] % tp:
-            raise ValueError(f"engine.tp={tp} must divide num_attention_heads={heads} and intermediate_size="
-                             f"{text['intermediate_size']}, and divide num_key_value_heads={groups} or be a multiple "
-                             f"of it")
+        from training.mcore.model import check_tp
+
+        heads = text["num_attention_heads"]
+        check_tp(tp, heads, text["num_key_value_heads"], text.get("head_dim") or text["hidden_size"] // heads,
+                 text["intermediate_size"], what=f"engine.tp={tp}")
 
 
 def _text_config(cfg) -> dict | None:

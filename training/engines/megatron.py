@@ -256,15 +256,19 @@ class Engine:
 
     def full_state_dict(self, rank: int = 0) -> Optional[dict]:
         """HF-named full weights on global rank `rank` (a collective over the TP group of every replica)."""
-        from training.mcore.convert import mcore_to_hf
-
-        dec, rest = _split(_weights(self.model))
-        shards = _gather_tp(dec, self.tp, self.groups["tp"])
+        lm, rest = self._hf_lm_weights()
         if dist.is_initialized() and dist.get_rank() != rank:
             return None
         out = {k: v.cpu().clone() for k, v in rest.items()}
-        out.update({k: v.cpu() for k, v in mcore_to_hf(shards, self.model.hf.config.get_text_config()).items()})
+        out.update({k: v.cpu() for k, v in lm.items()})
         return out
+
+    def _hf_lm_weights(self) -> tuple[dict, dict]:
+        """(the decoder's and head's full weights in HF names, gathered over TP: a collective; the other weights)."""
+        from training.mcore.convert import mcore_to_hf
+
+        dec, rest = _split(_weights(self.model))
+        return mcore_to_hf(_gather_tp(dec, self.tp, self.groups["tp"]), self.model.hf.config.get_text_config()), rest
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -302,12 +306,9 @@ class Engine:
         the megatron decoder replaced get its weights, gathered over TP and converted (every rank holds the whole
         decoder for the call: verl's way of syncing a trainer's weights into its rollout model), and are swapped
         in for the call."""
-        from training.mcore.convert import mcore_to_hf
-
         hf = self.model.hf
         lm, head = self.model.hf_lm
-        dec, _ = _split(_weights(self.model))
-        full = mcore_to_hf(_gather_tp(dec, self.tp, self.groups["tp"]), hf.config.get_text_config())
+        full, _ = self._hf_lm_weights()
         lm.to(self.device, self.dtype), head.to(self.device, self.dtype)
         prefix = "model.language_model."
         with torch.no_grad():

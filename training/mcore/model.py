@@ -93,14 +93,19 @@ def check(hf, tp: int) -> None:
         raise ValueError(f"hidden_act={hf.hidden_act!r} is not supported (only silu)")
     if getattr(hf, "attention_bias", False) and not fam.qkv_bias:
         raise ValueError("attention_bias=True is not supported (o_proj bias has no place in this spec)")
-    heads, groups = hf.num_attention_heads, hf.num_key_value_heads
-    if tp < 1 or heads % tp or (groups % tp and tp % groups) or (heads + 2 * groups) * head_dim(hf) % tp:
-        # tp | groups: each rank holds whole query groups. tp a multiple of groups: megatron's SelfAttention
-        # all-gathers linear_qkv's output and each rank keeps its group's k/v (replicated over tp/groups ranks)
-        raise ValueError(f"tensor-parallel size {tp} must divide num_attention_heads={heads} and either divide "
+    check_tp(tp, hf.num_attention_heads, hf.num_key_value_heads, head_dim(hf), hf.intermediate_size)
+
+
+def check_tp(tp: int, heads: int, groups: int, head_dim: int, intermediate: int, what: str | None = None) -> None:
+    """The tensor-parallel sizes the decoder's shapes split into (`what` names the setting in the message).
+    tp | groups: each rank holds whole query groups. tp a multiple of groups: megatron's SelfAttention all-gathers
+    linear_qkv's output and each rank keeps its group's k/v (replicated over tp/groups ranks)."""
+    what = what or f"tensor-parallel size {tp}"
+    if tp < 1 or heads % tp or (groups % tp and tp % groups) or (heads + 2 * groups) * head_dim % tp:
+        raise ValueError(f"{what} must divide num_attention_heads={heads} and either divide "
                          f"num_key_value_heads={groups} or be a multiple of it")
-    if hf.intermediate_size % tp:
-        raise ValueError(f"tensor-parallel size {tp} must divide intermediate_size={hf.intermediate_size}")
+    if intermediate % tp:
+        raise ValueError(f"{what} must divide intermediate_size={intermediate}")
 
 
 def transformer_config(hf, tp: int, dtype: torch.dtype = torch.float32, **overrides) -> TransformerConfig:
