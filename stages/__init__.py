@@ -12,6 +12,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from training.lora import LoraSettings
+from training.moe import MoeSettings
 
 
 @dataclass
@@ -55,6 +56,7 @@ class StageConfig:
     mixture: Optional[dict] = None  # {data source: weight}; None = every source of `data=`
     lora: LoraSettings = field(default_factory=LoraSettings)  # r > 0: adapters train the groups it names
     eval: EvalSettings = field(default_factory=EvalSettings)  # held-out loss every N steps
+    moe: MoeSettings = field(default_factory=MoeSettings)  # router losses of a MoE model (training/moe.py)
 
 
 def build_objective(objective: dict):

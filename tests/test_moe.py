@@ -295,6 +295,23 @@ def test_s1_multimodal_trains_every_leaf_and_exports_the_trained_weights(tmp_pat
     rows = metrics_rows(tmp_path)
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert {"lr/dense", "lr/router", "lr/experts", "lr/merger", "lr/vision"} <= rows[-1].keys()
+    # the router metrics of every step (training/moe.py), and their plot
+    layers = [f"moe/load_entropy/layer{i}" for i in range(4)]
+    for r in rows:
+        assert r["moe/aux_loss"] >= 1.0 and 0 < r["moe/load_entropy"] <= 1 and 1 <= r["moe/load_max"] <= 2
+        assert set(layers) <= r.keys() and "moe/z_loss" not in r
+    from training import plot
+
+    figs = plot.figures([tmp_path])
+    try:
+        top, bottom = figs["moe"].axes
+        assert [l.get_label() for l in top.get_lines()] == ["moe/aux_loss"]
+        assert [l.get_label() for l in bottom.get_lines()] == layers
+    finally:
+        import matplotlib.pyplot as plt
+
+        for f in figs.values():
+            plt.close(f)
     after = load_hf(tmp_path / "hf")  # plain from_pretrained of the export
     leaves, same = _leaves_changed(initial_exports(MOE), after)
     assert leaves == {"vision", "merger", "dense", "router", "experts"}
@@ -352,3 +369,23 @@ def test_experts_at_lr_mult_zero_stay_while_the_rest_of_the_llm_trains(tmp_path,
     assert leaves == {"merger", "dense", "router"} and len(same["experts"]) == 8
     row = metrics_rows(tmp_path)[-1]
     assert row["lr/experts"] == 0 and row["lr/dense"] > 0 and row["lr"] == pytest.approx(row["lr/dense"])
+
+
+@pytest.mark.slow
+def test_the_aux_loss_balances_the_experts(tmp_path):
+    """The router loss's gradient does what it is for: with a large coefficient the experts' load evens out over a
+    few steps of the same data, and without it the routers drift elsewhere (each run's own figure at the end)."""
+    runs = {}
+    for coef in (0.0, 1.0):
+        out = tmp_path / f"coef{coef}"
+        run_stage(out, ["stage=s1_multimodal", f"model={MOE}", "trainer.max_steps=8", "trainer.save_every=0",
+                        "stage.optimizer.lr=3e-3", "stage.schedule.kind=constant", f"stage.moe.aux_loss_coef={coef}"])
+        runs[coef] = metrics_rows(out)
+    (first,) = {runs[c][0]["moe/aux_loss"] for c in runs}  # the same start, then the LM loss moves the routers
+
+    def last(coef, key):  # the mean of the last 3 steps
+        return sum(r[key] for r in runs[coef][-3:]) / 3
+
+    assert last(0.0, "moe/aux_loss") > first + 0.2  # training alone unbalances the experts here
+    assert last(1.0, "moe/aux_loss") < last(0.0, "moe/aux_loss") - 0.2
+    assert last(1.0, "moe/load_entropy") > last(0.0, "moe/load_entropy")

@@ -18,7 +18,7 @@ from data.pipeline import DataConfig, Layout, Pipeline, eval_micro_batches, eval
 from stages import StageConfig, build_objective
 from stages.objective import Context
 from training import engine as engines
-from training import flops, lora, models
+from training import flops, lora, models, moe
 from training.checkpoint import Checkpointer
 from training.engine import EngineConfig
 from training.metrics import LoggerConfig, Metrics
@@ -134,6 +134,7 @@ class Run:
     skipped_before: int = 0
     heldout: dict = field(default_factory=dict)  # stage.eval: {source: its micro-batches}, the same on every rank
     epochs: dict = field(default_factory=dict)  # epoch/<source> last logged (a line when a source wraps around)
+    router: object = None  # training/moe.py RouterStats (MoE models) or NoRouter
 
 
 def run(job: JobConfig, resolved_yaml: str, rank: int, world: int) -> dict | None:
@@ -195,6 +196,7 @@ def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(resolved_yaml)
     r = Run(job, out, rank, world, bundle, _vlm(job, bundle.model), groups, loader, objective)
+    r.router = moe.build(r.model, bundle.family, stage.moe, bundle.model.config.get_text_config())
     if stage.eval.every:
         r.heldout = _heldout(job, bundle, layout, objective)
     return r
@@ -326,15 +328,19 @@ def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
     # the loss stays on the device until the step's one all-reduce: no host sync per micro-batch
     loss_sum, sums, skipped, norm = torch.zeros((), dtype=torch.float64, device=engine.device), {}, None, None
     if weight_sum > 0:
+        r.router.begin(engine, micro)  # a MoE model's load balancing counts the whole step's routing
         for mb in micro:
-            ls, stats = obj.loss_sum(engine, _to(mb, engine.device))
-            engine.backward(ls * (1.0 / weight_sum))
+            mb = _to(mb, engine.device)
+            with r.router.watch(mb):
+                ls, stats = obj.loss_sum(engine, mb)
+            engine.backward(ls * (1.0 / weight_sum) + r.router.loss())  # + this micro-batch's router-loss share
             loss_sum += ls.detach().double()
             _add_sums(sums, stats.get("sums", {}))
         norm, bad = engine.step()
     else:  # every rank sees the same global sum, so every rank skips together; no collective is left half-done
         skipped, bad = "no supervised tokens in the global batch", False
     _add_sums(sums, obj.step_sums())  # metrics of work done this step whether or not it trained (RL rollouts)
+    _add_sums(sums, r.router.step_sums())  # moe/aux_loss, moe/load_* (MoE models)
     tok = sum(float((mb["sample_ids"] >= 0).sum()) for mb in micro)
     sup = sum(float((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
     n_samples = sum(len(mb["sources"]) for mb in micro)

@@ -1,12 +1,14 @@
 """`python -m training.plot DIR [DIR...]`: loss and throughput curves of runs' metrics.jsonl as PNG files.
 
-Writes DIR/plots/{loss,lr,throughput,grad_norm,objective}.png; several DIRs are overlaid in one set of
+Writes DIR/plots/{loss,lr,throughput,grad_norm,objective,moe}.png (moe: MoE models only); several DIRs are overlaid in one set of
 plots under the first DIR. Skipped steps (loss null) leave gaps instead of fake points.
 
 - lr.png: one line per parameter group (`lr/<group>` keys: vision, merger, llm; a group's `_no_decay` half has
   the same lr and is drawn only where it differs); a run without per-group keys draws the stage's `lr`.
 - throughput.png: two panels sharing the step axis, samples/s above and tokens/s below (their scales differ by
   the tokens per sample, so one axis would flatten samples/s).
+- moe.png: the router losses above (`moe/aux_loss`, `moe/z_loss`), the expert load per layer below
+  (`moe/load_entropy/layer<l>`: 1 = balanced; training/moe.py).
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ PANELS = {
     "grad_norm": [lambda ks: [k for k in ("grad_norm",) if k in ks]],
     "objective": [lambda ks: sorted(k for k in ks if k.split("/")[0] in
                                     ("rewards", "logps", "dpo", "reward", "rl", "kl", "gate", "clip"))],
+    "moe": [lambda ks: [k for k in ("moe/aux_loss", "moe/z_loss") if k in ks],
+            lambda ks: sorted((k for k in ks if k.startswith("moe/load_entropy/")),
+                              key=lambda k: int(k.rsplit("layer", 1)[1]))],
 }
 YLABELS = {"samples_per_s": "samples/s", "tokens_per_s": "tokens/s", "lr": "learning rate"}
 STYLES = ("-", "--", ":", "-.")

@@ -86,6 +86,7 @@ def check_job(job, world: int) -> None:
             models.leaf_groups(names, family.leaf_groups, key)
         except ValueError as e:
             raise ValueError(f"{e} for model.family={family.name}") from None
+    stage.moe.check()
     if stage.seq_len < 1:
         raise ValueError(f"stage.seq_len={stage.seq_len} must be >= 1 (tokens per packed row)")
     _check_optimization(stage)

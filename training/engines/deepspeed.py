@@ -32,6 +32,7 @@ import torch.distributed as dist
 from stages import StageConfig
 from training import sp
 from training.engine import EngineConfig, lr_lambda, optimizer_groups
+from training.moe import sparse_blocks
 from training.parallel import ParallelConfig
 
 log = logging.getLogger("training")
@@ -285,7 +286,15 @@ class Engine:
 
 
     def _long_context(self, model: torch.nn.Module) -> None:
-        """DeepSpeed's long-sequence blocks on a step module: Ulysses attention over the SP group, TiledMLP."""
+        """DeepSpeed's long-sequence blocks on a step module: Ulysses attention over the SP group, TiledMLP. And a
+        MoE model's sparse blocks as ZeRO-3 leaf modules: their parameters are gathered whole when the block runs,
+        not per expert module as it is called, so ranks that route to different experts (or hit none) still make
+        the same all-gathers (DeepSpeed #7461)."""
+        blocks = sparse_blocks(model)
+        if blocks:
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, list(blocks))
         self.sp_group = sequence_parallel(model, self.sp_size, self.parallel.sp_vision) if self.sp_size > 1 else None
         if self.tiled_mlp > 1:
             for layer in model.model.language_model.layers:
