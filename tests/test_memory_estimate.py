@@ -1,5 +1,5 @@
 """training/estimate.py and launch.pipeline's memory guard: parameter counts equal the HF models' (built on the
-meta device), the per-layer activation formulas equal what autograd keeps on tiny models, the scaling with
+meta device; MoE included), the per-layer activation formulas equal what autograd keeps on tiny models, the scaling with
 sp_size and offload, the CLI's table and verdict, levers that really make a too-big plan fit, and every step of
 the real recipes passing the guard (a step that cannot fit refused with the levers). No training, no torchrun."""
 from __future__ import annotations
@@ -41,6 +41,21 @@ HF = {
                     dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                          intermediate_size=18944, vocab_size=152064),
                     dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14, hidden_size=3584)),
+    # Qwen/Qwen3-VL-30B-A3B-Instruct and Qwen/Qwen3-VL-235B-A22B-Instruct: every layer a sparse MoE block
+    "qwen3_vl_30b_a3b": ("qwen3_vl_moe",
+                         dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                              head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                              num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936),
+                         dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                              out_hidden_size=2048, num_position_embeddings=2304,
+                              deepstack_visual_indexes=[8, 16, 24])),
+    "qwen3_vl_235b_a22b": ("qwen3_vl_moe",
+                           dict(hidden_size=4096, num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4,
+                                head_dim=128, intermediate_size=12288, moe_intermediate_size=1536, num_experts=128,
+                                num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936),
+                           dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                                out_hidden_size=4096, num_position_embeddings=2304,
+                                deepstack_visual_indexes=[8, 16, 24])),
 }
 
 
@@ -62,9 +77,11 @@ def test_parameter_counts_equal_the_hf_model(name):
     assert counts == _hf_counts(cfg, family)  # vision, merger and llm (the text model) each exact
     if name == "qwen3_vl_8b":
         assert round(sum(counts.values()) / 1e9, 2) == 8.77  # the model card's 8.77B
+    if name == "qwen3_vl_30b_a3b":  # the checkpoint's safetensors hold 31,070,754,032 weights (the card's ~31B)
+        assert sum(counts.values()) == 31_070_754_032 and counts["experts"] == 48 * 3 * 128 * 768 * 2048
 
 
-@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if not FAMILIES[f].moe))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_tiny_preset_counts_and_config_json(family, tmp_path):
     fam = FAMILIES[family]
     shapes = estimate.tiny(family)
@@ -75,13 +92,49 @@ def test_tiny_preset_counts_and_config_json(family, tmp_path):
     assert estimate.from_config_json(tmp_path) == shapes == estimate.shapes_of(f"tiny_{family}")
 
 
-def test_a_moe_model_is_refused_by_name_not_estimated_as_dense(tmp_path):
-    """The estimator's formulas are dense; a MoE config (its experts uncounted) must not get a wrong number."""
-    with pytest.raises(ValueError, match="'qwen3_vl_moe'.*does not model routed experts"):
-        estimate.shapes_of("tiny_qwen3_vl_moe")
-    FAMILIES["qwen3_vl_moe"].config_cls().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="does not model routed experts"):
-        estimate.from_config_json(tmp_path)
+def test_the_tiny_moe_model_counts_every_expert():
+    """model=tiny_qwen3_vl_moe as training.models builds it: the estimator's parameters (all experts of every layer,
+    for parameters, gradients and optimizer states) are the model's, leaf group by leaf group."""
+    from training import models
+    from training.models import ModelConfig, build
+
+    model = build(ModelConfig(name="tiny_qwen3_vl_moe", family="qwen3_vl_moe")).model
+    shapes = estimate.shapes_of("tiny_qwen3_vl_moe")
+    counts = shapes.params()
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
+    named = dict(model.named_parameters())
+    assert counts == {g: sum(named[n].numel() for n in names)
+                      for g, names in param_groups(model, FAMILIES["qwen3_vl_moe"]).items()}
+    assert estimate.SUBGROUPS == models.SUBGROUPS
+    # a dense MLP kept in mlp_only_layers (and off decoder_sparse_step) counts as dense
+    mixed = {"text": {"mlp_only_layers": [0], "decoder_sparse_step": 2}}
+    model = build(ModelConfig(name="tiny_qwen3_vl_moe", family="qwen3_vl_moe", tiny=mixed)).model
+    assert estimate.tiny("qwen3_vl_moe", mixed).text.sparse_layers == 2  # layers 1 and 3
+    assert sum(estimate.tiny("qwen3_vl_moe", mixed).params().values()) == sum(p.numel() for p in model.parameters())
+    est = estimate.estimate(estimate.Plan(shapes, seq_len=1024, world=4, zero_stage=3))
+    total = sum(counts.values())
+    assert est.part("optimizer states").device == total * 12 / 4 and est.part("gradients").device > total * 2 / 4
+
+
+def test_moe_trainable_leaves_and_the_gathered_moe_block():
+    """`llm` is dense + router + experts; a stage training only the routers pays their optimizer state alone; ZeRO-3
+    gathers one whole MoE block (a leaf module) when it is larger than lm_head, a teacher's when that is larger."""
+    s = estimate.PRESETS["qwen3_vl_30b_a3b"]
+    counts, T = s.params(), s.text
+    assert s.leaves(("merger", "llm")) == ("merger", "dense", "router", "experts")
+    plan = estimate.Plan(s, seq_len=8192, world=64, zero_stage=3, trainable=("merger", "router"))
+    est = estimate.estimate(plan)
+    assert est.part("optimizer states").device == (counts["merger"] + counts["router"]) * 12 / 64
+    block = T.experts * (1 + 3 * T.moe_intermediate) * T.hidden  # 0.6B > V x hidden = 0.31B
+    assert est.part("ZeRO-3 working set").device == (block + estimate.PREFETCH_BUCKET) * 2
+    big = estimate.PRESETS["qwen3_vl_235b_a22b"].text
+    distill = estimate.estimate(replace(plan, objective="distill", teacher=estimate.PRESETS["qwen3_vl_235b_a22b"]))
+    assert distill.part("ZeRO-3 working set").device == (big.router_params() + big.expert_params()
+                                                         + estimate.PREFETCH_BUCKET) * 2
+    found = estimate.levers(replace(plan, seq_len=262144, checkpointing=False), 80)
+    assert found and all("tiled_mlp" not in c for c in found)  # TiledMLP does not run MoE blocks: never named
+    with pytest.raises(ValueError, match="'router' is not a group of this qwen3_vl model"):
+        estimate.PRESETS["qwen3_vl_8b"].leaves(("router",))
 
 
 def test_model_tiny_changes_reach_the_model_and_the_estimate():
@@ -121,11 +174,14 @@ def _saved_bytes(run, params) -> int:
     return sum(kept.values())
 
 
-def _decoder_saved(family: str, layers: int, T: int, dtype) -> int:
+def _decoder_saved(family: str, layers: int, T: int, dtype, experts: str = "") -> int:
     fam = FAMILIES[family]
     cfg = fam.config_cls(text_config=dict(fam.tiny_text, vocab_size=64, num_hidden_layers=layers),
                          vision_config=dict(fam.tiny_vision))
-    text = fam.model_cls._from_config(cfg, attn_implementation="sdpa", dtype=dtype).model.language_model.train()
+    model = fam.model_cls._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    if experts:  # MoE: transformers' experts implementation (default grouped_mm)
+        model.set_experts_implementation(experts)
+    text = model.model.language_model.train()
     x = torch.randn(1, T, cfg.text_config.hidden_size, dtype=dtype, requires_grad=True)
     pos = torch.arange(T).view(1, 1, T).expand(3, 1, T)
     return _saved_bytes(lambda: text(inputs_embeds=x, position_ids=pos, use_cache=False), text.parameters())
@@ -153,6 +209,22 @@ def test_layer_formulas_equal_what_autograd_keeps(family, dtype):
     assert layer == pytest.approx(estimate.layer_bytes(shapes.text, b, 1, 0)[0], rel=0.01)
     block = (_vit_saved(family, 4, side, dtype) - _vit_saved(family, 2, side, dtype)) / 2 / side ** 2
     assert block == pytest.approx(estimate.block_bytes(shapes.vision, b)[0], rel=0.01)
+
+
+@pytest.mark.parametrize("experts", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_layer_formula_equals_what_autograd_keeps(experts, dtype):
+    """A sparse MoE layer (every tiny MoE layer is one) measured as the dense layers are: its attention and norms as
+    a dense layer's, the router's fp32 softmax and top-k, and per routed copy (k per token) the tensors
+    moe_bytes names; under transformers' default grouped_mm (what training runs) and the eager per-expert loop."""
+    shapes, b, T = estimate.tiny("qwen3_vl_moe"), dtype.itemsize, 128
+    assert shapes.text.sparse_layers == shapes.text.layers
+    layer = (_decoder_saved("qwen3_vl_moe", 4, T, dtype, experts)
+             - _decoder_saved("qwen3_vl_moe", 2, T, dtype, experts)) / 2 / T
+    want = estimate.layer_bytes(shapes.text, b, 1, 0, sparse=True)[0]
+    if experts == "eager":
+        want += estimate.moe_bytes(shapes.text, b, eager=True)[0] - estimate.moe_bytes(shapes.text, b)[0]
+    assert layer == pytest.approx(want, rel=0.01)
 
 
 S3 = estimate.Plan(estimate.PRESETS["qwen3_vl_8b"], seq_len=262144, world=32, sp_size=8, zero_stage=3)
@@ -235,18 +307,28 @@ def _recipe(tmp_path, name, *extra):
 def test_every_real_recipe_step_passes_the_guard(tmp_path):
     """8 GPUs per node as the recipes' comments count them; qwen3vl from its `shapes` preset (init_path does not
     exist), qwen2_5vl from init_path's config.json."""
-    init, teacher = tmp_path / "init", tmp_path / "teacher"
-    for d, key in ((init, "qwen2_5_vl_7b"), (teacher, "qwen3_vl_32b")):
+    init, teacher, moe_teacher = tmp_path / "init", tmp_path / "teacher", tmp_path / "moe_teacher"
+    for d, key in ((init, "qwen2_5_vl_7b"), (teacher, "qwen3_vl_32b"), (moe_teacher, "qwen3_vl_235b_a22b")):
         family, text, vision = HF[key]
         FAMILIES[family].config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False).save_pretrained(d)
-    for name, extra in (("qwen3vl", ["pipeline.init_path=/ckpt/missing", f"pipeline.teacher={teacher}"]),
-                        ("qwen2_5vl", [f"pipeline.init_path={init}"])):
+    recipes = {"qwen3vl": (["pipeline.init_path=/ckpt/missing", f"pipeline.teacher={teacher}"], "qwen3_vl_8b"),
+               "qwen2_5vl": ([f"pipeline.init_path={init}"], "qwen2_5_vl_7b"),
+               # Qwen3-VL-30B-A3B distilled from Qwen3-VL-235B-A22B
+               "qwen3vl_moe": (["pipeline.init_path=/ckpt/missing", f"pipeline.teacher={moe_teacher}"],
+                               "qwen3_vl_30b_a3b")}
+    for name, (extra, preset) in recipes.items():
         p, steps, world = _recipe(tmp_path, name, *extra)
         shapes = recipe_shapes(p)
-        assert shapes == estimate.PRESETS["qwen3_vl_8b" if name == "qwen3vl" else "qwen2_5_vl_7b"]
+        assert shapes == estimate.PRESETS[preset]
         assert check_steps(steps, world, p.device_gib, shapes) is None
         assert all(s.memory_gib is not None and s.memory_gib <= p.device_gib for s in steps), name
         sp = {s.name: next((a for a in s.args if a.startswith("parallel.sp_size=")), None) for s in steps}
+        if name == "qwen3vl_moe":  # the qwen3vl chain, every step estimated with the MoE model's experts
+            dense = _recipe(tmp_path, "qwen3vl", *recipes["qwen3vl"][0])[1]
+            assert [(s.name, s.cfg.stage) for s in steps] == [(s.name, s.cfg.stage) for s in dense]
+            assert sp["s3_long_256k"] == "parallel.sp_size=8" and sp["sft_long"] == "parallel.sp_size=8"
+            mem = {s.name: s.memory_gib for s in steps}
+            assert mem["distill_off"] > mem["sft"] + 6, mem  # the 235B teacher's shard (~6.9 GiB) on top of SFT's
         if name == "qwen3vl":
             assert sp["s3_long_256k"] == "parallel.sp_size=8" and sp["sft_long"] == "parallel.sp_size=8"
             mem = {s.name: s.memory_gib for s in steps}  # the 32B teacher on top of SFT's footprint at the same length

@@ -7,16 +7,20 @@ fit), and the CLI prints the table for any shape and layout.
 
 What is counted, per rank (GiB = 2**30 bytes; b = bytes of engine.dtype: bf16 2, fp32 4; W = world processes;
 t = tokens per rank = micro_batch_size x seq_len / sp_size; RL below):
-- parameters: all of them x b; ZeRO-3 partitions them over W (the project passes no mpu to DeepSpeed, so ZeRO's
-  data-parallel group is the whole world even under SP); ZeRO-1/2 keep full copies; engine.offload_params: host.
-- gradients: trained groups only, x b; ZeRO-2/3 partition them over W and add one reduce bucket (DeepSpeed's
-  reduce_bucket_size, 5e8 elements, or the largest trained tensor if larger); with optimizer offload (ZeRO-2/3)
-  the partition lives in host memory as fp32.
+- parameters: all of them x b (a MoE model: every expert, not the k a token runs); ZeRO-3 partitions them over W
+  (the project passes no mpu to DeepSpeed, so ZeRO's data-parallel group is the whole world even under SP);
+  ZeRO-1/2 keep full copies; engine.offload_params: host.
+- gradients: trained groups only, x b (a MoE model's `llm` is its leaf groups dense, router and experts; a stage
+  may train some of them); ZeRO-2/3 partition them over W and add one reduce bucket (DeepSpeed's
+  reduce_bucket_size, 5e8 elements, or the largest trained tensor if larger: lm_head, or a MoE layer's
+  gate_up_proj [E, 2I, hidden]); with optimizer offload (ZeRO-2/3) the partition lives in host memory as fp32.
 - optimizer states: fp32 master + Adam m, v = 12 B per trained parameter (8 B: fp32 without ZeRO), over W for
   ZeRO >= 1; on the host with engine.offload_optimizer.
-- ZeRO-3 working set: the largest module gathered whole (the embedding or lm_head, V x hidden) plus DeepSpeed's
-  prefetch bucket (stage3_prefetch_bucket_size, 5e7 elements), x b; its defaults (max_live_parameters 1e9) are
-  assumed and small parameters kept persistent are ignored.
+- ZeRO-3 working set: the largest module gathered whole plus DeepSpeed's prefetch bucket
+  (stage3_prefetch_bucket_size, 5e7 elements), x b: the embedding or lm_head (V x hidden), or on a MoE model one
+  whole MoE block if larger (the project registers the sparse block as a ZeRO-3 leaf module, so all its experts
+  are gathered at once: E x (1 + 3 x I) x hidden with the router), the teacher's if larger (distill); its
+  defaults (max_live_parameters 1e9) are assumed and small parameters kept persistent are ignored.
 - decoder activations, a SwiGLU GQA decoder under a flash/varlen attention (no L x L tensor). Saved per token
   and layer, as autograd keeps them: each RMSNorm its input in fp32 (HF's upcast: 4 B), the normalized tensor and
   its output (b each; Qwen3's q/k norms the first two over q and k); the attention's RoPE'd q and k, v, its
@@ -28,6 +32,16 @@ t = tokens per rank = micro_batch_size x seq_len / sp_size; RL below):
   figure plus its backward gradients: 2 x intermediate / N, 2 x hidden, q + 2 kv); without it the stored part
   is layers x the per-layer figure. model.offload_activations moves the stored part to host memory (torch's
   save_on_cpu; the recomputed layer stays on the device).
+- MoE layers (Qwen3-VL-MoE: the layers off mlp_only_layers and on decoder_sparse_step; E experts of
+  moe_intermediate I, k per token): the sparse block replaces the dense MLP's figure. Per token the router keeps
+  its fp32 softmax over E (4 E), the top-k indices (int64) and fp32 weights with their sum (12 k + 4); each token
+  is routed k times, and per routed copy HF's default experts path (grouped_mm) keeps the gathered input row (H),
+  the gate_up output (2I; SiLU's gate and the product's up are views of it), act(gate) and act*up (I each), the
+  down output (H, for the routing-weight product), the copy's weight (b) and 3 int64 indices (24 B); the weighted
+  output is not kept (its reordering and the k-sum keep nothing). HF's eager per-expert loop keeps one H more per
+  copy (index_add_ keeps its source). Gradients of the layer in backward: 4 E + k x (2I + 2H) x b per token. With
+  checkpointing the stored part is the layer inputs as above and the recomputed layer is the larger kind; without
+  it, each kind's layers x its figure. TiledMLP does not run the sparse block (no tiled_mlp lever for MoE).
 - Ulysses buffers (sp > 1): q, k, v, out of one layer on the FULL sequence with heads/sp heads, x 2 for the
   all-to-all's send and receive copies: 2 x t x (2 q + 2 max(kv_heads, sp) x head_dim) x b.
 - ViT: `visual_fraction` (default 0.5, an assumption about the data) of the row's tokens are visual; each
@@ -44,7 +58,8 @@ t = tokens per rank = micro_batch_size x seq_len / sp_size; RL below):
 - loss: one chunk of fp32 logits with its log-softmax and gradient, ~3 x chunk x V x 4 B (chunk = model.loss_chunk
   or 2**28 // (4 V), ~256 MiB of logits); the supervised hidden states gathered for lm_head (t x hidden x b, every
   token supervised: an upper bound). The lm objective outside ZeRO-3 runs the fused path (training/vlm.py
-  _FusedLinear): + grad_h (t x hidden x b) and, with llm trained, lm_head's fp32 gradient (V x hidden x 4 B).
+  _FusedLinear): + grad_h (t x hidden x b) and, with lm_head trained (llm; MoE: dense), its fp32 gradient
+  (V x hidden x 4 B).
   ZeRO-3, DPO and RL recompute the chunk in backward instead.
 - reference model (dpo; sapo with kl_beta > 0): the frozen starting weights, placed like the parameters.
 - teacher (distill): its weights placed like the parameters; its supervised hidden states (t x its hidden x b) and
@@ -69,9 +84,10 @@ log-prob passes; DeepSpeed's communication buffers beyond the reduce/prefetch bu
 temporary tensors of a single op (an all-gather's output is counted, a matmul's workspace is not); attention
 kernels' own workspaces; the exact split of images between SP ranks (balanced by token count, as training/sp.py
 does); the DeepStack features a decoder slice adds. It is an estimate: a plan at 95% of the device is a risk, not
-a promise. What is checked (tests/test_memory_estimate.py): the parameter counts equal the HF models' (8B, 7B and
-the tiny presets), and the per-layer and per-block figures equal the bytes autograd keeps on the tiny models in
-fp32 and bf16 (CPU's flash SDPA kernel keeps what flash-attention does).
+a promise. What is checked (tests/test_memory_estimate.py): the parameter counts equal the HF models' (8B, 7B,
+30B-A3B and the tiny presets, MoE included), and the per-layer and per-block figures equal the bytes autograd keeps
+on the tiny models in fp32 and bf16 (CPU's flash SDPA kernel keeps what flash-attention does; the MoE layer under
+both experts paths).
 """
 from __future__ import annotations
 
@@ -94,6 +110,7 @@ PROMPT_LEN = 1024  # RL: assumed mean prompt tokens
 HOST_GIB = 128.0  # host memory per rank for offloaded state: a 1 TiB node shared by 8 GPUs
 CHUNK_BYTES = 2 ** 28  # training/vlm.py CHUNK_BYTES: fp32 logits of one loss chunk when model.loss_chunk=0
 GROUPS = ("vision", "merger", "llm")
+SUBGROUPS = {"llm": ("dense", "router", "experts")}  # training/models.py SUBGROUPS: a MoE llm's leaf groups
 
 
 # ---------------------------------------------------------------- model shapes
@@ -112,15 +129,31 @@ class TextShape:
     qkv_bias: bool = False  # Qwen2 / Qwen2.5: q, k, v projections have biases
     o_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
+    # MoE (Qwen3-VL-MoE): `sparse_layers` of the layers replace the dense MLP by a sparse MoE block: a router
+    # [experts, hidden] and `experts` SwiGLU experts of `moe_intermediate`, `top_k` of them per token
+    experts: int = 0
+    top_k: int = 0
+    moe_intermediate: int = 0
+    sparse_layers: int = 0
 
     def layer_params(self) -> int:
+        """A dense layer: attention, norms and the dense MLP."""
         h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv) * self.qkv_bias + h * self.o_bias
         return attn + 2 * self.head_dim * self.qk_norm + 3 * h * self.intermediate + 2 * h
 
+    def router_params(self) -> int:
+        """One sparse layer's router (mlp.gate, [E, H])."""
+        return self.experts * self.hidden
+
+    def expert_params(self) -> int:
+        """One sparse layer's experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I]."""
+        return 3 * self.experts * self.moe_intermediate * self.hidden
+
     def params(self) -> int:
         embed = self.vocab * self.hidden
-        return embed * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
+        sparse = self.sparse_layers * (self.router_params() + self.expert_params() - 3 * self.hidden * self.intermediate)
+        return embed * (1 if self.tied else 2) + self.layers * self.layer_params() + sparse + self.hidden
 
 
 @dataclass(frozen=True)
@@ -170,9 +203,30 @@ class Shapes:
     vision: VisionShape
 
     def params(self) -> dict:
-        """Parameter count per group (training/models.py groups: vision, merger, llm)."""
-        return {"vision": self.vision.vision_params(), "merger": self.vision.merger_params(),
-                "llm": self.text.params()}
+        """Parameter count per leaf group (training/models.py: vision, merger, llm; a MoE llm is dense, router and
+        experts)."""
+        t = self.text
+        out = {"vision": self.vision.vision_params(), "merger": self.vision.merger_params()}
+        if not t.experts:
+            return {**out, "llm": t.params()}
+        router, experts = t.sparse_layers * t.router_params(), t.sparse_layers * t.expert_params()
+        return {**out, "dense": t.params() - router - experts, "router": router, "experts": experts}
+
+    def leaves(self, groups) -> tuple:
+        """The leaf groups that stage group names stand for (`llm` on a MoE model: dense, router and experts)."""
+        counts, out = self.params(), []
+        names = {**{g: (g,) for g in counts}, **{g: ls for g, ls in SUBGROUPS.items() if set(ls) <= set(counts)}}
+        for g in groups:
+            if g not in names:
+                raise ValueError(f"trainable group {g!r} is not a group of this {self.family} model; its groups: "
+                                 f"{sorted(names)}")
+            out += [leaf for leaf in names[g] if leaf not in out]
+        return tuple(out)
+
+    @property
+    def head_group(self) -> str:
+        """The leaf group that holds lm_head."""
+        return "dense" if self.text.experts else "llm"
 
 
 PRESETS: dict[str, Shapes] = {
@@ -197,26 +251,46 @@ PRESETS: dict[str, Shapes] = {
                                                 intermediate=18944, vocab=152064, qkv_bias=True),
                           VisionShape(depth=32, hidden=1280, intermediate=5120, heads=16, patch=14, out_hidden=3584,
                                       quick_gelu=True)),
+    # Qwen3-VL-30B-A3B / 235B-A22B (config.json of Qwen/Qwen3-VL-30B-A3B-Instruct / -235B-A22B-Instruct, as
+    # pytorch/torchtitan torchtitan/experiments/qwen3_vl/__init__.py "30B-A3B" / "235B-A22B" spell them): every
+    # one of the layers sparse (decoder_sparse_step 1, mlp_only_layers []), 128 experts, top-8, untied lm_head;
+    # the 8B's ViT with out_hidden_size = the decoder's hidden. intermediate_size (6144 / 12288) is the config's
+    # dense-MLP width, unused with no mlp_only_layers. 30B-A3B: 31,070,754,032 parameters, the checkpoint's count
+    "qwen3_vl_30b_a3b": Shapes("qwen3_vl_moe",
+                               TextShape(hidden=2048, layers=48, heads=32, kv_heads=4, head_dim=128, intermediate=6144,
+                                         vocab=151936, qk_norm=True, experts=128, top_k=8, moe_intermediate=768,
+                                         sparse_layers=48),
+                               VisionShape(depth=27, hidden=1152, intermediate=4304, heads=16, patch=16,
+                                           out_hidden=2048, patch_bias=True, pos_embeddings=2304, deepstack=3)),
+    "qwen3_vl_235b_a22b": Shapes("qwen3_vl_moe",
+                                 TextShape(hidden=4096, layers=94, heads=64, kv_heads=4, head_dim=128,
+                                           intermediate=12288, vocab=151936, qk_norm=True, experts=128, top_k=8,
+                                           moe_intermediate=1536, sparse_layers=94),
+                                 VisionShape(depth=27, hidden=1152, intermediate=4304, heads=16, patch=16,
+                                             out_hidden=4096, patch_bias=True, pos_embeddings=2304, deepstack=3)),
 }
 
 
 def from_hf(cfg) -> Shapes:
-    """Shapes of a transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL config object (text_config, vision_config)."""
+    """Shapes of a transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE config object (text_config,
+    vision_config)."""
     family = cfg.model_type
-    if family == "qwen3_vl_moe":  # a FAMILIES member the formulas below would count as a dense decoder
-        raise ValueError("model_type 'qwen3_vl_moe' (Qwen3-VL MoE): the memory estimate does not model routed "
-                         "experts yet (their parameters, optimizer state and per-expert activations); no estimate "
-                         "for this model")
-    if family not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        raise ValueError(f"model_type {family!r} is not a Qwen2-VL / Qwen2.5-VL / Qwen3-VL config")
+    if family not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
+        raise ValueError(f"model_type {family!r} is not a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE config")
     t, v = cfg.text_config, cfg.vision_config
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-    qwen3 = family == "qwen3_vl"
+    qwen3 = family in ("qwen3_vl", "qwen3_vl_moe")
     bias = bool(getattr(t, "attention_bias", False))
+    moe = {}
+    if family == "qwen3_vl_moe" and t.num_experts > 0:  # HF's Qwen3VLMoeTextDecoderLayer: which MLPs are sparse
+        sparse = sum(i not in t.mlp_only_layers and (i + 1) % t.decoder_sparse_step == 0
+                     for i in range(t.num_hidden_layers))
+        moe = dict(experts=t.num_experts, top_k=t.num_experts_per_tok, moe_intermediate=t.moe_intermediate_size,
+                   sparse_layers=sparse)
     text = TextShape(hidden=t.hidden_size, layers=t.num_hidden_layers, heads=t.num_attention_heads,
                      kv_heads=t.num_key_value_heads, head_dim=head_dim, intermediate=t.intermediate_size,
                      vocab=t.vocab_size, tied=bool(getattr(cfg, "tie_word_embeddings", False)),
-                     qkv_bias=bias if qwen3 else True, o_bias=bias if qwen3 else False, qk_norm=qwen3)
+                     qkv_bias=bias if qwen3 else True, o_bias=bias if qwen3 else False, qk_norm=qwen3, **moe)
     if family == "qwen2_vl":
         vision = VisionShape(depth=v.depth, hidden=v.embed_dim, intermediate=int(v.embed_dim * v.mlp_ratio),
                              heads=v.num_heads, patch=v.patch_size, out_hidden=v.hidden_size,
@@ -265,7 +339,7 @@ def shapes_of(name: str) -> Shapes:
     """A preset name, tiny_<family>, or an HF config.json (file or directory)."""
     if name in PRESETS:
         return PRESETS[name]
-    if name.startswith("tiny_") and name[5:] in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):  # MoE: refused
+    if name.startswith("tiny_") and name[5:] in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         return tiny(name[5:])
     if Path(name).exists():
         return from_config_json(name)
@@ -358,10 +432,11 @@ def _b(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
 
 
-def layer_bytes(t: TextShape, b: int, sp: int, tiled: int) -> tuple[float, float]:
+def layer_bytes(t: TextShape, b: int, sp: int, tiled: int, sparse: bool = False) -> tuple[float, float]:
     """(bytes saved for backward per token by one decoder layer, its backward gradients per token). What autograd
     keeps (tests/test_memory_estimate.py measures it): an RMSNorm its input in fp32 (HF upcasts), the normalized
-    tensor and the 1/rms, and its output where a linear consumes it; RoPE and the residual adds keep nothing."""
+    tensor and the 1/rms, and its output where a linear consumes it; RoPE and the residual adds keep nothing.
+    `sparse`: a MoE layer, its MLP the sparse block of `moe_bytes` (not tiled: TiledMLP does not run it)."""
     h, hd, n = t.hidden, t.head_dim, max(1, tiled)
     q, kv = t.heads * hd, t.kv_heads * hd
     norms = 2 * (4 * h + 2 * b * h + 4)
@@ -370,9 +445,35 @@ def layer_bytes(t: TextShape, b: int, sp: int, tiled: int) -> tuple[float, float
         attn = b * (2 * q + 2 * max(t.kv_heads, sp) * hd + q) + 4 * t.heads
     else:  # RoPE'd q and k, v, the output (o_proj's input), the fp32 log-sum-exp per head
         attn = b * (2 * q + 2 * kv) + 4 * t.heads
-    mlp = b * 4 * t.intermediate / n  # gate, up, act(gate), act(gate) * up
-    grads = b * (2 * t.intermediate / n + 2 * h + q + 2 * kv)
-    return norms + qk_norm + attn + mlp, grads
+    if sparse:
+        mlp, mlp_grads = moe_bytes(t, b)
+    else:
+        mlp, mlp_grads = b * 4 * t.intermediate / n, b * 2 * t.intermediate / n  # gate, up, act(gate), act(gate) * up
+    return norms + qk_norm + attn + mlp, mlp_grads + b * (2 * h + q + 2 * kv)
+
+
+def moe_bytes(t: TextShape, b: int, eager: bool = False) -> tuple[float, float]:
+    """(bytes saved per token by one sparse MoE block, its MLP gradients per token in backward). The router keeps
+    its fp32 softmax over the E experts, the top-k indices (int64), the fp32 top-k weights and their sum (the
+    renormalisation). Each token is routed to k experts; per routed copy transformers' default experts path
+    (grouped_mm, integrations/moe.py) keeps the gathered input row (H), the gate_up output (2I: SiLU's gate and the
+    product's up are views of it), act(gate) and act(gate) * up (I each, the latter down_proj's input), the down
+    output (H, for the routing-weight product), the copy's routing weight (b) and 3 int64 indices (the sort's
+    permutation, its // k row index, the inverse permutation). `eager` (experts_implementation="eager", the
+    per-expert loop of Qwen3VLMoeTextExperts.forward): index_add_ also keeps its source, the weighted output (one
+    more H), and torch.where's 2 indices share one storage (16 B). Gradients: the router's fp32 softmax, per copy
+    those of the gate_up output and of the down output and gathered row."""
+    E, k, h, i = t.experts, t.top_k, t.hidden, t.moe_intermediate
+    router = 4 * E + 8 * k + 4 * k + 4
+    copy = b * ((3 if eager else 2) * h + 4 * i + 1) + (16 if eager else 24)
+    return router + k * copy, 4 * E + k * b * (2 * i + 2 * h)
+
+
+def decoder_layers(t: TextShape, b: int, sp: int, tiled: int) -> list[tuple[str, int, float, float]]:
+    """[(kind, its layers, bytes saved per token, backward gradients per token)] of the dense and sparse layers."""
+    kinds = [("", t.layers - t.sparse_layers, *layer_bytes(t, b, sp, tiled)),
+             ("MoE ", t.sparse_layers, *layer_bytes(t, b, sp, tiled, sparse=True))]
+    return [k for k in kinds if k[1]]
 
 
 def block_bytes(v: VisionShape, b: int) -> tuple[float, float]:
@@ -387,6 +488,15 @@ def block_bytes(v: VisionShape, b: int) -> tuple[float, float]:
     return norms + attn + mlp, b * (2 * v.intermediate + 5 * h)
 
 
+def _largest_module(t: TextShape) -> tuple[int, str]:
+    """(parameters, what) of the largest module ZeRO-3 gathers whole: the embedding / lm_head, or a MoE block (a
+    ZeRO-3 leaf module: all its experts at once)."""
+    block = (t.router_params() + t.expert_params()) * (t.sparse_layers > 0)
+    if block > t.vocab * t.hidden:
+        return block, "one MoE block, E x (1 + 3 x I) x hidden"
+    return t.vocab * t.hidden, "V x hidden"
+
+
 def estimate(plan: Plan) -> Estimate:
     """Per-rank memory of `plan`, component by component (the module docstring has every formula)."""
     s, T, V = plan.shapes, plan.shapes.text, plan.shapes.vision
@@ -394,7 +504,8 @@ def estimate(plan: Plan) -> Estimate:
     W, sp, z = plan.world, plan.sp_size, plan.zero_stage
     counts = s.params()
     total = sum(counts.values())
-    trained = sum(counts[g] for g in plan.trainable)
+    leaves = s.leaves(plan.trainable)
+    trained = sum(counts[g] for g in leaves)
     out = Estimate(plan)
 
     def add(name, nbytes, note, host=False, phase="step"):
@@ -405,7 +516,9 @@ def estimate(plan: Plan) -> Estimate:
     add("parameters", total * b / parted, f"{_b(total)} x {b} B" + (f" / {W} ranks (ZeRO-3)" if z == 3 else "")
         + (" (offload_params: host)" if plan.offload_params else ""), host=plan.offload_params)
     if z >= 2:
-        bucket = max(REDUCE_BUCKET, T.vocab * T.hidden if "llm" in plan.trainable else 0) if trained else 0
+        largest = max(T.vocab * T.hidden * (s.head_group in leaves),  # lm_head; a MoE layer's gate_up_proj
+                      T.experts * 2 * T.moe_intermediate * T.hidden * ("experts" in leaves))
+        bucket = max(REDUCE_BUCKET, largest) if trained else 0
         bucket = min(bucket, trained)
         if plan.offload_optimizer:
             add("gradients", bucket * b, f"reduce bucket {_b(bucket)} x {b} B (partition on host)")
@@ -419,10 +532,10 @@ def estimate(plan: Plan) -> Estimate:
     add("optimizer states", trained * per / (W if z >= 1 else 1),
         f"{_b(trained)} trained x {per} B (fp32 master, Adam m, v)" + (f" / {W} ranks" if z >= 1 else "")
         + (" (offload_optimizer: host)" if plan.offload_optimizer else ""), host=plan.offload_optimizer)
-    if z == 3 and W > 1:
-        biggest = T.vocab * T.hidden
+    if z == 3 and W > 1:  # the student's or the teacher's (their forwards never overlap)
+        biggest, what = max(_largest_module(m.text) for m in (s, plan.teacher) if m is not None)
         add("ZeRO-3 working set", (biggest + PREFETCH_BUCKET) * b,
-            f"largest module gathered ({_b(biggest)}: V x hidden) + prefetch bucket {_b(PREFETCH_BUCKET)}, x {b} B")
+            f"largest module gathered ({_b(biggest)}: {what}) + prefetch bucket {_b(PREFETCH_BUCKET)}, x {b} B")
     if plan.reference:
         add("reference model", total * b / parted, f"frozen starting weights {_b(total)} x {b} B"
             + (f" / {W} ranks" if z == 3 else ""))
@@ -433,7 +546,8 @@ def estimate(plan: Plan) -> Estimate:
     # -- decoder (its phase: from the end of the ViT's forward to the start of the ViT's backward)
     tokens = plan.tokens
     t = math.ceil(tokens / sp)
-    per_layer, grads = layer_bytes(T, b, sp, plan.tiled_mlp)
+    kinds = decoder_layers(T, b, sp, plan.tiled_mlp)
+    _, _, per_layer, grads = max(kinds, key=lambda k: k[2] + k[3])  # the layer recomputed in backward: the largest
     if plan.rollouts:  # generation: the KV cache of every rollout at once, and the prefill of one layer
         prompt_tokens = plan.mini_batches * plan.grad_accum * plan.micro_batch_size * plan.seq_len
         rollout_tokens = plan.rollouts * prompt_tokens * (1 + plan.max_new_tokens / plan.prompt_len)
@@ -441,7 +555,8 @@ def estimate(plan: Plan) -> Estimate:
         add("rollout KV cache", rollout_tokens * kv,
             f"{plan.rollouts} x {prompt_tokens} prompt tokens ({plan.mini_batches} steps' rows) x (1 + "
             f"{plan.max_new_tokens}/{plan.prompt_len} new per prompt token) x {kv / 1024:.0f} KiB", phase="rollout")
-        add("rollout prefill layer", plan.rollouts * prompt_tokens * layer_bytes(T, b, 1, plan.tiled_mlp)[0],
+        prefill = max(k[2] for k in decoder_layers(T, b, 1, plan.tiled_mlp))
+        add("rollout prefill layer", plan.rollouts * prompt_tokens * prefill,
             f"{plan.rollouts} x {prompt_tokens} prompt tokens through one layer (no gradients)", phase="rollout")
     where = " (offload_activations: host)" if plan.offload_activations else ""
     if plan.checkpointing:
@@ -449,9 +564,9 @@ def estimate(plan: Plan) -> Estimate:
             f"{T.layers} layers x {t} tokens x {T.hidden} x {b} B (checkpointed layer inputs){where}",
             host=plan.offload_activations, phase="decoder")
     else:
-        add("decoder activations", T.layers * t * per_layer,
-            f"{T.layers} layers x {t} tokens x {per_layer / 1024:.1f} KiB per token{where}",
-            host=plan.offload_activations, phase="decoder")
+        add("decoder activations", t * sum(n * saved for _, n, saved, _ in kinds),
+            " + ".join(f"{n} {kind}layers x {t} tokens x {saved / 1024:.1f} KiB per token" for kind, n, saved, _ in kinds)
+            + where, host=plan.offload_activations, phase="decoder")
     tiled = f", MLP in {plan.tiled_mlp} tiles" if plan.tiled_mlp > 1 else ""
     add("decoder layer in backward", t * (per_layer + grads),
         f"{t} tokens x ({per_layer / 1024:.1f} KiB saved + {grads / 1024:.1f} KiB gradients) per token{tiled}",
@@ -494,7 +609,7 @@ def estimate(plan: Plan) -> Estimate:
     # -- loss (at the end of the decoder's forward, its gradients into the decoder's backward)
     chunk = min(plan.loss_chunk or max(1, CHUNK_BYTES // (4 * T.vocab)), t)
     fused = plan.objective in ("lm", "distill") and not (z == 3 and W > 1)
-    head = T.vocab * T.hidden * 4 if fused and "llm" in plan.trainable else 0
+    head = T.vocab * T.hidden * 4 if fused and s.head_group in leaves else 0
     if plan.teacher is not None:  # its supervised hidden states, and its logits of the chunk
         Tt = plan.teacher.text
         add("teacher outputs", t * Tt.hidden * b + chunk * Tt.vocab * 4,
@@ -533,7 +648,7 @@ def _options(plan: Plan) -> dict:
 
     T = plan.shapes.text
     opts = {"checkpointing": [] if plan.checkpointing else [True],
-            "tiled_mlp": [n for n in (2, 4, 8, 16) if n > max(1, plan.tiled_mlp)],
+            "tiled_mlp": [n for n in (2, 4, 8, 16) if n > max(1, plan.tiled_mlp)] if not T.experts else [],  # MoE: refused
             "sp_size": [n for n in valid_sp_sizes(T.heads, T.kv_heads) if n > plan.sp_size and plan.world % n == 0]
             if plan.sp_allowed else [],
             "zero_stage": [3] if plan.zero_stage < 3 else [],
@@ -687,7 +802,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tiled-mlp", type=int, default=0)
     ap.add_argument("--offload-optimizer", action="store_true")
     ap.add_argument("--offload-params", action="store_true")
-    ap.add_argument("--trainable", default="vision,merger,llm", help="trained groups, comma-separated")
+    ap.add_argument("--trainable", default="vision,merger,llm",
+                    help="trained groups, comma-separated (a MoE model's llm leaves too: dense, router, experts)")
     ap.add_argument("--objective", choices=("lm", "dpo", "sapo", "distill"), default="lm")
     ap.add_argument("--teacher", help="distill: the teacher (a preset or an HF config.json / its directory); "
                                       "default: the model's own shapes")
@@ -704,10 +820,12 @@ def main(argv=None) -> None:
     ap.add_argument("--json", help="also write the components here")
     a = ap.parse_args(argv)
     trainable = tuple(g for g in a.trainable.split(",") if g)
-    unknown = sorted(set(trainable) - set(GROUPS))
-    if unknown:
-        ap.error(f"--trainable names unknown group(s) {unknown}; groups are {list(GROUPS)}")
-    plan = Plan(shapes=shapes_of(a.model), seq_len=a.seq_len, world=a.world, micro_batch_size=a.micro_batch,
+    shapes = shapes_of(a.model)
+    try:
+        shapes.leaves(trainable)
+    except ValueError as e:
+        ap.error(f"--trainable: {e}")
+    plan = Plan(shapes=shapes, seq_len=a.seq_len, world=a.world, micro_batch_size=a.micro_batch,
                 sp_size=a.sp, sp_vision=a.sp_vision, zero_stage=a.zero, dtype=a.dtype,
                 offload_optimizer=a.offload_optimizer, offload_params=a.offload_params, checkpointing=a.checkpointing,
                 offload_activations=a.offload_activations, tiled_mlp=a.tiled_mlp, trainable=trainable,
