@@ -389,3 +389,27 @@ def test_the_aux_loss_balances_the_experts(tmp_path):
     assert last(0.0, "moe/aux_loss") > first + 0.2  # training alone unbalances the experts here
     assert last(1.0, "moe/aux_loss") < last(0.0, "moe/aux_loss") - 0.2
     assert last(1.0, "moe/load_entropy") > last(0.0, "moe/load_entropy")
+
+
+@pytest.mark.slow
+def test_the_tiny_moe_model_runs_the_whole_tiny_chain(tmp_path):
+    """pipeline=tiny with pipeline.model=tiny_qwen3_vl_moe: S0 -> S1 -> S2 -> S3 -> SFT -> distillation (a MoE
+    student of the MoE SFT teacher) and its plain-SFT twin -> DPO -> SAPO, each step from the previous export, with
+    the router metrics in every stage's rows; SAPO trains without the aux loss (its stage default) but still logs
+    the expert load."""
+    from test_pipeline import _pipeline
+
+    out = tmp_path / "run"
+    r = _pipeline(out, f"pipeline.model={MOE}", f"pipeline.steps.distill.model={MOE}",
+                  f"pipeline.steps.sft_small.model={MOE}", "pipeline.max_steps=2", "pipeline.eval.enabled=false",
+                  timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = ["s0_merger", "s1_multimodal", "s2_long_32k", "s3_long_256k", "sft", "distill", "sft_small", "dpo", "sapo"]
+    for name in steps:
+        d = out / name
+        assert (d / "DONE").is_file(), name
+        assert "family: qwen3_vl_moe" in (d / "config.yaml").read_text(), name
+        rows = metrics_rows(d)
+        assert [x["step"] for x in rows] == [1, 2] and all("moe/load_entropy" in x for x in rows), name
+    assert "aux_loss_coef: 0.0" in (out / "sapo" / "config.yaml").read_text()
+    assert load_hf(out / "sapo" / "hf")  # the last export loads with from_pretrained
