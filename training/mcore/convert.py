@@ -25,6 +25,13 @@ embedding (the same tensor, as HF's own state_dict has it).
 
 Resharding tp=a -> tp=b is `mcore_to_hf` of the a shards, then `hf_to_mcore` at b for every rank: simple, exact,
 and it holds one full copy of the weights at a time.
+
+Pipeline parallelism: the model is cut into pp * vpp chunks of equal layer counts, in model order chunk
+j = vp_stage * pp + pp_rank (megatron's interleaving: pipeline rank r holds chunks r, r + pp, ...), chunk j holding
+global layers [j*n, (j+1)*n) renumbered 0..n-1 (`stage_layers`). The embedding lives in chunk 0, the final norm and
+head in the last chunk; a tied head there gets `output_layer.weight`, a copy of the embedding (megatron's shared
+embedding of a last stage), dropped again by `merge_pp`. A (tp, pp) layout is held as shards[tp_rank][j];
+`merge_pp` / `split_pp` go between one TP rank's chunks and its pp=1 dict, `reshard_pp` changes tp, pp and vpp.
 """
 from __future__ import annotations
 
@@ -81,14 +88,32 @@ def is_tied(hf_state_dict: dict) -> bool:
     return head is None or head.data_ptr() == emb.data_ptr()
 
 
-def hf_to_mcore(hf_state_dict: dict, hf_text_config, tp: int, rank: int, tied: bool | None = None) -> dict:
+def stage_layers(num_layers: int, pp: int = 1, pp_rank: int = 0, vpp: int | None = None,
+                 vp_stage: int | None = None) -> range:
+    """The global layers of pipeline rank `pp_rank`'s virtual stage `vp_stage`: megatron's even split
+    (`get_transformer_layer_offset` / `get_num_layers_to_build` without uneven first/last stages), which
+    model.py's Decoder checks against the layers megatron builds."""
+    chunks = pp * (vpp or 1)
+    if pp < 1 or num_layers % chunks or not 0 <= pp_rank < pp or not 0 <= (vp_stage or 0) < (vpp or 1):
+        raise ValueError(f"num_hidden_layers={num_layers} must split evenly into pp={pp} x vpp={vpp} stages "
+                         f"(pp_rank={pp_rank}, vp_stage={vp_stage})")
+    n = num_layers // chunks
+    j = (vp_stage or 0) * pp + pp_rank
+    return range(j * n, (j + 1) * n)
+
+
+def hf_to_mcore(hf_state_dict: dict, hf_text_config, tp: int, rank: int, tied: bool | None = None, pp: int = 1,
+                pp_rank: int = 0, vpp: int | None = None, vp_stage: int | None = None) -> dict:
     """The megatron state dict of TP rank `rank` of `tp` from an HF state dict (other keys, e.g. the ViT's, are
-    ignored). `tied`: None = `is_tied(hf_state_dict)`; tied checkpoints get no output_layer.weight."""
+    ignored). `tied`: None = `is_tied(hf_state_dict)`; tied checkpoints get no output_layer.weight (but the tied
+    head's copy on a pipeline's last stage). With pp > 1: only (pp_rank, vp_stage)'s chunk (module docstring)."""
     from training.mcore.model import check
 
     check(hf_text_config, tp)
     if not 0 <= rank < tp:
         raise ValueError(f"rank {rank} is not in 0..{tp - 1}")
+    layers = stage_layers(hf_text_config.num_hidden_layers, pp, pp_rank, vpp, vp_stage)
+    first, last = layers.start == 0, layers.stop == hf_text_config.num_hidden_layers
     hf = hf_state_dict
     tied = is_tied(hf) if tied is None else tied
     groups, _, _ = _groups(hf_text_config)
@@ -99,12 +124,15 @@ def hf_to_mcore(hf_state_dict: dict, hf_text_config, tp: int, rank: int, tied: b
             raise ValueError(f"embedding/lm_head has {w.shape[0]} rows, the config's vocab_size is {vocab}")
         return _shard(torch.cat([w, w.new_zeros(padded - vocab, *w.shape[1:])]), tp, rank, 0)
 
-    out = {"embedding.word_embeddings.weight": vocab_rows(hf[HF + "embed_tokens.weight"]),
-           "decoder.final_layernorm.weight": _shard(hf[HF + "norm.weight"], tp, rank, None)}
-    if not tied:
-        out["output_layer.weight"] = vocab_rows(hf[LM_HEAD])
-    for i in range(hf_text_config.num_hidden_layers):
-        src, dst = f"{HF}layers.{i}.", f"decoder.layers.{i}."
+    out = {}
+    if first:
+        out["embedding.word_embeddings.weight"] = vocab_rows(hf[HF + "embed_tokens.weight"])
+    if last:
+        out["decoder.final_layernorm.weight"] = _shard(hf[HF + "norm.weight"], tp, rank, None)
+        if not tied or not first:
+            out["output_layer.weight"] = vocab_rows(hf[HF + "embed_tokens.weight"] if tied else hf[LM_HEAD])
+    for local, i in enumerate(layers):
+        src, dst = f"{HF}layers.{i}.", f"decoder.layers.{local}."
         for hf_name, mc_name, dim in _PLAIN:
             if src + hf_name in hf:
                 out[dst + mc_name] = _shard(hf[src + hf_name], tp, rank, dim)
@@ -151,3 +179,55 @@ def reshard(shards: list[dict], hf_text_config, tp: int) -> list[dict]:
     hf = mcore_to_hf(shards, hf_text_config)
     tied = "output_layer.weight" not in shards[0]
     return [hf_to_mcore(hf, hf_text_config, tp, r, tied=tied) for r in range(tp)]
+
+
+def _layer_key(key: str) -> tuple[int, str] | None:
+    if not key.startswith("decoder.layers."):
+        return None
+    i, rest = key[len("decoder.layers."):].split(".", 1)
+    return int(i), rest
+
+
+def merge_pp(chunks: list[dict], hf_text_config, tied: bool) -> dict:
+    """One TP rank's chunk state dicts in model order -> its pp=1 state dict: layers renumbered globally, the
+    embedding from the first chunk, the final norm and head from the last (a tied head's copy dropped). Works for
+    gradients too; the tied copy's gradient is the embedding's once pipeline.py `finalize_grads` summed them."""
+    out, offset = {}, 0
+    for c in chunks:
+        n = 0
+        for k, v in c.items():
+            layer = _layer_key(k)
+            if layer is not None:
+                out[f"decoder.layers.{offset + layer[0]}.{layer[1]}"] = v
+                n = max(n, layer[0] + 1)
+            elif not (tied and k == "output_layer.weight"):
+                out[k] = v
+        offset += n
+    if offset != hf_text_config.num_hidden_layers:
+        raise ValueError(f"the chunks hold {offset} layers, the config has {hf_text_config.num_hidden_layers}")
+    return out
+
+
+def split_pp(state: dict, hf_text_config, pp: int, vpp: int | None = None) -> list[dict]:
+    """One TP rank's pp=1 state dict -> its pp * vpp chunks in model order (tied: `state` has no output_layer;
+    the last chunk gets a copy of the embedding when it is not the first)."""
+    L, chunks = hf_text_config.num_hidden_layers, pp * (vpp or 1)
+    n = len(stage_layers(L, pp, 0, vpp, None if vpp is None else 0))
+    out = [{} for _ in range(chunks)]
+    for k, v in state.items():
+        layer = _layer_key(k)
+        if layer is not None:
+            out[layer[0] // n][f"decoder.layers.{layer[0] % n}.{layer[1]}"] = v
+        else:
+            out[0 if k.startswith("embedding.") else -1][k] = v
+    if "output_layer.weight" not in state and chunks > 1:
+        out[-1]["output_layer.weight"] = state["embedding.word_embeddings.weight"].clone()
+    return out
+
+
+def reshard_pp(shards: list[list[dict]], hf_text_config, tied: bool, tp: int, pp: int,
+               vpp: int | None = None) -> list[list[dict]]:
+    """shards[tp_rank][chunk] of any (tp, pp, vpp) layout -> the same at (tp, pp, vpp): merged over the pipeline,
+    resharded over TP through the HF layout (`reshard`), split again."""
+    merged = [merge_pp(chunks, hf_text_config, tied) for chunks in shards]
+    return [split_pp(s, hf_text_config, pp, vpp) for s in reshard(merged, hf_text_config, tp)]

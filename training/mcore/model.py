@@ -14,6 +14,11 @@ adds visual features to the hidden states *between* layers; that block forward's
 recompute, fp8 contexts, CPU offload) are not used yet. Activations inside are megatron's [L, B, H]; the
 interface is HF's [B, L, H].
 
+Pipeline parallelism (training/mcore/pipeline.py runs the schedule): a `Decoder` is one (virtual) pipeline stage,
+megatron's even split of the layers (convert.py `stage_layers`); the embedding only on the first stage, the final
+norm and head only on the last; a tied head on a last stage without the embedding holds its own copy of the
+embedding (megatron's `shared_embedding`), whose gradient pipeline.py all-reduces with the embedding's.
+
 Tensor parallelism: tp must divide the query heads and either divide the key/value heads (whole query groups a
 rank) or be a multiple of them (megatron replicates each key/value head over tp/groups ranks); sequence and
 context parallelism are off (the local spec's torch RMSNorm and DotProductAttention refuse them).
@@ -31,13 +36,14 @@ import torch.nn.functional as F
 
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from training.mcore import shim
-from training.mcore.convert import padded_vocab_size
+from training.mcore.convert import padded_vocab_size, stage_layers
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,12 @@ def transformer_config(hf, tp: int, dtype: torch.dtype = torch.float32, **overri
         init_method_std=hf.initializer_range, tensor_model_parallel_size=tp,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
+        # pipeline p2p: hidden states travel in params_dtype. On CPU (gloo) unbatched isend/irecv: gloo matches a
+        # rank pair's messages in posting order, and at pp=2 the interleaved schedule batches a send to the next
+        # and one to the previous stage, the same peer, which the peer posts the other way round (wrong tensors
+        # arrive). megatron's unbatched path puts the two directions on two process groups at pp=2, and it
+        # skips the torch.cuda.synchronize() that follows batch_isend_irecv
+        pipeline_dtype=dtype, batch_p2p_comm=torch.cuda.is_available(),
         # unfused torch paths: the fused kernels need CUDA (and Apex/TE)
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
@@ -183,37 +195,74 @@ def causal_mask(L: int, cu_seqlens: torch.Tensor | None = None, attention_mask: 
 
 class Decoder(torch.nn.Module):
     """The text decoder + LM head of one Qwen-VL family on megatron-core, for this process's tensor-parallel
-    rank (megatron's parallel state must be initialised: training/mcore/shim.py `init_model_parallel`)."""
+    rank and (virtual) pipeline stage `vp_stage` (megatron's parallel state must be initialised:
+    training/mcore/shim.py or pipeline.py `init_model_parallel`). `pre_process` / `post_process` (embedding /
+    final norm and head here) default to whether this is the first / last stage."""
 
-    def __init__(self, hf_text_config, config: TransformerConfig | None = None, tied: bool = False):
+    model_type = ModelType.encoder_or_decoder  # what megatron's pipeline schedules ask the model
+
+    def __init__(self, hf_text_config, config: TransformerConfig | None = None, tied: bool = False,
+                 pre_process: bool | None = None, post_process: bool | None = None, vp_stage: int | None = None):
         super().__init__()
         shim.apply()  # before any megatron module is built (they allocate on torch.cuda.current_device())
         tp = ps.get_tensor_model_parallel_world_size()
+        pp, vpp = ps.get_pipeline_model_parallel_world_size(), ps.get_virtual_pipeline_model_parallel_world_size()
         self.hf_config = hf_text_config
-        self.config = config or transformer_config(hf_text_config, tp)
+        self.config = config or transformer_config(hf_text_config, tp, pipeline_model_parallel_size=pp,
+                                                   virtual_pipeline_model_parallel_size=vpp)
         if self.config.tensor_model_parallel_size != tp:
             raise ValueError(f"config is for tp={self.config.tensor_model_parallel_size}, the parallel state has {tp}")
+        if (self.config.pipeline_model_parallel_size, self.config.virtual_pipeline_model_parallel_size) != (pp, vpp):
+            raise ValueError(f"config is for pp={self.config.pipeline_model_parallel_size}, vpp="
+                             f"{self.config.virtual_pipeline_model_parallel_size}; the parallel state has pp={pp}, "
+                             f"vpp={vpp}")
+        if (vpp is None) != (vp_stage is None):
+            raise ValueError(f"vp_stage={vp_stage} with virtual pipeline size {vpp}: give both or neither")
+        self.vp_stage = vp_stage
+        self.pre_process = ps.is_pipeline_first_stage(False, vp_stage) if pre_process is None else pre_process
+        self.post_process = ps.is_pipeline_last_stage(False, vp_stage) if post_process is None else post_process
+        self.input_tensor = None  # the previous stage's output, set by the schedule (`set_input_tensor`)
         self.tied = tied
         self.vocab_size = hf_text_config.vocab_size
         self.padded_vocab_size = padded_vocab_size(self.vocab_size, tp)
         self.mrope_section = self.config.mrope_section
         self.deepstack = family(hf_text_config).interleaved_mrope  # only Qwen3-VL takes DeepStack features
 
-        self.embedding = torch.nn.Module()  # GPTModel's name: embedding.word_embeddings
-        self.embedding.word_embeddings = tensor_parallel.VocabParallelEmbedding(
-            self.padded_vocab_size, self.config.hidden_size, init_method=self.config.init_method, config=self.config)
+        if self.pre_process:
+            self.embedding = torch.nn.Module()  # GPTModel's name: embedding.word_embeddings
+            self.embedding.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+                self.padded_vocab_size, self.config.hidden_size, init_method=self.config.init_method,
+                config=self.config)
         rope = InterleavedMRoPE if family(hf_text_config).interleaved_mrope else MultimodalRotaryEmbedding
         self.rotary_pos_emb = rope(kv_channels=self.config.kv_channels, rotary_percent=1.0,
                                    rotary_base=hf_text_config.rope_parameters["rope_theta"])
         spec = get_gpt_layer_local_spec(qk_layernorm=self.config.qk_layernorm, normalization="RMSNorm")
-        self.decoder = TransformerBlock(self.config, spec, pre_process=True, post_process=True)
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
-            self.config.hidden_size, self.padded_vocab_size, config=self.config, init_method=self.config.init_method,
-            bias=False, gather_output=False, skip_weight_param_allocation=tied)
+        self.decoder = TransformerBlock(self.config, spec, pre_process=self.pre_process,
+                                        post_process=self.post_process, vp_stage=vp_stage)
+        self.layer_indices = [layer.layer_number - 1 for layer in self.decoder.layers]  # global, 0-based
+        want = stage_layers(self.config.num_layers, pp, ps.get_pipeline_model_parallel_rank(), vpp, vp_stage)
+        if self.layer_indices != list(want):  # convert.py's split must be megatron's
+            raise ValueError(f"megatron built layers {self.layer_indices}, convert.py expects {list(want)}")
+        if self.post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                self.config.hidden_size, self.padded_vocab_size, config=self.config,
+                init_method=self.config.init_method, bias=False, gather_output=False,
+                skip_weight_param_allocation=tied and self.pre_process)
+            if tied and not self.pre_process:  # the embedding's copy (loaded from it by convert.py)
+                self.output_layer.weight.shared_embedding = True
         # the local spec's torch RMSNorm ignores params_dtype (float32 weights); Megatron-LM's Float16Module casts
         # the whole model for bf16/fp16, as here (the rotary inv_freq is no buffer and stays float32)
         self.to(self.config.params_dtype)
         _mark_sharded(self)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """megatron's schedule hands a non-first stage the received hidden states here ([tensor] or tensor)."""
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight shard on a last stage: the embedding's when tied on the same stage, else
+        output_layer's (a tied copy on a pipeline's last stage)."""
+        return self.embedding.word_embeddings.weight if self.tied and self.pre_process else self.output_layer.weight
 
     def sharded(self, p: torch.nn.Parameter) -> bool:
         """Whether `p` is this rank's shard of a tensor-parallel weight (else a replica of a whole one)."""
@@ -238,7 +287,9 @@ class Decoder(torch.nn.Module):
         position_ids: the M-RoPE ids HF's text model takes, [3, B, L], or [4, B, L] (row 0, the text positions,
         dropped: the boundaries come from cu_seqlens here), or [B, L] (text only). cu_seqlens: the segments of a
         packed row (B = 1); attention_mask: padded rows [B, L] of 0/1; neither: plain causal. DeepStack
-        (Qwen3-VL): after layer k < len(deepstack_visual_embeds), hidden[visual_pos_masks] += embeds[k]."""
+        (Qwen3-VL): after layer k < len(deepstack_visual_embeds), hidden[visual_pos_masks] += embeds[k].
+        Pipeline stages: inputs_embeds is the previous stage's output, k the global layer index (entries of layers
+        on other stages are not read), and the final norm is applied on the last stage only."""
         B, L, _ = inputs_embeds.shape
         if cu_seqlens is not None and (B != 1 or attention_mask is not None):
             raise ValueError("cu_seqlens describes one packed row [1, N, H] and takes no attention_mask")
@@ -253,16 +304,16 @@ class Decoder(torch.nn.Module):
         h = inputs_embeds.transpose(0, 1)  # megatron's [L, B, H]
         if deepstack_visual_embeds:
             b, l = visual_pos_masks.to(inputs_embeds.device).nonzero(as_tuple=True)  # HF's [B, L] order
-        for k, layer in enumerate(self.decoder.layers):
+        for k, layer in zip(self.layer_indices, self.decoder.layers):
             h, _ = layer(hidden_states=h, attention_mask=mask, rotary_pos_emb=rope)
             if deepstack_visual_embeds and k < len(deepstack_visual_embeds):
                 h = h.index_put((l, b), deepstack_visual_embeds[k].to(h.dtype), accumulate=True)
-        return self.decoder.final_layernorm(h).transpose(0, 1)
+        return (self.decoder.final_layernorm(h) if self.post_process else h).transpose(0, 1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's vocab shard of the logits [..., padded_vocab_size / tp]. The padded columns
         (ids >= vocab_size) are 0 from zero weights: mask them before any softmax over the vocabulary."""
-        weight = self.embedding.word_embeddings.weight if self.tied else None
+        weight = self.embedding.word_embeddings.weight if self.tied and self.pre_process else None
         return self.output_layer(hidden, weight=weight)[0]
 
     def load(self, state_dict: dict) -> None:

@@ -17,6 +17,15 @@ megatron-core assumes CUDA in a few places that the local (non-Transformer-Engin
   `set_rng_state` are left alone, and megatron's `model_parallel_cuda_manual_seed` (which calls them) is
   replaced by `manual_seed` below.
 
+Pipeline schedules (training/mcore/pipeline.py): `cuda_factories_on_cpu()`, a context manager (not a patch: active
+only around the schedule call, and only without CUDA) that turns a `device="cuda"` argument of a torch call into
+"cpu". megatron's `forward_backward_no_pipelining` / `_pipelining_without_interleaving` / `_with_interleaving`
+count tokens in `torch.zeros([], dtype=torch.int, device="cuda")`, a literal device string that patching
+`torch.cuda.current_device` cannot reach. Their p2p buffers are allocated on `torch.cuda.current_device()`
+(patched above). The `torch.cuda.synchronize()` after `batch_isend_irecv` (p2p_communication.py) is not
+reached: on CPU model.py `transformer_config` sets `batch_p2p_comm=False` (megatron's unbatched isend/irecv,
+which gloo needs at pp=2 anyway: see there).
+
 Not redirected because nothing on our path needs it: the local spec's default causal mask (built with
 device="cuda"; `Decoder` always passes an explicit mask), megatron's activation recompute (`CheckpointFunction`
 saves torch.cuda RNG states; not used), and the fused kernels (off in `transformer_config`).
@@ -24,6 +33,7 @@ saves torch.cuda RNG states; not used), and the fused kernels (off in `transform
 from __future__ import annotations
 
 import tempfile
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -42,6 +52,21 @@ def apply() -> None:
     random._get_cuda_rng_state = _get_cpu_rng_state
     random._set_cuda_rng_state = _set_cpu_rng_state
     _applied = True
+
+
+class _CudaFactoriesOnCpu(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def cuda_factories_on_cpu():
+    """Context: torch calls given device="cuda" allocate on the CPU (see the module docstring); a no-op context
+    where CUDA is available."""
+    return nullcontext() if torch.cuda.is_available() else _CudaFactoriesOnCpu()
 
 
 def _cpu_device() -> str:
