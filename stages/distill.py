@@ -176,6 +176,7 @@ def check_teacher(student, teacher) -> None:
 
 
 class DistillObjective(Objective):
+    no_pipeline = "its teacher runs inside the loss, and on-policy steps generate"
     no_sequence_parallel = ("distillation runs the teacher on whole rows; set parallel.sp_size=1 (the memory "
                             "estimator says which lever else fits)")
 

@@ -96,6 +96,7 @@ def pairs(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class DPOObjective(Objective):
+    no_pipeline = "its frozen reference model runs inside the loss"
     def __init__(self, cfg: Config):
         cfg.check()
         self.cfg = cfg

@@ -35,6 +35,9 @@ class Objective:
     no_sequence_parallel: str | None = None
     # None: stage.eval can score held-out samples with `loss_sum` (no gradient); else why it cannot
     no_eval: str | None = None
+    # None: `loss_sum` is one call of the policy, so it runs on a pipeline's last stage (engine=megatron,
+    # engine.pp > 1); else why it cannot
+    no_pipeline: str | None = None
 
     def setup(self, ctx: Context) -> None:
         pass

@@ -34,7 +34,7 @@ class EngineConfig:
     dtype: str = "fp32"  # fp32 | bf16
     raw: dict = field(default_factory=dict)  # merged last into the generated DeepSpeed config
     tp: int = 1  # megatron: tensor-parallel size (consecutive ranks of one replica)
-    pp: int = 1  # megatron: pipeline-parallel size (1 only, for now)
+    pp: int = 1  # megatron: pipeline-parallel size (stages of consecutive ranks; 1F1B schedule)
 
 
 def replica_size(cfg: EngineConfig, sp_size: int = 1) -> int:
@@ -54,7 +54,7 @@ class Engine(Protocol):
     sp_size: int  # ranks of a sequence-parallel group: they train the same rows (training/sp.py)
     sp_rank: int  # rank in it
     replica_rank: int  # rank among the processes that train the same rows (SP or TP group); 0 counts them once
-    groups: dict  # process groups by name: "dp", "sp" (later "tp", "pp"); None = the default group / none
+    groups: dict  # process groups by name: "dp", "sp", "tp", "pp"; None = the default group / none
     partitioned: bool  # parameters are sharded, so each module's forward is a collective on every rank
 
     def __call__(self, batch: dict, **kw): ...
@@ -62,6 +62,11 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulates d loss / d params; `loss` is this rank's share of the global mean (the engine undoes its own
         gradient averaging over data-parallel ranks)."""
+
+    def forward_backward(self, micro: list[dict], fn) -> list[tuple]:
+        """Runs `fn(micro_batch on the device)` -> (the loss to back-propagate, the objective's detached loss sum,
+        its stats) for each of the step's micro-batches and back-propagates each loss: `micro_batches` below, or
+        a pipeline schedule (megatron, engine.pp > 1). Returns [(loss sum, stats)] in order, on every rank."""
 
     def step(self) -> tuple[Optional[float], bool]:
         """Applies the accumulated gradients: (gradient norm before clipping, skipped as non-finite)."""
@@ -78,6 +83,17 @@ class Engine(Protocol):
 
     def build_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen copy placed like the trained model (reference models); returns what to call."""
+
+
+def micro_batches(engine: Engine, micro: list[dict], fn) -> list[tuple]:
+    """`Engine.forward_backward` one micro-batch after the other: forward, then backward (no pipeline)."""
+    out = []
+    for mb in micro:
+        loss, loss_sum, stats = fn({k: v.to(engine.device) if isinstance(v, torch.Tensor) else v
+                                    for k, v in mb.items()})
+        engine.backward(loss)
+        out.append((loss_sum.detach(), stats))
+    return out
 
 
 def build(model: torch.nn.Module, groups: dict, stage: StageConfig, cfg: EngineConfig, micro_batch: int,

@@ -329,12 +329,14 @@ def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
     loss_sum, sums, skipped, norm = torch.zeros((), dtype=torch.float64, device=engine.device), {}, None, None
     if weight_sum > 0:
         r.router.begin(engine, micro)  # a MoE model's load balancing counts the whole step's routing
-        for mb in micro:
-            mb = _to(mb, engine.device)
+
+        def micro_step(mb):  # + this micro-batch's router-loss share
             with r.router.watch(mb):
                 ls, stats = obj.loss_sum(engine, mb)
-            engine.backward(ls * (1.0 / weight_sum) + r.router.loss())  # + this micro-batch's router-loss share
-            loss_sum += ls.detach().double()
+            return ls * (1.0 / weight_sum) + r.router.loss(), ls, stats
+
+        for ls, stats in engine.forward_backward(micro, micro_step):
+            loss_sum += ls.double().to(loss_sum.device)
             _add_sums(sums, stats.get("sums", {}))
         norm, bad = engine.step()
     else:  # every rank sees the same global sum, so every rank skips together; no collective is left half-done

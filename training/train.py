@@ -181,13 +181,26 @@ def _check_megatron(job, world: int) -> None:
     if job.model.attn_implementation not in VARLEN:
         raise ValueError(f"engine=megatron takes packed rows by cu_seqlens: set model.attn_implementation to one of "
                          f"{list(VARLEN)}, not {job.model.attn_implementation!r}")
-    text, tp = _text_config(job.model), job.engine.tp  # the decoder's whole check (training/mcore) runs at its build
+    text, tp, pp = _text_config(job.model), job.engine.tp, job.engine.pp  # the decoder's whole check: at its build
     if text:
         from training.mcore.model import check_tp
 
         heads = text["num_attention_heads"]
         check_tp(tp, heads, text["num_key_value_heads"], text.get("head_dim") or text["hidden_size"] // heads,
                  text["intermediate_size"], what=f"engine.tp={tp}")
+        if text["num_hidden_layers"] % pp:
+            raise ValueError(f"engine.pp={pp}: the {text['num_hidden_layers']} decoder layers must split evenly over "
+                             f"the pipeline stages; choose engine.pp dividing {text['num_hidden_layers']}")
+    if pp > 1:
+        from stages import build_objective
+
+        why = build_objective(job.stage.objective).no_pipeline
+        if why:
+            raise ValueError(f"engine.pp={pp}: the {job.stage.objective['name']} objective does not run on a pipeline "
+                             f"yet ({why}); set engine.pp=1 for stage {job.stage.name!r} (engine.tp still applies)")
+        if job.stage.eval.every:
+            raise ValueError(f"engine.pp={pp}: stage.eval scores held-out samples outside the pipeline schedule, "
+                             f"which is not implemented yet; set stage.eval.every=0 or engine.pp=1")
 
 
 def _text_config(cfg) -> dict | None:

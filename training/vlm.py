@@ -56,6 +56,7 @@ class VLM(torch.nn.Module):
         self.sync_group = None  # set by an engine whose lm_head calls are collectives (ZeRO-3): see `_chunks`
         self.sp = None  # training/sp.py SequenceParallel, set by an engine with parallel.sp_size > 1
         self.offload_activations = False  # model.offload_activations: tensors saved for backward in host memory
+        self.pipeline_input = False  # a later pipeline stage: the decoder's input comes from the previous stage
 
     @property
     def config(self):
@@ -102,9 +103,22 @@ class VLM(torch.nn.Module):
         """(final hidden states [B, L, H] (under sequence parallelism: this rank's slice [1, n, H] of the flattened
         row), a zero scalar carrying dummy ViT passes) of a micro-batch in the data/README.md contract."""
         B, L = batch["input_ids"].shape
+        out, zero = self.decoder_output(batch)
+        hidden = out.last_hidden_state
+        return (hidden if self.sp is not None else hidden.view(B, L, -1)), zero
+
+    def decoder_output(self, batch: dict):
+        """Steps 1-3: (the text decoder's output, the dummy-ViT zero). On a later pipeline stage (`pipeline_input`:
+        engine=megatron with engine.pp > 1) the decoder's input is the previous stage's output, so the embedding,
+        ViT and merge run on the first stage only; what a non-last stage's decoder returns is what it sends on."""
+        B, L = batch["input_ids"].shape
         packed = batch.get("attention_mask") is None and batch.get("cu_seqlens") is not None
         ids = batch["input_ids"].reshape(1, B * L) if packed else batch["input_ids"]
         decoder_inputs = None
+        if self.pipeline_input:
+            out = self.model.language_model(input_ids=ids, inputs_embeds=None, use_cache=False,
+                                            **self.decoder_inputs(batch, ids, None, packed))
+            return out, torch.zeros((), device=ids.device)
         if self.sp is not None:
             if not packed:
                 raise ValueError("sequence parallelism (parallel.sp_size > 1) runs on packed rows only; this "
@@ -121,8 +135,7 @@ class VLM(torch.nn.Module):
             decoder_inputs = self.decoder_inputs(batch, ids, embeds, packed)
         out = self.model.language_model(input_ids=None, inputs_embeds=embeds, use_cache=False, **decoder_inputs,
                                         **deepstack)
-        hidden = out.last_hidden_state
-        return (hidden if self.sp is not None else hidden.view(B, L, -1)), zero
+        return out, zero
 
     # -- 1. visual encoding --------------------------------------------------------------------------------
     def encode(self, modality: str, pixels: torch.Tensor, grids: torch.Tensor):

@@ -4,7 +4,7 @@
 step is the same packed rows whatever the layout: samples from the shapes generator go through the real
 encoder, M-RoPE step and packer once, in one fixed order, and rank r's micro-batch m of a step takes rows
 `(m * world + r) * micro ...` (world and r count data-parallel ranks: `sp=2` puts two processes on each row,
-parallel.sp_size; `engine=megatron tp=2` likewise, engine.tp). So runs with different world sizes / micro-batch sizes / accumulation
+parallel.sp_size; `engine=megatron tp=2 pp=2` likewise, engine.tp and engine.pp). So runs with different world sizes / micro-batch sizes / accumulation
 steps train on exactly the same global batches and must end with the same weights. `arrange=mixed` gives
 rank 0 an image row and rank 1 a text-only row (the ZeRO-3 mixed-batch case).
 Arguments with a dot are config overrides (e.g. `stage.objective.teacher=DIR` after `stage=distill`).
@@ -71,12 +71,12 @@ class FixedLoader:
 def main(out: str, *args: str) -> None:
     opts = dict(family="qwen2_5_vl", engine="zero2", reduction="token", micro="1", steps="3", arrange="uniform",
                 lr="1e-3", sp="1", sp_vision="split", seq_len="256", tasks="caption,vqa,text,grounding",
-                attention="dense", stage="s1_multimodal", tp="1")
+                attention="dense", stage="s1_multimodal", tp="1", pp="1")
     opts.update(a.split("=", 1) for a in args if "." not in a.split("=", 1)[0])
     extra = [a for a in args if "." in a.split("=", 1)[0]]
     rank, world = init_distributed()
     micro, steps, sp, seq_len = int(opts["micro"]), int(opts["steps"]), int(opts["sp"]), int(opts["seq_len"])
-    replica = sp * int(opts["tp"])  # an SP (or megatron TP) group's ranks train the same rows
+    replica = sp * int(opts["tp"]) * int(opts["pp"])  # an SP (or megatron TP x PP) group's ranks train the same rows
     dp, dp_rank = world // replica, rank // replica
     ga = 4 // (dp * micro) if opts["arrange"] == "uniform" else 2 // dp
     job = to_job(compose([f"stage={opts['stage']}", f"model=tiny_{opts['family']}", f"engine={opts['engine']}", "logger=none",
@@ -84,7 +84,8 @@ def main(out: str, *args: str) -> None:
                           f"trainer.grad_accum={ga}", "trainer.save_every=0", f"stage.optimizer.lr={opts['lr']}",
                           f"stage.objective.loss_reduction={opts['reduction']}", f"stage.seq_len={seq_len}",
                           f"parallel.sp_size={sp}", f"parallel.sp_vision={opts['sp_vision']}",
-                          *([f"engine.tp={opts['tp']}"] if opts["engine"] == "megatron" else []), *extra]))
+                          *([f"engine.tp={opts['tp']}", f"engine.pp={opts['pp']}"] if opts["engine"] == "megatron"
+                            else []), *extra]))
     r = loop._setup(job, "", Path(out), rank, world)
     per_step = dp * micro * ga
     if opts["arrange"] == "mixed":  # every step: an image row then a text-only row

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from stages import StageConfig
 from training import sp
-from training.engine import EngineConfig, lr_lambda, optimizer_groups
+from training.engine import EngineConfig, lr_lambda, micro_batches, optimizer_groups
 from training.moe import sparse_blocks
 from training.parallel import ParallelConfig
 
@@ -225,6 +225,9 @@ class Engine:
         self.ds.backward(loss * self.world, scale_wrt_gas=False)
         if not boundary:
             self.ds.step()
+
+    def forward_backward(self, micro: list[dict], fn) -> list[tuple]:
+        return micro_batches(self, micro, fn)
 
     def step(self) -> tuple[Optional[float], bool]:
         before = self.ds.skipped_steps

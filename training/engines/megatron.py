@@ -1,4 +1,5 @@
-"""The megatron-core engine (`engine=megatron`): the language model tensor-parallel on megatron-core, the rest as is.
+"""The megatron-core engine (`engine=megatron`): the language model tensor- and pipeline-parallel on megatron-core,
+the rest as is.
 
 The step module stays training/vlm.py's VLM, so the model step (ViT -> merge -> decoder -> chunked loss) and every
 objective are the DeepSpeed engine's. What changes is inside it:
@@ -15,17 +16,28 @@ objective are the DeepSpeed engine's. What changes is inside it:
 - The ViT and merger are HF modules, replicated over the TP group: every TP rank encodes the same images, and gets
   the same (whole) gradients, because the decoder's first column-parallel layers all-reduce their input gradient.
 
-Data parallelism is over megatron's data-parallel group (world / tp ranks; a replica's TP ranks are consecutive
-and read the same rows): gradients are summed over that group only, after the q/k-norm partial gradients are
-summed over TP (training/mcore/model.py `reduce_tp_partial_grads`). The gradient norm counts a TP-sharded weight
-once over its shards and a replicated one once. The optimizer is torch's AdamW over this rank's parameters (the
-same parameter groups and LR schedule as DeepSpeed's, training/engine.py); megatron's distributed optimizer and
-DDP buckets, pipeline parallelism (`engine.pp`) and TP sequence parallelism are not used yet.
+Pipeline parallelism (`engine.pp` > 1; training/mcore/pipeline.py): each rank holds its stage's layers (the
+first stage also the embedding, the last the final norm and head). `forward_backward` runs megatron's 1F1B schedule
+over the step's micro-batches: on the first stage the step's first half (ViT, merge, `VLM.decoder_output`), on
+the last the objective's `loss_sum` with `VLM.pipeline_input` set (the decoder's input is the received tensor);
+Qwen3-VL's DeepStack features ride with the hidden states to the stages whose layers take them. The last stage's
+loss sums and metrics are broadcast to the other stages, so the loop sees what it sees without a pipeline. Only
+objectives whose loss is one policy call run there (the lm stages: `Objective.no_pipeline`), on packed rows.
+
+Data parallelism is over megatron's data-parallel group (world / (tp x pp) ranks; rank order tp-pp-dp, so a
+replica's TP and pipeline ranks are consecutive and read the same rows): gradients are summed over that group
+only, after the q/k-norm partial gradients are summed over TP and a tied embedding's gradient with its head copy
+on the last stage (pipeline.py `finalize_grads`). The gradient norm counts a TP-sharded weight once over its
+shards, a replicated one once, sums the stages, and skips the tied copy. The optimizer is torch's AdamW over this
+rank's parameters (the same parameter groups and LR schedule as DeepSpeed's, training/engine.py); the ViT's
+copies on later stages get zero gradients (unused there; the export takes the first stage's). Megatron's
+distributed optimizer and DDP buckets, virtual pipeline stages and TP sequence parallelism are not used yet.
 
 Checkpoints: one file per rank, `mcore_rank<r>.pt` (this rank's weights, optimizer and scheduler state, the layout
-that wrote it), loaded with torch.load(weights_only=True); a resume with another tp or world is refused naming
-what changed. `full_state_dict` gathers the TP shards and converts them back to HF names, so `hf/` is a plain HF
-export; `checkpoint_weights` does the same from a checkpoint directory (a next stage may start from one).
+that wrote it), loaded with torch.load(weights_only=True); a resume with another tp, pp or world is refused naming
+what changed. `full_state_dict` gathers the TP shards and the stages and converts them back to HF names, so `hf/`
+is a plain HF export; `checkpoint_weights` does the same from a checkpoint directory (a next stage may start from
+one, at any tp and pp).
 """
 from __future__ import annotations
 
@@ -40,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from stages import StageConfig
-from training.engine import EngineConfig, lr_lambda, optimizer_groups
+from training.engine import EngineConfig, lr_lambda, micro_batches, optimizer_groups
 from training.parallel import ParallelConfig
 
 log = logging.getLogger("training")
@@ -54,11 +66,9 @@ def init_distributed() -> None:
 
 
 def check(cfg: EngineConfig, micro_batch: int, grad_accum: int, world: int, grad_clip: float) -> None:
-    if cfg.tp < 1 or world % cfg.tp:
-        raise ValueError(f"engine.tp={cfg.tp} must divide the {world} processes (data-parallel size = world / tp)")
-    if cfg.pp != 1:
-        raise ValueError(f"engine.pp={cfg.pp}: pipeline parallelism is not implemented on engine=megatron yet; "
-                         f"use engine.pp=1 (tensor parallelism: engine.tp)")
+    if cfg.tp < 1 or cfg.pp < 1 or world % (cfg.tp * cfg.pp):
+        raise ValueError(f"engine.tp={cfg.tp} x engine.pp={cfg.pp} must divide the {world} processes (data-parallel "
+                         f"size = world / (tp x pp))")
     if cfg.dtype not in ("fp32", "bf16"):
         raise ValueError(f"engine.dtype={cfg.dtype!r}; choose fp32 or bf16")
 
@@ -77,26 +87,39 @@ class _Embed(torch.nn.Module):
 class _LanguageModel(torch.nn.Module):
     """HF's text-model call on the megatron decoder (training/vlm.py `hidden_states` calls it as HF's)."""
 
-    def __init__(self, decoder):
+    def __init__(self, decoder, media_ids: tuple = (), deepstack_layers: int = 0):
         super().__init__()
         self.decoder = decoder
         self.embed_tokens = _Embed(decoder)
         self.config = decoder.hf_config  # HF's text config (FLOP counts, the step read it)
+        self.media_ids, self.deepstack_layers = media_ids, deepstack_layers  # for a pipeline's later stages
 
     def get_input_embeddings(self):
         return self.embed_tokens
 
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None, cu_seq_lens_q=None,
                 visual_pos_masks=None, deepstack_visual_embeds=None, use_cache=False, **_):
-        if inputs_embeds is None:
+        if inputs_embeds is None and self.decoder.pre_process:
             inputs_embeds = self.decoder.embed(input_ids)
         if cu_seq_lens_q is not None:  # packed rows: the segments say it all (sdpa_varlen adds an all-ones mask)
             attention_mask = None
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("engine=megatron takes packed rows by cu_seqlens (model.attn_implementation="
                              "sdpa_varlen) or padded rows with a [B, L] mask, not a dense 4-D mask")
-        hidden = self.decoder(inputs_embeds, position_ids, cu_seqlens=cu_seq_lens_q, attention_mask=attention_mask,
-                              visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack_visual_embeds)
+        d = self.decoder
+        if d.config.pipeline_model_parallel_size == 1:
+            hidden = d(inputs_embeds, position_ids, cu_seqlens=cu_seq_lens_q, attention_mask=attention_mask,
+                       visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack_visual_embeds)
+            return SimpleNamespace(last_hidden_state=hidden)
+        from training.mcore.pipeline import stage_forward
+
+        if not d.pre_process and self.deepstack_layers:  # the visual tokens, where carried DeepStack features go
+            visual_pos_masks = torch.isin(input_ids, torch.tensor(self.media_ids, device=input_ids.device))
+        # a pipeline stage: the first one's inputs_embeds or the schedule's received tensor; a non-last stage returns
+        # what it sends on (training/mcore/pipeline.py)
+        hidden = stage_forward(d, position_ids, self.deepstack_layers, cu_seqlens=cu_seq_lens_q,
+                               attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack_visual_embeds)
         return SimpleNamespace(last_hidden_state=hidden)
 
 
@@ -120,8 +143,8 @@ class _Head(torch.nn.Module):
         from training.mcore.loss import VocabParallelNLL
 
         d = self.decoder
-        weight = d.embedding.word_embeddings.weight if d.tied else d.output_layer.weight
-        return VocabParallelNLL.apply(h, weight, target, w, chunk, d.vocab_size, ps.get_tensor_model_parallel_group())
+        return VocabParallelNLL.apply(h, d.head_weight(), target, w, chunk, d.vocab_size,
+                                      ps.get_tensor_model_parallel_group())
 
 
 def _hf_lm_state(model: torch.nn.Module) -> dict:
@@ -131,23 +154,26 @@ def _hf_lm_state(model: torch.nn.Module) -> dict:
 
 
 def to_megatron(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Replaces a VLM's HF text decoder and lm_head by this TP rank's megatron Decoder (in place; same weights)."""
+    """Replaces a VLM's HF text decoder and lm_head by this (TP rank, pipeline stage)'s megatron Decoder (in
+    place; same weights). A later pipeline stage's VLM takes its decoder input from the schedule."""
     from megatron.core import parallel_state as ps
 
-    from training.mcore.convert import hf_to_mcore, is_tied
-    from training.mcore.model import Decoder, transformer_config
+    from training.mcore.convert import is_tied
+    from training.mcore.pipeline import build_chunks
 
     hf = model.hf
     text = hf.config.get_text_config()
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     state = _hf_lm_state(model)
     tied = bool(getattr(hf.config, "tie_word_embeddings", False)) or is_tied(state)
     trainable = next(p for n, p in hf.named_parameters() if n.startswith(LM_PREFIXES)).requires_grad
-    decoder = Decoder(text, transformer_config(text, tp, dtype, perform_initialization=False), tied=tied)
-    decoder.load(hf_to_mcore(state, text, tp, rank, tied=tied))
+    (decoder,) = build_chunks(text, state, dtype, tied)
     decoder.requires_grad_(trainable)
     model.__dict__["hf_lm"] = (hf.model.language_model, hf.lm_head)  # kept for generation (Engine.generation)
-    hf.model.language_model = _LanguageModel(decoder)  # hf.model is the VLM's `model`: the step sees it too
+    media = tuple(getattr(hf.config, k) for k in ("image_token_id", "video_token_id") if getattr(hf.config, k, None)
+                  is not None)
+    deepstack = len(getattr(hf.config.vision_config, "deepstack_visual_indexes", None) or [])
+    hf.model.language_model = _LanguageModel(decoder, media, deepstack)  # hf.model is the VLM's `model` too
+    model.pipeline_input = not ps.is_pipeline_first_stage(ignore_virtual=True)
     model.lm_head = hf.lm_head = _Head(decoder)
     # the head's weight is a (padded) vocabulary shard, not the plain [V, H] the fused chunks take: always the
     # module-call path (a TP group of one: its all-reduces are no-ops)
@@ -181,19 +207,23 @@ class Engine:
                              "levers; set parallel.sp_size=1 and model.tiled_mlp=0 (context parallelism on megatron "
                              "needs Transformer Engine)")
         check(cfg, micro_batch, grad_accum, world, stage.optimizer.grad_clip)
-        self.cfg, self.world, self.tp = cfg, world, cfg.tp
+        self.cfg, self.world, self.tp, self.pp = cfg, world, cfg.tp, cfg.pp
         self.dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+        from training.mcore.pipeline import init_model_parallel
+
         rng = torch.get_rng_state()  # the loop seeded it per data-parallel rank; megatron's seeding must not reset it
-        shim.init_model_parallel(cfg.tp, seed=1234)
+        # rank order tp-pp-dp: a replica's tp x pp ranks are consecutive (training/engine.py replica_size)
+        init_model_parallel(cfg.tp, cfg.pp, seed=1234, order="tp-pp-dp")
         torch.set_rng_state(rng)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
-        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.sp_size, self.sp_rank = 1, 0
-        self.replica_rank = self.tp_rank  # the TP ranks of a replica train the same rows: count them once
+        # the TP and pipeline ranks of a replica train the same rows: count them once
+        self.replica_rank = self.pp_rank * self.tp + self.tp_rank
         self.groups = {"dp": ps.get_data_parallel_group() if self.dp_size < world else None, "sp": None,
-                       "tp": ps.get_tensor_model_parallel_group()}
+                       "tp": ps.get_tensor_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group()}
         self.partitioned = False
         self.model = self._place(to_megatron(model, self.dtype))
         self.param_names = _regroup(model, groups)
@@ -201,8 +231,9 @@ class Engine:
                                            betas=tuple(stage.optimizer.betas), eps=stage.optimizer.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage, max_steps))
         self.grad_clip = float(stage.optimizer.grad_clip)
-        log.info("engine megatron: tp %d x dp %d (this rank: tp %d, dp %d), %s", self.tp, self.dp_size, self.tp_rank,
-                 self.dp_rank, cfg.dtype)
+        self.decoder = self.model.model.language_model.decoder
+        log.info("engine megatron: tp %d x pp %d x dp %d (this rank: tp %d, pp %d, dp %d), %s", self.tp, self.pp,
+                 self.dp_size, self.tp_rank, self.pp_rank, self.dp_rank, cfg.dtype)
 
     def _place(self, model: torch.nn.Module) -> torch.nn.Module:
         model.to(self.device)
@@ -212,6 +243,41 @@ class Engine:
 
     def __call__(self, batch: dict, **kw):
         return self.model(batch, **kw)
+
+    def forward_backward(self, micro: list[dict], fn) -> list[tuple]:
+        """One micro-batch after the other (pp 1), or megatron's 1F1B schedule over the step's micro-batches (pp >
+        1): the first stage runs the ViT, merge and its layers, the last its layers and `fn` (the objective's loss
+        on the received hidden states), each stage sends on what its decoder returns. Every micro-batch must be
+        packed rows of one shape (the schedule's fixed send shape). The last stage's results reach every stage."""
+        if self.pp == 1:
+            return micro_batches(self, micro, fn)
+        from megatron.core import parallel_state as ps
+
+        from training.mcore.pipeline import forward_backward
+
+        shapes = {tuple(mb["input_ids"].shape) for mb in micro}
+        if len(shapes) != 1 or any(mb.get("cu_seqlens") is None or mb.get("attention_mask") is not None
+                                   for mb in micro):
+            raise ValueError(f"engine.pp > 1 trains packed rows of one shape (micro-batches of "
+                             f"trainer.micro_batch_size rows of stage.seq_len tokens); got shapes {sorted(shapes)}")
+        (rows, length), = shapes
+        results = []
+        ones = torch.ones((), dtype=torch.int, device=self.device)
+
+        def step_func(data_iterator, chunk):
+            mb = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in next(data_iterator).items()}
+            if chunk.post_process:
+                loss, loss_sum, stats = fn(mb)
+                results.append((float(loss_sum), stats))
+                return loss, lambda out: (out, ones, {})
+            out, zero = self.model.decoder_output(mb)
+            return out.last_hidden_state + zero.to(out.last_hidden_state.dtype), None
+
+        forward_backward([self.decoder], step_func, micro, rows * length, 1, self.model.model.language_model
+                         .deepstack_layers)
+        box = [results]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=self.groups["pp"])
+        return [(torch.tensor(ls, dtype=torch.float64), stats) for ls, stats in box[0]]
 
     def backward(self, loss: torch.Tensor) -> None:
         """`loss` is this replica's share of the global mean on each of its TP ranks: gradients accumulate here and
@@ -224,7 +290,9 @@ class Engine:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        self.model.model.language_model.decoder.reduce_tp_partial_grads()
+        from training.mcore.pipeline import finalize_grads
+
+        finalize_grads([self.decoder])  # q/k-norm partial sums over TP; a tied head's copy and the embedding
         if self.dp_size > 1:
             for p in params:  # one collective per parameter: megatron's DDP buckets are not used yet
                 dist.all_reduce(p.grad, group=self.groups["dp"])
@@ -239,15 +307,20 @@ class Engine:
         return norm, skipped
 
     def _grad_norm(self, params: list) -> float:
-        """The global L2 norm of the gradients: TP-sharded weights summed over the TP group, replicated ones once."""
-        decoder = self.model.model.language_model.decoder
-        sharded = [p.grad for p in params if decoder.sharded(p)]
+        """The global L2 norm of the gradients: TP-sharded weights summed over the TP group, replicated ones once,
+        then each pipeline stage's part summed over the stages. A tied head's copy on the last stage holds the
+        embedding's gradient and is not counted again; the ViT's copies on later stages have zero gradients."""
+        decoder = self.decoder
+        copy = [p for p in params if getattr(p, "shared_embedding", False)]
+        sharded = [p.grad for p in params if decoder.sharded(p) and not any(p is c for c in copy)]
         replicated = [p.grad for p in params if not decoder.sharded(p)]
         sq = sum((g.double().pow(2).sum() for g in sharded), torch.zeros((), dtype=torch.float64, device=self.device))
         if self.tp > 1:
             dist.all_reduce(sq, group=self.groups["tp"])
         sq = sq + sum((g.double().pow(2).sum() for g in replicated), torch.zeros((), dtype=torch.float64,
                                                                                 device=self.device))
+        if self.pp > 1:
+            dist.all_reduce(sq, group=self.groups["pp"])
         return float(sq.sqrt())
 
     @property
@@ -264,22 +337,31 @@ class Engine:
         return out
 
     def _hf_lm_weights(self) -> tuple[dict, dict]:
-        """(the decoder's and head's full weights in HF names, gathered over TP: a collective; the other weights)."""
-        from training.mcore.convert import mcore_to_hf
+        """(the decoder's and head's full weights in HF names, gathered over TP and the pipeline stages: a
+        collective; the other weights, the first stage's (the ViT trains there))."""
+        from training.mcore.convert import mcore_to_hf, merge_pp
 
         dec, rest = _split(_weights(self.model))
-        return mcore_to_hf(_gather_tp(dec, self.tp, self.groups["tp"]), self.model.hf.config.get_text_config()), rest
+        text = self.model.hf.config.get_text_config()
+        shards = _gather_tp(dec, self.tp, self.groups["tp"])
+        if self.pp > 1:  # every stage's TP shards, as objects (stages differ in keys): [pp][tp] -> merged per tp
+            stages = [None] * self.pp
+            dist.all_gather_object(stages, [{k: v.cpu() for k, v in sh.items()} for sh in shards],
+                                   group=self.groups["pp"])
+            shards = [merge_pp([st[t] for st in stages], text, self.decoder.tied) for t in range(self.tp)]
+        return mcore_to_hf(shards, text), rest
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         rank = dist.get_rank() if dist.is_initialized() else 0
         torch.save({"model": _weights(self.model),
                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "layout": self.layout(), "text_config": self.model.hf.config.get_text_config().to_dict()},
+                    "layout": self.layout(), "tied": self.decoder.tied,
+                    "text_config": self.model.hf.config.get_text_config().to_dict()},
                    path / f"mcore_rank{rank:05d}.pt")
 
     def layout(self) -> dict:
-        return {"tp": self.tp, "pp": 1, "world": self.world}
+        return {"tp": self.tp, "pp": self.pp, "world": self.world}
 
     def load(self, path: Path) -> None:
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -306,6 +388,9 @@ class Engine:
         the megatron decoder replaced get its weights, gathered over TP and converted (every rank holds the whole
         decoder for the call: verl's way of syncing a trainer's weights into its rollout model), and are swapped
         in for the call."""
+        if self.pp > 1:
+            raise ValueError("engine.pp > 1: generation (rollouts) needs the whole decoder on one rank; train this "
+                             "stage with engine.pp=1")
         hf = self.model.hf
         lm, head = self.model.hf_lm
         full, _ = self._hf_lm_weights()
@@ -331,6 +416,9 @@ class Engine:
 
     def build_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen copy (reference, teacher) with its decoder tensor-parallel like the policy's."""
+        if self.pp > 1:
+            raise ValueError("engine.pp > 1: a frozen reference or teacher model would need its own pipeline "
+                             "schedule; train this stage with engine.pp=1")
         model.requires_grad_(False)
         model.eval()
         return self._place(to_megatron(model, self.dtype))
@@ -369,13 +457,18 @@ def checkpoint_weights(step_dir: Path) -> dict:
 
     from training.mcore.convert import mcore_to_hf
 
+    from training.mcore.convert import merge_pp
+
     first = torch.load(step_dir / "mcore_rank00000.pt", map_location="cpu", weights_only=True)
-    tp = first["layout"]["tp"]
+    tp, pp = first["layout"]["tp"], first["layout"].get("pp", 1)
+    # the first replica: ranks pp_rank * tp + tp_rank (rank order tp-pp-dp)
     states = [first] + [torch.load(step_dir / f"mcore_rank{r:05d}.pt", map_location="cpu", weights_only=True)
-                        for r in range(1, tp)]
+                        for r in range(1, tp * pp)]
     text = dict(first["text_config"])
     config = AutoConfig.for_model(text.pop("model_type"), **text)
     shards, rest = zip(*(_split(s["model"]) for s in states))
+    if pp > 1:
+        shards = [merge_pp([shards[stage * tp + t] for stage in range(pp)], config, first["tied"]) for t in range(tp)]
     out = dict(rest[0])
     out.update(mcore_to_hf(list(shards), config))
     return out

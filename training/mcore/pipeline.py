@@ -33,10 +33,12 @@ from training.mcore import shim
 from training.mcore.convert import hf_to_mcore, is_tied, stage_layers
 
 
-def init_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 0) -> bool:
+def init_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 0,
+                        order: str = "tp-cp-ep-dp-pp") -> bool:
     """megatron's parallel state for (tp, pp, vpp) (data parallel = world / (tp·pp)) on the existing process
     group (torchrun), then shim's seeding. pp=1: shim.init_model_parallel (it may make a one-process group).
-    vpp=None or 1: no interleaving. Returns whether it created the process group (for shim.destroy)."""
+    vpp=None or 1: no interleaving. `order`: megatron's rank order (the engine's "tp-pp-dp" keeps a replica's
+    tp·pp ranks consecutive). Returns whether it created the process group (for shim.destroy)."""
     vpp = None if vpp == 1 else vpp
     if pp == 1:
         if vpp is not None:
@@ -47,7 +49,7 @@ def init_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: 
     shim.apply()
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 virtual_pipeline_model_parallel_size=vpp)
+                                 virtual_pipeline_model_parallel_size=vpp, order=order)
     shim.manual_seed(seed)
     return False
 
