@@ -89,7 +89,9 @@ class ChainProgress:
         remaining = (step.max_steps - done) * self.rate if self.rate is not None else None
         if final or self.tty or now - self.last_print >= self.every_s:
             self.last_print = now
-            self._write(f"{self._pos(step)} step {done}/{step.max_steps}  loss {row['loss']:.4f}  "
+            loss = f"loss {row['loss']:.4f}" if row.get("loss") is not None else \
+                f"skipped ({row.get('skipped') or 'no loss'})"  # e.g. RL: every group's rewards equal
+            self._write(f"{self._pos(step)} step {done}/{step.max_steps}  {loss}  "
                         f"lr {row['lr']:.2e}  step eta {hms(remaining)}  chain eta {hms(self._chain_eta(step, remaining))}",
                         transient=not final)
 

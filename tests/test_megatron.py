@@ -40,12 +40,17 @@ def test_pipeline_parallel_trains_the_same_global_batches_as_zero2_on_one_rank(t
     the last the loss; the loss and token counts reach every rank, gradients are summed over the data-parallel
     group, the norm over the stages. Losses, grad norms, counts and the exported weights (gathered over both
     stages and TP) equal zero2 in one process on the same global batches."""
-    opts = dict(family=family, attention="varlen", tasks="caption,vqa,text")
+    opts = {"family": family, "attention": "varlen", "tasks": "caption,vqa,text", "stage.eval.every": "2",
+            "stage.eval.sources": "[vqa,caption]", "stage.eval.samples": "5"}  # held-out: forward-only schedules
     ref = _run(tmp_path / "zero2", 1, engine="zero2", micro=4, **opts)
     pp = _run(tmp_path / "pp", nproc, engine="megatron", pp="2", tp=str(tp), **opts)
     _assert_same(pp, ref, atol=3e-5)
     rows, want = metrics_rows(tmp_path / "pp"), metrics_rows(tmp_path / "zero2")
     assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in want], rel=1e-5)
+    def held_out(rs):
+        return [v for r in rs if "eval/loss" in r for v in (r["step"], r["eval/loss/vqa"], r["eval/loss/caption"])]
+
+    assert held_out(want)[::3] == [2, 3] and held_out(rows) == pytest.approx(held_out(want), rel=1e-5)
     assert [r["tokens"] for r in rows] == [r["tokens"] for r in want]  # counted once per replica
 
 
@@ -148,8 +153,6 @@ def test_what_megatron_does_not_run_yet_is_refused_by_name():
     assert "4 decoder layers must split evenly" in refused(["engine.pp=3"], world=3)
     for stage in ("dpo", "sapo"):  # and distill (no_pipeline): its teacher is checked first
         assert f"the {stage} objective does not run on a pipeline" in refused([f"stage={stage}", "engine.pp=2"], 2)
-    assert "stage.eval scores held-out samples outside" in refused(
-        ["engine.pp=2", "stage.eval.every=5", "stage.eval.sources=[vqa]"], world=2)
     assert "engine.tp=2 x engine.pp=1 must divide the 1 processes" in refused(["engine.tp=2"])
     assert "engine.tp=4 must divide num_attention_heads=6" in refused(["engine.tp=4"], world=4)
     assert "stage.lora" in refused(["stage=sft", "stage.lora.r=4"])
@@ -188,3 +191,37 @@ def test_vocab_parallel_cross_entropy_and_its_gradients_equal_torch(tmp_path):
     finally:
         if created:
             dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_tiny_recipe_runs_every_stage_on_megatron_with_pipeline_and_tensor_parallelism(tmp_path):
+    """pipeline=tiny on engine=megatron under torchrun (2 processes): the lm stages (S0-S3, SFT) pipelined over 2
+    stages (engine.pp=2, with their held-out evaluation), DPO and SAPO tensor-parallel (engine.tp=2: their reference
+    model and rollouts need the whole decoder per replica), the small distillation student and its SFT twin data-
+    parallel (3 heads do not split over 2 TP ranks); each step starts from the one before, and the last export
+    loads with from_pretrained."""
+    from test_pipeline import _pipeline
+
+    out = tmp_path / "run"
+    groups = "model.groups_from.groups=[vision]"
+    r = _pipeline(out, "launcher=torchrun", "launcher.nproc_per_node=2", "pipeline.engine=megatron",
+                  "pipeline.max_steps=2", "pipeline.eval.enabled=false",
+                  "pipeline.common=['logger=none','trainer.micro_batch_size=1','trainer.save_every=3','engine.pp=2']",
+                  *[f"pipeline.steps.{s}.overrides=['engine.pp=1','engine.tp=2']" for s in ("dpo",)],
+                  "pipeline.steps.sapo.overrides=['engine.pp=1','engine.tp=2','stage.objective.num_generations=8',"
+                  "'stage.objective.max_new_tokens=8','trainer.micro_batch_size=2','stage.objective.kl_beta=0.04']",
+                  *[f"pipeline.steps.{s}.overrides=['engine.pp=1','{groups}']" for s in ("distill", "sft_small")],
+                  timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    layout = {"s0_merger": "tp 1 x pp 2", "s1_multimodal": "tp 1 x pp 2", "s2_long_32k": "tp 1 x pp 2",
+              "s3_long_256k": "tp 1 x pp 2", "sft": "tp 1 x pp 2", "distill": "tp 1 x pp 1 x dp 2",
+              "sft_small": "tp 1 x pp 1 x dp 2", "dpo": "tp 2 x pp 1", "sapo": "tp 2 x pp 1"}
+    for name, want in layout.items():
+        d = out / name
+        assert (d / "DONE").is_file(), name
+        assert f"engine megatron: {want}" in (d / "console.log").read_text(), name
+        assert [x["step"] for x in metrics_rows(d)] == [1, 2], name
+    assert "eval/loss/vqa" in metrics_rows(out / "s1_multimodal")[-1]
+    sapo = metrics_rows(out / "sapo")  # one rollout batch (on the TP replica, HF's decoder) for its 2 mini-batches
+    assert sapo[0]["rollout/response_length"] > 0 and all(r["loss"] is not None for r in sapo)
+    assert load_hf(out / "sapo" / "hf")

@@ -264,7 +264,7 @@ def test_torchrun_launcher_runs_a_data_parallel_then_a_sequence_parallel_step(tm
                   "pipeline.only=[s0_merger,s1_multimodal,s2_long_32k]", "pipeline.eval.enabled=false",
                   f"pipeline.steps.s1_multimodal.overrides={sp}", f"pipeline.steps.s2_long_32k.overrides={tp}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "engine megatron: tp 2 x dp 1" in (out / "s2_long_32k" / "console.log").read_text()
+    assert "engine megatron: tp 2 x pp 1 x dp 1" in (out / "s2_long_32k" / "console.log").read_text()
     for name, sp_groups in (("s0_merger", 0), ("s1_multimodal", 1), ("s2_long_32k", 0)):
         d = out / name
         log = (d / "console.log").read_text()

@@ -63,10 +63,11 @@ class Engine(Protocol):
         """Accumulates d loss / d params; `loss` is this rank's share of the global mean (the engine undoes its own
         gradient averaging over data-parallel ranks)."""
 
-    def forward_backward(self, micro: list[dict], fn) -> list[tuple]:
+    def forward_backward(self, micro: list[dict], fn, forward_only: bool = False) -> list[tuple]:
         """Runs `fn(micro_batch on the device)` -> (the loss to back-propagate, the objective's detached loss sum,
-        its stats) for each of the step's micro-batches and back-propagates each loss: `micro_batches` below, or
-        a pipeline schedule (megatron, engine.pp > 1). Returns [(loss sum, stats)] in order, on every rank."""
+        its stats) for each of the step's micro-batches and back-propagates each loss (not with `forward_only`:
+        held-out scoring): `micro_batches` below, or a pipeline schedule (megatron, engine.pp > 1). Returns
+        [(loss sum, stats)] in order, on every rank."""
 
     def step(self) -> tuple[Optional[float], bool]:
         """Applies the accumulated gradients: (gradient norm before clipping, skipped as non-finite)."""
@@ -85,13 +86,14 @@ class Engine(Protocol):
         """A frozen copy placed like the trained model (reference models); returns what to call."""
 
 
-def micro_batches(engine: Engine, micro: list[dict], fn) -> list[tuple]:
+def micro_batches(engine: Engine, micro: list[dict], fn, forward_only: bool = False) -> list[tuple]:
     """`Engine.forward_backward` one micro-batch after the other: forward, then backward (no pipeline)."""
     out = []
     for mb in micro:
         loss, loss_sum, stats = fn({k: v.to(engine.device) if isinstance(v, torch.Tensor) else v
                                     for k, v in mb.items()})
-        engine.backward(loss)
+        if not forward_only:
+            engine.backward(loss)
         out.append((loss_sum.detach(), stats))
     return out
 

@@ -394,7 +394,9 @@ def _evaluate(r: Run) -> dict:
                 for i in range(-(-len(batches) // engine.dp_size)):
                     mb = dict(mine[min(i, len(mine) - 1)])
                     mb["weights"] = obj.weights(mb)
-                    ls, _ = obj.loss_sum(engine, _to(mb, engine.device))
+                    # one micro-batch at a time (a pipeline's schedule takes one shape; the last may have fewer rows)
+                    ((ls, _),) = engine.forward_backward([mb], lambda b: (None, *obj.loss_sum(engine, b)),
+                                                         forward_only=True)
                     if i < counted:
                         loss, weight = loss + float(ls), weight + float(mb["weights"].sum())
                 totals += [own * loss, own * weight]

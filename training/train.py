@@ -198,9 +198,7 @@ def _check_megatron(job, world: int) -> None:
         if why:
             raise ValueError(f"engine.pp={pp}: the {job.stage.objective['name']} objective does not run on a pipeline "
                              f"yet ({why}); set engine.pp=1 for stage {job.stage.name!r} (engine.tp still applies)")
-        if job.stage.eval.every:
-            raise ValueError(f"engine.pp={pp}: stage.eval scores held-out samples outside the pipeline schedule, "
-                             f"which is not implemented yet; set stage.eval.every=0 or engine.pp=1")
+
 
 
 def _text_config(cfg) -> dict | None:

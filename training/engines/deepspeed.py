@@ -226,8 +226,8 @@ class Engine:
         if not boundary:
             self.ds.step()
 
-    def forward_backward(self, micro: list[dict], fn) -> list[tuple]:
-        return micro_batches(self, micro, fn)
+    def forward_backward(self, micro: list[dict], fn, forward_only: bool = False) -> list[tuple]:
+        return micro_batches(self, micro, fn, forward_only)
 
     def step(self) -> tuple[Optional[float], bool]:
         before = self.ds.skipped_steps

@@ -244,13 +244,13 @@ class Engine:
     def __call__(self, batch: dict, **kw):
         return self.model(batch, **kw)
 
-    def forward_backward(self, micro: list[dict], fn) -> list[tuple]:
+    def forward_backward(self, micro: list[dict], fn, forward_only: bool = False) -> list[tuple]:
         """One micro-batch after the other (pp 1), or megatron's 1F1B schedule over the step's micro-batches (pp >
         1): the first stage runs the ViT, merge and its layers, the last its layers and `fn` (the objective's loss
         on the received hidden states), each stage sends on what its decoder returns. Every micro-batch must be
         packed rows of one shape (the schedule's fixed send shape). The last stage's results reach every stage."""
         if self.pp == 1:
-            return micro_batches(self, micro, fn)
+            return micro_batches(self, micro, fn, forward_only)
         from megatron.core import parallel_state as ps
 
         from training.mcore.pipeline import forward_backward
@@ -269,12 +269,12 @@ class Engine:
             if chunk.post_process:
                 loss, loss_sum, stats = fn(mb)
                 results.append((float(loss_sum), stats))
-                return loss, lambda out: (out, ones, {})
+                return (loss_sum if forward_only else loss), lambda out: (out, ones, {})
             out, zero = self.model.decoder_output(mb)
             return out.last_hidden_state + zero.to(out.last_hidden_state.dtype), None
 
-        forward_backward([self.decoder], step_func, micro, rows * length, 1, self.model.model.language_model
-                         .deepstack_layers)
+        forward_backward([self.decoder], step_func, micro, rows * length, 1,
+                         self.model.model.language_model.deepstack_layers, forward_only)
         box = [results]
         dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=self.groups["pp"])
         return [(torch.tensor(ls, dtype=torch.float64), stats) for ls, stats in box[0]]
