@@ -32,8 +32,23 @@ global layers [j*n, (j+1)*n) renumbered 0..n-1 (`stage_layers`). The embedding l
 head in the last chunk; a tied head there gets `output_layer.weight`, a copy of the embedding (megatron's shared
 embedding of a last stage), dropped again by `merge_pp`. A (tp, pp) layout is held as shards[tp_rank][j];
 `merge_pp` / `split_pp` go between one TP rank's chunks and its pp=1 dict, `reshard_pp` changes tp, pp and vpp.
+
+MoE layers (Qwen3-VL-MoE; which layers are sparse: `sparse_layers`, HF's rule), per layer i:
+
+    mlp.gate                         -> mlp.router                       replicated
+    mlp.experts.gate_up_proj[e]      -> mlp.experts.local_experts.j.     EP rank r of ep: experts e = r*E/ep + j,
+                                        linear_fc1                       j = 0 .. E/ep - 1; whole over TP
+    mlp.experts.down_proj[e]         -> mlp.experts.local_experts.j.     (expert tensor parallelism 1)
+                                        linear_fc2
+
+HF's gate_up_proj[e] is already [gate; up] ([2I, H]), megatron's fc1 layout. `hf_to_mcore(..., ep, ep_rank)` gives
+one EP rank's experts; `mcore_to_hf` takes ep=1 dicts (all experts): an (tp, ep) layout is held as
+shards[tp_rank][ep_rank], and `merge_ep` / `split_ep` go between one TP rank's EP dicts and its ep=1 dict (experts
+renumbered globally / locally), `reshard_ep` changes tp and ep.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -102,16 +117,39 @@ def stage_layers(num_layers: int, pp: int = 1, pp_rank: int = 0, vpp: int | None
     return range(j * n, (j + 1) * n)
 
 
+def sparse_layers(hf_text_config) -> list[bool]:
+    """Which decoder layers HF builds as MoE blocks (Qwen3VLMoeTextDecoderLayer): not in `mlp_only_layers`, and
+    (i + 1) a multiple of `decoder_sparse_step`; all False for a dense model."""
+    cfg = hf_text_config
+    E, step = getattr(cfg, "num_experts", 0) or 0, getattr(cfg, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(cfg, "mlp_only_layers", None) or [])
+    return [E > 0 and i not in dense and (i + 1) % step == 0 for i in range(cfg.num_hidden_layers)]
+
+
+def _experts(hf_text_config, ep: int) -> int:
+    """Experts an EP rank holds."""
+    E = getattr(hf_text_config, "num_experts", 0) or 0
+    if ep < 1 or (E and E % ep) or (not E and ep != 1):
+        raise ValueError(f"expert-parallel size {ep} must divide num_experts={E}")
+    return E // ep
+
+
 def hf_to_mcore(hf_state_dict: dict, hf_text_config, tp: int, rank: int, tied: bool | None = None, pp: int = 1,
-                pp_rank: int = 0, vpp: int | None = None, vp_stage: int | None = None) -> dict:
+                pp_rank: int = 0, vpp: int | None = None, vp_stage: int | None = None, ep: int = 1,
+                ep_rank: int = 0) -> dict:
     """The megatron state dict of TP rank `rank` of `tp` from an HF state dict (other keys, e.g. the ViT's, are
     ignored). `tied`: None = `is_tied(hf_state_dict)`; tied checkpoints get no output_layer.weight (but the tied
-    head's copy on a pipeline's last stage). With pp > 1: only (pp_rank, vp_stage)'s chunk (module docstring)."""
+    head's copy on a pipeline's last stage). With pp > 1: only (pp_rank, vp_stage)'s chunk (module docstring).
+    MoE layers: EP rank `ep_rank` of `ep`'s experts, renumbered from 0."""
     from training.mcore.model import check
 
     check(hf_text_config, tp)
     if not 0 <= rank < tp:
         raise ValueError(f"rank {rank} is not in 0..{tp - 1}")
+    n_local = _experts(hf_text_config, ep)
+    if not 0 <= ep_rank < ep:
+        raise ValueError(f"ep_rank {ep_rank} is not in 0..{ep - 1}")
+    sparse = sparse_layers(hf_text_config)
     layers = stage_layers(hf_text_config.num_hidden_layers, pp, pp_rank, vpp, vp_stage)
     first, last = layers.start == 0, layers.stop == hf_text_config.num_hidden_layers
     hf = hf_state_dict
@@ -140,6 +178,14 @@ def hf_to_mcore(hf_state_dict: dict, hf_text_config, tp: int, rank: int, tied: b
             if src + f"self_attn.q_proj.{kind}" in hf:
                 q, k, v = (hf[src + f"self_attn.{p}_proj.{kind}"] for p in "qkv")
                 out[dst + f"self_attention.linear_qkv.{kind}"] = _shard(_to_qkv(q, k, v, groups), tp, rank, 0)
+        if sparse[i]:
+            out[dst + "mlp.router.weight"] = hf[src + "mlp.gate.weight"].clone()
+            gate_up, down = hf[src + "mlp.experts.gate_up_proj"], hf[src + "mlp.experts.down_proj"]
+            for j in range(n_local):
+                e = ep_rank * n_local + j
+                out[dst + f"mlp.experts.local_experts.{j}.linear_fc1.weight"] = gate_up[e].clone()
+                out[dst + f"mlp.experts.local_experts.{j}.linear_fc2.weight"] = down[e].clone()
+            continue
         gate, up = hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]
         out[dst + "mlp.linear_fc1.weight"] = torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
     return out
@@ -148,7 +194,8 @@ def hf_to_mcore(hf_state_dict: dict, hf_text_config, tp: int, rank: int, tied: b
 def mcore_to_hf(shards: list[dict], hf_text_config) -> dict:
     """The HF state dict (model.language_model.* and lm_head.weight, exact HF names) from the megatron state dicts
     of all TP ranks, in rank order. Works for gradients keyed like the weights too (sum the q/k-norm gradients
-    over TP first: `Decoder.reduce_tp_partial_grads`). Replicated tensors are taken from rank 0."""
+    over TP first: `Decoder.reduce_tp_partial_grads`). Replicated tensors are taken from rank 0. MoE layers: the
+    dicts hold all experts (ep=1; `merge_ep` the EP ranks' first)."""
     tp = len(shards)
     groups, per_group, hd = _groups(hf_text_config)
     vocab = hf_text_config.vocab_size
@@ -168,6 +215,15 @@ def mcore_to_hf(shards: list[dict], hf_text_config) -> dict:
             if src + f"self_attention.linear_qkv.{kind}" in shards[0]:
                 q, k, v = _from_qkv(cat(src + f"self_attention.linear_qkv.{kind}", 0), groups, per_group, hd)
                 out.update({dst + f"self_attn.{p}_proj.{kind}": t.clone() for p, t in zip("qkv", (q, k, v))})
+        if src + "mlp.router.weight" in shards[0]:
+            out[dst + "mlp.gate.weight"] = shards[0][src + "mlp.router.weight"].clone()
+            E = hf_text_config.num_experts
+            experts = src + "mlp.experts.local_experts.{}.linear_fc{}.weight"
+            if experts.format(E - 1, 1) not in shards[0]:
+                raise ValueError(f"layer {i} does not hold all {E} experts: merge the EP ranks first (merge_ep)")
+            out[dst + "mlp.experts.gate_up_proj"] = torch.stack([shards[0][experts.format(e, 1)] for e in range(E)])
+            out[dst + "mlp.experts.down_proj"] = torch.stack([shards[0][experts.format(e, 2)] for e in range(E)])
+            continue
         gate_up = [s[src + "mlp.linear_fc1.weight"].chunk(2) for s in shards]
         out[dst + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in gate_up])
         out[dst + "mlp.up_proj.weight"] = torch.cat([u for _, u in gate_up])
@@ -231,3 +287,48 @@ def reshard_pp(shards: list[list[dict]], hf_text_config, tied: bool, tp: int, pp
     resharded over TP through the HF layout (`reshard`), split again."""
     merged = [merge_pp(chunks, hf_text_config, tied) for chunks in shards]
     return [split_pp(s, hf_text_config, pp, vpp) for s in reshard(merged, hf_text_config, tp)]
+
+
+_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..+)$")
+
+
+def merge_ep(ep_shards: list[dict], hf_text_config) -> dict:
+    """One TP rank's state dicts of EP ranks 0..ep-1 -> its ep=1 dict: EP rank r's local expert j becomes expert
+    r*E/ep + j (megatron's `local_expert_indices`), everything else (replicated over EP) from rank 0. Works for
+    gradients too (reduce the replicated ones over the data-parallel group first)."""
+    n_local = _experts(hf_text_config, len(ep_shards))
+    out = {}
+    for r, shard in enumerate(ep_shards):
+        for k, v in shard.items():
+            m = _EXPERT.match(k)
+            if m is None:
+                if r == 0:
+                    out[k] = v
+            elif int(m.group(2)) >= n_local:
+                raise ValueError(f"EP rank {r} holds {k}, past its {n_local} local experts")
+            else:
+                out[f"{m.group(1)}{r * n_local + int(m.group(2))}{m.group(3)}"] = v
+    return out
+
+
+def split_ep(state: dict, hf_text_config, ep: int) -> list[dict]:
+    """One TP rank's ep=1 dict -> its dicts of EP ranks 0..ep-1 (each its experts, renumbered from 0; the rest
+    shared)."""
+    n_local = _experts(hf_text_config, ep)
+    out = [{} for _ in range(ep)]
+    for k, v in state.items():
+        m = _EXPERT.match(k)
+        if m is None:
+            for d in out:
+                d[k] = v
+        else:
+            r, j = divmod(int(m.group(2)), n_local)
+            out[r][f"{m.group(1)}{j}{m.group(3)}"] = v
+    return out
+
+
+def reshard_ep(shards: list[list[dict]], hf_text_config, tp: int, ep: int) -> list[list[dict]]:
+    """shards[tp_rank][ep_rank] of any (tp, ep) layout -> the same at (tp, ep): merged over EP, resharded over TP
+    (`reshard`), split again."""
+    merged = [merge_ep(s, hf_text_config) for s in shards]
+    return [split_ep(s, hf_text_config, ep) for s in reshard(merged, hf_text_config, tp)]

@@ -23,6 +23,10 @@ Tensor parallelism: tp must divide the query heads and either divide the key/val
 rank) or be a multiple of them (megatron replicates each key/value head over tp/groups ranks); sequence and
 context parallelism are off (the local spec's torch RMSNorm and DotProductAttention refuse them).
 
+Qwen3-VL-MoE (training/mcore/moe.py): megatron's MoELayer in the sparse layers (HF's routing exactly, the router
+outputs shown to a hookable `tap`), dense MLPs where HF keeps them, expert parallelism over the parallel state's EP
+group; tp must be 1 (megatron's MoELayer refuses training with TP but no sequence parallelism, see `check_moe`).
+
 Attention is the local DotProductAttention, which takes no packed-sequence params (that path is Transformer
 Engine's): packed rows get an explicit block-diagonal causal mask, O(N^2) bools. That is right everywhere and
 cheap for tests; a GPU engine would use the TE spec with `PackedSeqParams` (cu_seqlens) instead.
@@ -54,19 +58,21 @@ class Family:
     qkv_bias: bool
     qk_norm: bool
     interleaved_mrope: bool
+    moe: bool = False  # sparse MoE layers (training/mcore/moe.py)
 
 
 FAMILIES = {  # model_type of the HF text config
     "qwen2_vl_text": Family(qkv_bias=True, qk_norm=False, interleaved_mrope=False),
     "qwen2_5_vl_text": Family(qkv_bias=True, qk_norm=False, interleaved_mrope=False),
     "qwen3_vl_text": Family(qkv_bias=False, qk_norm=True, interleaved_mrope=True),
+    "qwen3_vl_moe_text": Family(qkv_bias=False, qk_norm=True, interleaved_mrope=True, moe=True),
 }
 
 
 def family(hf) -> Family:
     if hf.model_type not in FAMILIES:
         raise ValueError(f"text config model_type={hf.model_type!r} is not supported by the megatron decoder; "
-                         f"supported: {sorted(FAMILIES)} (MoE variants are not)")
+                         f"supported: {sorted(FAMILIES)}")
     return FAMILIES[hf.model_type]
 
 
@@ -93,13 +99,25 @@ def check(hf, tp: int) -> None:
     if getattr(hf, "use_sliding_window", False) or any(t != "full_attention" for t in
                                                        (getattr(hf, "layer_types", None) or [])):
         raise ValueError("sliding window attention (use_sliding_window / layer_types) is not supported")
-    if getattr(hf, "num_experts", 0) or getattr(hf, "num_experts_per_tok", 0):
-        raise ValueError("MoE (num_experts) is not supported")
+    if fam.moe and not getattr(hf, "num_experts", 0):
+        raise ValueError(f"model_type={hf.model_type!r} is a MoE decoder but num_experts is not set")
+    if not fam.moe and (getattr(hf, "num_experts", 0) or getattr(hf, "num_experts_per_tok", 0)):
+        raise ValueError(f"MoE (num_experts) is not supported for model_type={hf.model_type!r}")
     if hf.hidden_act != "silu":
         raise ValueError(f"hidden_act={hf.hidden_act!r} is not supported (only silu)")
     if getattr(hf, "attention_bias", False) and not fam.qkv_bias:
         raise ValueError("attention_bias=True is not supported (o_proj bias has no place in this spec)")
     check_tp(tp, hf.num_attention_heads, hf.num_key_value_heads, head_dim(hf), hf.intermediate_size)
+
+
+def check_moe(hf, tp: int) -> None:
+    """What the MoE decoder needs beyond `check`: tp=1. megatron's MoELayer.forward raises in training with tensor
+    parallelism but no sequence parallelism, which the local spec's torch RMSNorm / DotProductAttention refuse.
+    (convert.py still converts at any tp: the experts whole on each TP rank.)"""
+    if family(hf).moe and tp != 1:
+        raise ValueError(f"tensor-parallel size {tp}: the MoE decoder needs tp=1 (megatron's MoELayer trains with "
+                         f"tp > 1 only under sequence parallelism, which the local spec lacks); use expert "
+                         f"parallelism")
 
 
 def check_tp(tp: int, heads: int, groups: int, head_dim: int, intermediate: int, what: str | None = None) -> None:
@@ -117,8 +135,10 @@ def check_tp(tp: int, heads: int, groups: int, head_dim: int, intermediate: int,
 def transformer_config(hf, tp: int, dtype: torch.dtype = torch.float32, **overrides) -> TransformerConfig:
     """megatron's TransformerConfig of an HF Qwen-VL text config. `overrides` go to TransformerConfig (e.g.
     perform_initialization=False when weights are loaded anyway). The RoPE base is not a TransformerConfig field
-    in megatron-core 0.16 (GPTModel takes it as an argument): `Decoder` reads it from the HF config."""
+    in megatron-core 0.16 (GPTModel takes it as an argument): `Decoder` reads it from the HF config. MoE: the
+    fields of training/mcore/moe.py `config_fields` at expert_model_parallel_size (an override, default 1)."""
     check(hf, tp)
+    check_moe(hf, tp)
     fam = family(hf)
     args = dict(
         num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size, ffn_hidden_size=hf.intermediate_size,
@@ -140,6 +160,10 @@ def transformer_config(hf, tp: int, dtype: torch.dtype = torch.float32, **overri
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
     )
+    if fam.moe:
+        from training.mcore import moe
+
+        args.update(moe.config_fields(hf, overrides.get("expert_model_parallel_size", 1)))
     return TransformerConfig(**{**args, **overrides})
 
 
@@ -208,8 +232,12 @@ class Decoder(torch.nn.Module):
         tp = ps.get_tensor_model_parallel_world_size()
         pp, vpp = ps.get_pipeline_model_parallel_world_size(), ps.get_virtual_pipeline_model_parallel_world_size()
         self.hf_config = hf_text_config
+        is_moe, ep = family(hf_text_config).moe, ps.get_expert_model_parallel_world_size()
         self.config = config or transformer_config(hf_text_config, tp, pipeline_model_parallel_size=pp,
-                                                   virtual_pipeline_model_parallel_size=vpp)
+                                                   virtual_pipeline_model_parallel_size=vpp,
+                                                   **({"expert_model_parallel_size": ep} if is_moe else {}))
+        if is_moe and self.config.expert_model_parallel_size != ep:
+            raise ValueError(f"config is for ep={self.config.expert_model_parallel_size}, the parallel state has {ep}")
         if self.config.tensor_model_parallel_size != tp:
             raise ValueError(f"config is for tp={self.config.tensor_model_parallel_size}, the parallel state has {tp}")
         if (self.config.pipeline_model_parallel_size, self.config.virtual_pipeline_model_parallel_size) != (pp, vpp):
@@ -236,7 +264,12 @@ class Decoder(torch.nn.Module):
         rope = InterleavedMRoPE if family(hf_text_config).interleaved_mrope else MultimodalRotaryEmbedding
         self.rotary_pos_emb = rope(kv_channels=self.config.kv_channels, rotary_percent=1.0,
                                    rotary_base=hf_text_config.rope_parameters["rope_theta"])
-        spec = get_gpt_layer_local_spec(qk_layernorm=self.config.qk_layernorm, normalization="RMSNorm")
+        if is_moe:
+            from training.mcore import moe
+
+            spec = moe.block_spec(self.config, vp_stage)
+        else:
+            spec = get_gpt_layer_local_spec(qk_layernorm=self.config.qk_layernorm, normalization="RMSNorm")
         self.decoder = TransformerBlock(self.config, spec, pre_process=self.pre_process,
                                         post_process=self.post_process, vp_stage=vp_stage)
         self.layer_indices = [layer.layer_number - 1 for layer in self.decoder.layers]  # global, 0-based
@@ -267,6 +300,11 @@ class Decoder(torch.nn.Module):
     def sharded(self, p: torch.nn.Parameter) -> bool:
         """Whether `p` is this rank's shard of a tensor-parallel weight (else a replica of a whole one)."""
         return bool(getattr(p, "tensor_model_parallel", False))
+
+    def expert_parallel(self, p: torch.nn.Parameter) -> bool:
+        """Whether `p` is one of this EP rank's own experts (ep > 1; megatron's `allreduce=False`): its gradient is
+        summed over the expert-data-parallel group (ps.get_expert_data_parallel_group()), not the data-parallel one."""
+        return not getattr(p, "allreduce", True)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, L, H] (full hidden size: the vocab-parallel lookup is all-reduced over TP).

@@ -5,7 +5,7 @@ megatron-core assumes CUDA in a few places that the local (non-Transformer-Engin
 
 - `torch.cuda.current_device` -> returns "cpu". megatron-core allocates with `device=torch.cuda.current_device()`
   (e.g. the global memory buffer the local DotProductAttention takes its score matrix from, and the inv_freq of
-  `MultimodalRotaryEmbedding`); on a CPU-only torch the call raises. This is the one process-wide patch: code
+  `MultimodalRotaryEmbedding`); on a CPU-only torch the call raises. This is the one patch of torch itself: code
   that calls it on a CPU machine would otherwise raise "Torch not compiled with CUDA enabled".
 - `megatron.core.tensor_parallel.random._get_cuda_rng_state` / `_set_cuda_rng_state` -> `torch.get_rng_state` /
   `torch.set_rng_state`. The local DotProductAttention runs its (attention-)dropout inside
@@ -16,6 +16,14 @@ megatron-core assumes CUDA in a few places that the local (non-Transformer-Engin
   These are megatron's own module functions, not torch.cuda's: `torch.cuda.manual_seed` / `get_rng_state` /
   `set_rng_state` are left alone, and megatron's `model_parallel_cuda_manual_seed` (which calls them) is
   replaced by `manual_seed` below.
+- MoE (training/mcore/moe.py), megatron's alltoall token dispatcher `MoEAlltoAllTokenDispatcher`: its __init__
+  creates a `torch.cuda.Stream()` (class attribute `cuda_dtoh_stream`, made when None), and
+  `_maybe_dtoh_and_synchronize` copies the token counts to the host on that stream (`torch.cuda.current_stream()`,
+  `torch.cuda.stream(...)`, `record_event()`, `event.synchronize()`); each raises on a CPU-only torch. The class
+  attribute gets a placeholder (no stream is made) and the method a CPU version doing what the copies amount to
+  there: the all-to-all split sizes become numpy arrays as the CUDA path's `as_numpy` copies make them
+  (torch's `all_to_all_single` binding takes sequences of ints and rejects a tensor); the other counts
+  already are CPU tensors. gloo runs the uneven `all_to_all_single` on CPU tensors itself.
 
 Pipeline schedules (training/mcore/pipeline.py): `cuda_factories_on_cpu()`, a context manager (not a patch: active
 only around the schedule call, and only without CUDA) that turns a `device="cuda"` argument of a torch call into
@@ -48,10 +56,23 @@ def apply() -> None:
         return
     from megatron.core.tensor_parallel import random
 
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
     torch.cuda.current_device = _cpu_device
     random._get_cuda_rng_state = _get_cpu_rng_state
     random._set_cuda_rng_state = _set_cpu_rng_state
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "no CUDA stream on CPU (training/mcore/shim.py)"
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _host_counts_on_cpu
     _applied = True
+
+
+def _host_counts_on_cpu(self, point: str, tokens_per_expert=None):
+    """MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize without CUDA (module docstring)."""
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            if torch.is_tensor(getattr(self, name)):
+                setattr(self, name, getattr(self, name).numpy())
+    return tokens_per_expert
 
 
 class _CudaFactoriesOnCpu(torch.overrides.TorchFunctionMode):
@@ -105,10 +126,11 @@ def manual_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_model_parallel(tp: int = 1, seed: int = 0) -> bool:
-    """megatron's parallel state for tensor-parallel size `tp` (pipeline 1, data = world / tp) on the existing
-    torch.distributed group, or on a new single-process gloo group (FileStore: no port to collide on) when there is
-    none; then `manual_seed(seed)`. Returns whether it created the process group (pass that to `destroy`)."""
+def init_model_parallel(tp: int = 1, seed: int = 0, ep: int = 1) -> bool:
+    """megatron's parallel state for tensor-parallel size `tp` (pipeline 1, data = world / tp) and expert-parallel
+    size `ep` (EP ranks are data-parallel ranks; expert tensor parallelism = tp, 1 for the MoE decoder) on the
+    existing torch.distributed group, or on a new single-process gloo group (FileStore: no port to collide on) when
+    there is none; then `manual_seed(seed)`. Returns whether it created the process group (pass that to `destroy`)."""
     from megatron.core import parallel_state as ps
 
     apply()
@@ -119,7 +141,11 @@ def init_model_parallel(tp: int = 1, seed: int = 0) -> bool:
     if dist.get_world_size() % tp:
         raise ValueError(f"tensor-parallel size {tp} does not divide the {dist.get_world_size()} processes")
     ps.destroy_model_parallel()  # another caller's state in this process (tests): rebuilt for this tp
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
+    if dist.get_world_size() % (tp * ep):
+        raise ValueError(f"tensor x expert-parallel size {tp} x {ep} does not divide the {dist.get_world_size()} "
+                         f"processes")
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
+                                 expert_model_parallel_size=ep)
     manual_seed(seed)
     return created
 
