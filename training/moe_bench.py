@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = {
-    "dense_active": ["model=tiny_qwen3_vl", "model.tiny={text: {intermediate_size: 256}}"],
+    "dense_active": ["model=tiny_qwen3_vl", "+model.tiny.text={intermediate_size: 256}"],
     "moe": ["model=tiny_qwen3_vl_moe"],
     "moe_ga2_global": ["model=tiny_qwen3_vl_moe", "trainer.grad_accum=2", "stage.moe.aux_scope=global"],
     "moe_ga2_micro": ["model=tiny_qwen3_vl_moe", "trainer.grad_accum=2", "stage.moe.aux_scope=micro_batch"],
