@@ -51,7 +51,8 @@ NOT_IN_FILE = {
                     "split": "the sources name their own files"},
     "data/shapes": {"sources": "one source per task, made by the generator",
                     "shapes.name": "the generator's own name, not a setting"},
-    "engine/deepspeed": {"tp": "tensor parallelism is engine=megatron's", "pp": "pipeline parallelism is engine=megatron's"},
+    "engine/deepspeed": {"tp": "tensor parallelism is engine=megatron's", "pp": "pipeline parallelism is engine=megatron's",
+                         "ep": "expert parallelism is engine=megatron's"},
     "engine/megatron": {"zero_stage": "ZeRO is DeepSpeed's", "offload_optimizer": "DeepSpeed's offload",
                         "offload_params": "DeepSpeed's offload", "raw": "DeepSpeed's config"},
 }

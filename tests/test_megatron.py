@@ -89,20 +89,38 @@ def test_a_pipelined_run_resumes_bit_identically_and_exports_a_plain_hf_model(tm
     assert load_hf(ref / "hf").keys() == exported.keys()
 
 
-@pytest.mark.parametrize("stage", ["s1_multimodal", "dpo", "distill", "sapo"])
-def test_a_stage_on_megatron_equals_zero2_and_exports_a_plain_hf_model(tmp_path, stage):
-    """One process, tp 1, qwen2_5_vl (QKV bias): the logged losses and grad norms of 3 steps equal zero2's (DPO
-    with its frozen reference, distillation with its frozen teacher placed by the engine and on-policy steps, SAPO
-    with its rollouts: generation by the HF decoder given the megatron weights), and hf/ loads with
-    from_pretrained and holds the same weights as zero2's export."""
-    common = ["model=tiny_qwen2_5_vl", f"stage={stage}", "trainer.max_steps=3", "trainer.save_every=0"]
+@pytest.mark.slow
+def test_expert_parallel_moe_trains_the_same_global_batches_as_zero2_on_one_rank(tmp_path):
+    """The tiny Qwen3-VL MoE on megatron with its 4 experts split over 2 ranks (engine.ep=2: megatron's MoE layer,
+    tokens dispatched all-to-all to the rank holding their experts), 2 micro-batches per rank, with the
+    global-batch load-balancing loss (training/moe.py on the megatron routers' outputs, its routing pass first):
+    losses, the aux loss, grad norms and the exported weights (both ranks' experts merged) equal zero2 in one
+    process."""
+    opts = {"family": "qwen3_vl_moe", "attention": "varlen", "tasks": "caption,vqa,text",
+            "stage.moe.aux_loss_coef": "0.2"}
+    ref = _run(tmp_path / "zero2", 1, engine="zero2", micro=4, **opts)
+    ep = _run(tmp_path / "ep", 2, engine="megatron", ep="2", **opts)
+    _assert_same(ep, ref, atol=1e-4)  # routed experts: a tenth of one Adam step (lr 1e-3)
+    rows, want = metrics_rows(tmp_path / "ep"), metrics_rows(tmp_path / "zero2")
+    assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in want], rel=1e-5)
+
+
+@pytest.mark.parametrize("model,stage", [(m, s) for m in ("tiny_qwen2_5_vl", "tiny_qwen3_vl_moe")
+                                         for s in ("s1_multimodal", "dpo", "distill", "sapo")])
+def test_a_stage_on_megatron_equals_zero2_and_exports_a_plain_hf_model(tmp_path, model, stage):
+    """One process, tp 1, qwen2_5_vl (QKV bias) and the Qwen3-VL MoE (megatron's MoE layer, the aux loss from
+    its routers): the logged losses and grad norms of 3 steps equal zero2's (DPO with its frozen reference,
+    distillation with its frozen teacher placed by the engine and on-policy steps, SAPO with its rollouts:
+    generation by the HF decoder given the megatron weights), and hf/ loads with from_pretrained and holds the
+    same weights as zero2's export."""
+    common = [f"model={model}", f"stage={stage}", "trainer.max_steps=3", "trainer.save_every=0"]
     if stage in ("dpo", "sapo"):
         common.append("stage.mixture={preference: 1}" if stage == "dpo" else "stage.mixture={rl: 1}")
     if stage == "sapo":
         common += ["stage.objective.num_generations=2", "stage.objective.max_new_tokens=8",
                    "trainer.micro_batch_size=2"]
     if stage == "distill":
-        run_stage(tmp_path / "teacher", ["model=tiny_qwen2_5_vl", "model.init_seed=1", "trainer.max_steps=0"])
+        run_stage(tmp_path / "teacher", [f"model={model}", "model.init_seed=1", "trainer.max_steps=0"])
         common += [f"stage.objective.teacher={tmp_path / 'teacher'}", "stage.objective.top_k=8",
                    "stage.objective.lmbda=0.5", "stage.objective.seed=3", "stage.objective.max_new_tokens=4"]
     run_stage(tmp_path / "zero2", [*common, "engine=zero2"])
@@ -110,7 +128,8 @@ def test_a_stage_on_megatron_equals_zero2_and_exports_a_plain_hf_model(tmp_path,
     a, b = metrics_rows(tmp_path / "zero2"), metrics_rows(tmp_path / "mg")
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)  # float32 round-off
     # DPO's rewards are beta x differences of sequence log-probs (sums of ~100 float32 terms): round-off ~1e-6
-    objective = [k for k in a[-1] if k.startswith(("dpo/", "distill/", "rewards/", "reward/", "rl/", "rollout/"))]
+    objective = [k for k in a[-1] if k.startswith(("dpo/", "distill/", "rewards/", "reward/", "rl/", "rollout/",
+                                                   "moe/aux_loss", "moe/load_entropy"))]
     assert (objective or stage == "s1_multimodal") and all(b[-1][k] == pytest.approx(a[-1][k], rel=1e-5, abs=1e-6) for k in objective), \
         [(k, a[-1][k], b[-1][k]) for k in objective]
     assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-5)

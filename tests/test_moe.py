@@ -130,8 +130,10 @@ def test_check_job_names_the_groups_of_the_model():
         check(f"model={MOE}", "+stage.lr_mult.expert=0")
     with pytest.raises(ValueError, match="stage.lr_mult is 0 for every group of stage.trainable"):
         check(f"model={MOE}", "stage.trainable=[experts]", "+stage.lr_mult.experts=0")
-    with pytest.raises(ValueError, match="engine=megatron: model.family=qwen3_vl_moe has routed experts"):
-        check(f"model={MOE}", "engine=megatron")
+    check(f"model={MOE}", "engine=megatron")  # its experts on megatron's MoE layer (test_megatron.py)
+    with pytest.raises(ValueError, match=r"engine=megatron: model.family=qwen3_vl_moe runs its experts with expert "
+                                         r"parallelism \(engine.ep\) at engine.tp=1 and engine.pp=1"):
+        check(f"model={MOE}", "engine=megatron", "engine.tp=2")
     with pytest.raises(ValueError, match="model.tiled_mlp=2: DeepSpeed's TiledMLP does not run the qwen3_vl_moe"):
         check(f"model={MOE}", "model.tiled_mlp=2")
 

@@ -35,6 +35,7 @@ class EngineConfig:
     raw: dict = field(default_factory=dict)  # merged last into the generated DeepSpeed config
     tp: int = 1  # megatron: tensor-parallel size (consecutive ranks of one replica)
     pp: int = 1  # megatron: pipeline-parallel size (stages of consecutive ranks; 1F1B schedule)
+    ep: int = 1  # megatron, MoE models: expert-parallel size (data-parallel ranks that split the experts)
 
 
 def replica_size(cfg: EngineConfig, sp_size: int = 1) -> int:

@@ -196,7 +196,6 @@ def _setup(job: JobConfig, resolved_yaml: str, out: Path, rank: int, world: int)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(resolved_yaml)
     r = Run(job, out, rank, world, bundle, _vlm(job, bundle.model), groups, loader, objective)
-    r.router = moe.build(r.model, bundle.family, stage.moe, bundle.model.config.get_text_config())
     if stage.eval.every:
         r.heldout = _heldout(job, bundle, layout, objective)
     return r
@@ -238,6 +237,8 @@ def _start_engine(r: Run, resolved_yaml: str) -> None:
     r.flops = flops.build(r.bundle.model, job.stage.trainable)  # of the HF model, before an engine replaces modules
     r.engine = engines.build(r.model, r.groups, job.stage, job.engine, tr.micro_batch_size, tr.grad_accum, r.world,
                              tr.max_steps, job.parallel, job.model.tiled_mlp)
+    # a MoE model's routers as the engine runs them (HF's, or the megatron decoder's taps of the same outputs)
+    r.router = moe.build(r.model, r.bundle.family, job.stage.moe, r.bundle.model.config.get_text_config())
     r.ckpt = Checkpointer(r.out / "checkpoints", r.rank, tr.keep_checkpoints)
     r.metrics = Metrics(job.logger, r.out, r.rank, tr.max_steps, config={"yaml": resolved_yaml})
     r.peak_flops = flops.peak_flops(job.engine.dtype)

@@ -389,7 +389,11 @@ def apply_trainable(model: torch.nn.Module, groups: dict[str, list[str]], traina
 def export_hf(bundle: Bundle, state_dict: dict, out: Path) -> None:
     """Writes an HF directory (config, safetensors, tokenizer with chat template, image processor)."""
     out.mkdir(parents=True, exist_ok=True)
+    model = bundle.model
+    if set(dict(model.named_parameters())) - set(state_dict):  # an engine replaced modules (megatron's decoder)
+        with torch.device("meta"):  # save_pretrained walks the HF modules (MoE: to re-split fused experts)
+            model = bundle.family.model_cls(model.config)
     # a copy: save_pretrained renames checkpoint keys in the dict it is given
-    bundle.model.save_pretrained(out, state_dict=dict(state_dict), safe_serialization=True)
+    model.save_pretrained(out, state_dict=dict(state_dict), safe_serialization=True)
     bundle.tokenizer.save_pretrained(out)
     bundle.image_processor.save_pretrained(out)

@@ -168,10 +168,11 @@ def _check_megatron(job, world: int) -> None:
     from training import models
     from training.attention import VARLEN
 
-    if models.get_family(job.model.family).moe:
-        raise ValueError(f"engine=megatron: model.family={job.model.family} has routed experts, which the megatron "
-                         f"decoder does not implement (no MoE layers or expert parallelism yet); use a DeepSpeed "
-                         f"engine (engine=zero2 / zero3)")
+    if models.get_family(job.model.family).moe and (job.engine.tp > 1 or job.engine.pp > 1):
+        raise ValueError(f"engine=megatron: model.family={job.model.family} runs its experts with expert parallelism "
+                         f"(engine.ep) at engine.tp=1 and engine.pp=1 (megatron's MoE layer needs TP sequence "
+                         f"parallelism at tp > 1; MoE pipelines are untested); got tp={job.engine.tp}, "
+                         f"pp={job.engine.pp}")
     if job.stage.lora.r:
         raise ValueError("engine=megatron: stage.lora adapts HF modules, which the megatron decoder replaces; set "
                          "stage.lora.r=0 or use a DeepSpeed engine")

@@ -1,5 +1,5 @@
-"""The megatron-core engine (`engine=megatron`): the language model tensor- and pipeline-parallel on megatron-core,
-the rest as is.
+"""The megatron-core engine (`engine=megatron`): the language model tensor-, pipeline- and expert-parallel on
+megatron-core, the rest as is.
 
 The step module stays training/vlm.py's VLM, so the model step (ViT -> merge -> decoder -> chunked loss) and every
 objective are the DeepSpeed engine's. What changes is inside it:
@@ -23,6 +23,12 @@ the last the objective's `loss_sum` with `VLM.pipeline_input` set (the decoder's
 Qwen3-VL's DeepStack features ride with the hidden states to the stages whose layers take them. The last stage's
 loss sums and metrics are broadcast to the other stages, so the loop sees what it sees without a pipeline. Only
 objectives whose loss is one policy call run there (the lm stages: `Objective.no_pipeline`), on packed rows.
+
+MoE models (Qwen3-VL MoE; tp 1, pp 1): every sparse layer is megatron's MoE layer (training/mcore/moe.py), its
+experts split over `engine.ep` consecutive data-parallel ranks, the tokens dispatched all-to-all to the rank that
+holds their experts. An expert's gradient is summed over the ranks holding the same experts (megatron's
+expert-data-parallel group), the rest over the data-parallel group; the gradient norm sums the experts' part over
+the EP group. The routers' outputs go through a tap that training/moe.py hooks as it hooks HF's routers.
 
 Data parallelism is over megatron's data-parallel group (world / (tp x pp) ranks; rank order tp-pp-dp, so a
 replica's TP and pipeline ranks are consecutive and read the same rows): gradients are summed over that group
@@ -69,6 +75,9 @@ def check(cfg: EngineConfig, micro_batch: int, grad_accum: int, world: int, grad
     if cfg.tp < 1 or cfg.pp < 1 or world % (cfg.tp * cfg.pp):
         raise ValueError(f"engine.tp={cfg.tp} x engine.pp={cfg.pp} must divide the {world} processes (data-parallel "
                          f"size = world / (tp x pp))")
+    if cfg.ep < 1 or (world // (cfg.tp * cfg.pp)) % cfg.ep:
+        raise ValueError(f"engine.ep={cfg.ep} must divide the data-parallel size world / (tp x pp) = "
+                         f"{world // (cfg.tp * cfg.pp)} (the experts are split over data-parallel ranks)")
     if cfg.dtype not in ("fp32", "bf16"):
         raise ValueError(f"engine.dtype={cfg.dtype!r}; choose fp32 or bf16")
 
@@ -207,13 +216,16 @@ class Engine:
                              "levers; set parallel.sp_size=1 and model.tiled_mlp=0 (context parallelism on megatron "
                              "needs Transformer Engine)")
         check(cfg, micro_batch, grad_accum, world, stage.optimizer.grad_clip)
-        self.cfg, self.world, self.tp, self.pp = cfg, world, cfg.tp, cfg.pp
+        self.cfg, self.world, self.tp, self.pp, self.ep = cfg, world, cfg.tp, cfg.pp, cfg.ep
         self.dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
         from training.mcore.pipeline import init_model_parallel
 
         rng = torch.get_rng_state()  # the loop seeded it per data-parallel rank; megatron's seeding must not reset it
         # rank order tp-pp-dp: a replica's tp x pp ranks are consecutive (training/engine.py replica_size)
-        init_model_parallel(cfg.tp, cfg.pp, seed=1234, order="tp-pp-dp")
+        if cfg.pp > 1:
+            init_model_parallel(cfg.tp, cfg.pp, seed=1234, order="tp-pp-dp")
+        else:  # EP ranks are consecutive data-parallel ranks
+            shim.init_model_parallel(cfg.tp, seed=1234, ep=cfg.ep)
         torch.set_rng_state(rng)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
@@ -223,7 +235,9 @@ class Engine:
         # the TP and pipeline ranks of a replica train the same rows: count them once
         self.replica_rank = self.pp_rank * self.tp + self.tp_rank
         self.groups = {"dp": ps.get_data_parallel_group() if self.dp_size < world else None, "sp": None,
-                       "tp": ps.get_tensor_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group()}
+                       "tp": ps.get_tensor_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group(),
+                       "ep": ps.get_expert_model_parallel_group() if self.ep > 1 else None,
+                       "edp": ps.get_expert_data_parallel_group() if self.ep > 1 else None}
         self.partitioned = False
         self.model = self._place(to_megatron(model, self.dtype))
         self.param_names = _regroup(model, groups)
@@ -232,8 +246,9 @@ class Engine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage, max_steps))
         self.grad_clip = float(stage.optimizer.grad_clip)
         self.decoder = self.model.model.language_model.decoder
-        log.info("engine megatron: tp %d x pp %d x dp %d (this rank: tp %d, pp %d, dp %d), %s", self.tp, self.pp,
-                 self.dp_size, self.tp_rank, self.pp_rank, self.dp_rank, cfg.dtype)
+        log.info("engine megatron: tp %d x pp %d x dp %d%s (this rank: tp %d, pp %d, dp %d), %s", self.tp, self.pp,
+                 self.dp_size, f" (experts over ep {self.ep})" if self.ep > 1 else "", self.tp_rank, self.pp_rank,
+                 self.dp_rank, cfg.dtype)
 
     def _place(self, model: torch.nn.Module) -> torch.nn.Module:
         model.to(self.device)
@@ -295,7 +310,9 @@ class Engine:
         finalize_grads([self.decoder])  # q/k-norm partial sums over TP; a tied head's copy and the embedding
         if self.dp_size > 1:
             for p in params:  # one collective per parameter: megatron's DDP buckets are not used yet
-                dist.all_reduce(p.grad, group=self.groups["dp"])
+                own = self.ep > 1 and self.decoder.expert_parallel(p)  # this EP rank's experts: their replicas
+                if not own or self.dp_size > self.ep:
+                    dist.all_reduce(p.grad, group=self.groups["edp"] if own else self.groups["dp"])
         norm = self._grad_norm(params)
         skipped = not math.isfinite(norm)
         if not skipped:
@@ -312,11 +329,19 @@ class Engine:
         embedding's gradient and is not counted again; the ViT's copies on later stages have zero gradients."""
         decoder = self.decoder
         copy = [p for p in params if getattr(p, "shared_embedding", False)]
-        sharded = [p.grad for p in params if decoder.sharded(p) and not any(p is c for c in copy)]
-        replicated = [p.grad for p in params if not decoder.sharded(p)]
-        sq = sum((g.double().pow(2).sum() for g in sharded), torch.zeros((), dtype=torch.float64, device=self.device))
+        experts = [p.grad for p in params if self.ep > 1 and decoder.expert_parallel(p)]
+        sharded = [p.grad for p in params if decoder.sharded(p) and not any(p is c for c in copy)
+                   and not (self.ep > 1 and decoder.expert_parallel(p))]
+        replicated = [p.grad for p in params if not decoder.sharded(p) and not (self.ep > 1 and
+                                                                                decoder.expert_parallel(p))]
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        sq = sum((g.double().pow(2).sum() for g in sharded), zero)
         if self.tp > 1:
             dist.all_reduce(sq, group=self.groups["tp"])
+        if experts:  # each EP rank's own experts: summed over the EP group
+            sq_e = sum((g.double().pow(2).sum() for g in experts), zero)
+            dist.all_reduce(sq_e, group=self.groups["ep"])
+            sq = sq + sq_e
         sq = sq + sum((g.double().pow(2).sum() for g in replicated), torch.zeros((), dtype=torch.float64,
                                                                                 device=self.device))
         if self.pp > 1:
@@ -344,6 +369,10 @@ class Engine:
         dec, rest = _split(_weights(self.model))
         text = self.model.hf.config.get_text_config()
         shards = _gather_tp(dec, self.tp, self.groups["tp"])
+        if self.ep > 1:  # every EP rank's experts (the same keys and shapes on each): one dict of all of them
+            from training.mcore.convert import merge_ep
+
+            shards = [merge_ep(_gather_tp(sh, self.ep, self.groups["ep"]), text) for sh in shards]
         if self.pp > 1:  # every stage's TP shards, as objects (stages differ in keys): [pp][tp] -> merged per tp
             stages = [None] * self.pp
             dist.all_gather_object(stages, [{k: v.cpu() for k, v in sh.items()} for sh in shards],
@@ -361,7 +390,7 @@ class Engine:
                    path / f"mcore_rank{rank:05d}.pt")
 
     def layout(self) -> dict:
-        return {"tp": self.tp, "pp": self.pp, "world": self.world}
+        return {"tp": self.tp, "pp": self.pp, "ep": self.ep, "world": self.world}
 
     def load(self, path: Path) -> None:
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -424,17 +453,26 @@ class Engine:
         return self._place(to_megatron(model, self.dtype))
 
 
+MOE_LEAVES = {"router": ".mlp.router.", "experts": ".mlp.experts."}  # megatron's names of a MoE llm's leaves
+
+
 def _regroup(model: torch.nn.Module, groups: dict) -> dict:
     """The parameter groups with the replaced HF text decoder's names swapped for the megatron decoder's (the
-    group that held the HF decoder; engine=megatron needs it in one group)."""
+    group that held the HF decoder; a MoE llm's router and experts leaves by megatron's module names, the rest of
+    the decoder in its dense leaf)."""
     names = dict(model.named_parameters())
     owner = {g for g, ps in groups.items() for n in ps if n.startswith(LM_PREFIXES)}
-    if len(owner) > 1:
+    out = {g: [n for n in ps if not n.startswith(LM_PREFIXES) and n in names] for g, ps in groups.items()}
+    lm = [n for n in names if n.startswith(LM_PREFIXES)]
+    if owner == {"dense", *MOE_LEAVES}:
+        for leaf, part in MOE_LEAVES.items():
+            out[leaf] += [n for n in lm if part in n]
+        out["dense"] += [n for n in lm if not any(part in n for part in MOE_LEAVES.values())]
+    elif len(owner) > 1:
         raise ValueError(f"engine=megatron: the language model's parameters are in groups {sorted(owner)}; the "
                          f"megatron decoder trains as one group")
-    out = {g: [n for n in ps if not n.startswith(LM_PREFIXES) and n in names] for g, ps in groups.items()}
-    if owner:
-        out[owner.pop()] += [n for n in names if n.startswith(LM_PREFIXES)]
+    elif owner:
+        out[owner.pop()] += lm
     return out
 
 
@@ -460,13 +498,18 @@ def checkpoint_weights(step_dir: Path) -> dict:
     from training.mcore.convert import merge_pp
 
     first = torch.load(step_dir / "mcore_rank00000.pt", map_location="cpu", weights_only=True)
-    tp, pp = first["layout"]["tp"], first["layout"].get("pp", 1)
-    # the first replica: ranks pp_rank * tp + tp_rank (rank order tp-pp-dp)
+    tp, pp, ep = first["layout"]["tp"], first["layout"].get("pp", 1), first["layout"].get("ep", 1)
+    # the first replica: ranks pp_rank * tp + tp_rank (rank order tp-pp-dp); with experts split over ep (tp 1, pp
+    # 1): the first ep ranks
     states = [first] + [torch.load(step_dir / f"mcore_rank{r:05d}.pt", map_location="cpu", weights_only=True)
-                        for r in range(1, tp * pp)]
+                        for r in range(1, tp * pp * ep)]
     text = dict(first["text_config"])
     config = AutoConfig.for_model(text.pop("model_type"), **text)
     shards, rest = zip(*(_split(s["model"]) for s in states))
+    if ep > 1:
+        from training.mcore.convert import merge_ep
+
+        shards = [merge_ep(list(shards), config)]
     if pp > 1:
         shards = [merge_pp([shards[stage * tp + t] for stage in range(pp)], config, first["tied"]) for t in range(tp)]
     out = dict(rest[0])

@@ -66,13 +66,16 @@ def build_chunks(hf_text_config, hf_state_dict: dict, dtype: torch.dtype = torch
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     tied = is_tied(hf_state_dict) if tied is None else tied
     stage_layers(hf_text_config.num_hidden_layers, pp, pp_rank, vpp, None if vpp is None else 0)  # refuses a bad split
+    ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+    moe = {"expert_model_parallel_size": ep} if getattr(hf_text_config, "num_experts", None) else {}
     config = transformer_config(hf_text_config, tp, dtype, pipeline_model_parallel_size=pp,
                                 virtual_pipeline_model_parallel_size=vpp, calculate_per_token_loss=True,
-                                **{"perform_initialization": False, **config_overrides})
+                                **{"perform_initialization": False, **moe, **config_overrides})
     chunks = []
     for vp in [None] if vpp is None else range(vpp):
         chunk = Decoder(hf_text_config, config, tied=tied, vp_stage=vp)
-        chunk.load(hf_to_mcore(hf_state_dict, hf_text_config, tp, tp_rank, tied, pp, pp_rank, vpp, vp))
+        chunk.load(hf_to_mcore(hf_state_dict, hf_text_config, tp, tp_rank, tied, pp, pp_rank, vpp, vp,
+                               **({"ep": ep, "ep_rank": ep_rank} if moe else {})))
         chunks.append(chunk)
     return chunks
 
