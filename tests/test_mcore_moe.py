@@ -170,14 +170,28 @@ def test_moe_gradients_equal_hf(parallel, moe):
     tc = bundle.model.config.get_text_config()
     w = logit_weights(mb, tc.vocab_size)
     aux = []
-    for model, run in ((bundle.model, lambda: hf_forward(bundle.model, mb)[1]),
-                       (dec, lambda: mc_forward(bundle.model, dec, mb)[1][..., :tc.vocab_size])):
+    from training.mcore.moe import routers
+    from training.vlm import VLM
+
+    def hf_run():  # HF's own router-logit outputs, as training/vlm.py asks for them
+        model = bundle.model
+        embeds, _ = VLM(model).merge(mb["ids"], model.get_input_embeddings()(mb["ids"]), mb["feats"])
+        out = model.model.language_model(input_ids=None, inputs_embeds=embeds, use_cache=False, **mb["hf"],
+                                         **mb["deepstack"], output_router_logits=True)
+        return model.lm_head(out.last_hidden_state), out.router_logits
+
+    def mc_run():  # the Decoder's routers' last logits, as the engine's _LanguageModel hands them over
+        logits = mc_forward(bundle.model, dec, mb)[1][..., :tc.vocab_size]
+        return logits, [r.take() for _, r in routers(dec)]
+
+    for model, run in ((bundle.model, hf_run), (dec, mc_run)):
         stats = RouterStats(model, MoeSettings(aux_loss_coef=0.1, z_loss_coef=0.01), tc)
         stats.begin(None, [mb["batch"]])
         with stats.watch(mb["batch"]):
-            logits = run()
+            logits, router_logits = run()
+            stats.record(router_logits)
         loss = stats.loss()
-        stats.step_sums()  # disarms its hooks
+        stats.step_sums()
         aux.append(float(loss))
         ((logits * w).sum() + 1e3 * loss).backward()  # the aux loss scaled to weigh in the router gradients
     assert aux[0] > 0 and abs(aux[1] - aux[0]) <= 1e-5 * aux[0]

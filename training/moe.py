@@ -104,8 +104,8 @@ class NoRouter:
 
 
 class RouterStats:
-    """Records each MoE layer's routing during the training forwards of a step (hooks on the routers) and turns it
-    into the micro-batch's share of the aux and z losses, and the step's metrics. The loop calls `begin(engine,
+    """Records each MoE layer's routing during the training forwards of a step (the router logits the model step
+    hands to `record`) and turns it into the micro-batch's share of the aux and z losses, and the step's metrics. The loop calls `begin(engine,
     micro)` once a step, runs each micro-batch's objective inside `watch(batch)`, adds `loss()` to what it
     back-propagates, and logs `step_sums()` after the optimizer step."""
 
@@ -121,10 +121,8 @@ class RouterStats:
         self.layers = [i for i, _ in found]
         self.E, self.k = text_config.num_experts, text_config.num_experts_per_tok
         self.model = model  # its `sp` (training/sp.py, set by the engine) slices rows under sequence parallelism
-        self._slot = {id(m): j for j, (_, m) in enumerate(found)}
-        for _, m in found:
-            m.register_forward_hook(self._hook)
-        self._mask = None  # counted tokens [tokens] of the micro-batch being trained (set by watch, kept for recompute)
+        model.router_logits_to = self.record  # the model step hands over each forward's router logits
+        self._mask = None  # counted tokens [tokens] of the micro-batch being trained (set by watch)
         self._rec = None  # {slot: (counts, prob sums, z sum)} while recording a forward
         self._step = None  # this step's counts (global scope), the accumulated metrics
         self._counting = False  # the routing pass (no gradient) is recording
@@ -144,24 +142,24 @@ class RouterStats:
             mask = torch.nn.functional.pad(mask, (0, sp.Tp - sp.T))[sp.a:sp.b]
         return mask
 
-    def _hook(self, module, inputs, output):
-        """Runs on every router call while a micro-batch is armed, so that activation checkpointing recomputes the
-        same operations in backward; records only inside `watch`."""
-        if self._mask is None:
+    def record(self, router_logits) -> None:
+        """The router logits of one forward ([tokens, E] per MoE layer, in the graph), from the model step
+        (training/vlm.py `router_logits_to`). Kept inside `watch` for the training forward (grad enabled; not a
+        LoRA policy's frozen reference, which runs the same routers without grad) and in the routing pass."""
+        if self._rec is None or not (torch.is_grad_enabled() or self._counting):
             return
-        logits, _, idx = output
         mask = self._local()
-        if mask.numel() != logits.shape[0]:  # a forward of another shape (generation, held-out scoring)
-            return
-        m = mask.float()
-        probs = torch.softmax(logits.float(), dim=-1)
-        psum = (probs * m[:, None]).sum(0)
-        z = (torch.logsumexp(logits.float(), dim=-1).square() * m).sum() if self.z_coef else None
-        if self._rec is not None and (torch.is_grad_enabled() or self._counting):
-            # the training forward; not the frozen reference of a LoRA policy, which runs these modules without grad
+        for j, logits in enumerate(router_logits):
+            if mask.numel() != logits.shape[0]:
+                raise RuntimeError(f"router logits of {logits.shape[0]} tokens for a micro-batch of {mask.numel()}")
+            probs = torch.softmax(logits.float(), dim=-1)  # HF's router: top-k of the fp32 probabilities
+            m = mask.float()
+            psum = (probs * m[:, None]).sum(0)
+            z = (torch.logsumexp(logits.float(), dim=-1).square() * m).sum() if self.z_coef else None
             with torch.no_grad():
+                idx = probs.topk(self.k, dim=-1).indices
                 counts = torch.bincount(idx[mask].reshape(-1), minlength=self.E).double()
-            self._rec[self._slot[id(module)]] = (counts, psum, z)
+            self._rec[j] = (counts, psum, z)
 
     def _stack(self, rec: dict, tokens: torch.Tensor):
         if len(rec) != len(self.layers):
@@ -194,8 +192,7 @@ class RouterStats:
 
     @contextmanager
     def watch(self, batch: dict):
-        """Records the routers of the objective's forward of `batch` (the micro-batch stays armed until the next
-        one, for the recomputation of checkpointed layers in its backward)."""
+        """Records the routers of the objective's forward of `batch`."""
         self._mask, self._rec = self._token_mask(batch), {}
         try:
             yield

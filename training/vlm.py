@@ -57,6 +57,7 @@ class VLM(torch.nn.Module):
         self.sp = None  # training/sp.py SequenceParallel, set by an engine with parallel.sp_size > 1
         self.offload_activations = False  # model.offload_activations: tensors saved for backward in host memory
         self.pipeline_input = False  # a later pipeline stage: the decoder's input comes from the previous stage
+        self.router_logits_to = None  # a MoE model's router statistics (training/moe.py): each forward's logits
 
     @property
     def config(self):
@@ -133,8 +134,11 @@ class VLM(torch.nn.Module):
         embeds, deepstack = self.merge(ids, embeds, features)
         if decoder_inputs is None:
             decoder_inputs = self.decoder_inputs(batch, ids, embeds, packed)
+        routed = {"output_router_logits": True} if self.router_logits_to is not None else {}
         out = self.model.language_model(input_ids=None, inputs_embeds=embeds, use_cache=False, **decoder_inputs,
-                                        **deepstack)
+                                        **deepstack, **routed)
+        if routed:  # per MoE layer [tokens, E], in the graph: the load-balancing loss's statistics
+            self.router_logits_to(out.router_logits)
         return out, zero
 
     # -- 1. visual encoding --------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ class _LanguageModel(torch.nn.Module):
         return self.embed_tokens
 
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None, cu_seq_lens_q=None,
-                visual_pos_masks=None, deepstack_visual_embeds=None, use_cache=False, **_):
+                visual_pos_masks=None, deepstack_visual_embeds=None, use_cache=False, output_router_logits=False, **_):
         if inputs_embeds is None and self.decoder.pre_process:
             inputs_embeds = self.decoder.embed(input_ids)
         if cu_seq_lens_q is not None:  # packed rows: the segments say it all (sdpa_varlen adds an all-ones mask)
@@ -119,7 +119,11 @@ class _LanguageModel(torch.nn.Module):
         if d.config.pipeline_model_parallel_size == 1:
             hidden = d(inputs_embeds, position_ids, cu_seqlens=cu_seq_lens_q, attention_mask=attention_mask,
                        visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack_visual_embeds)
-            return SimpleNamespace(last_hidden_state=hidden)
+            if not output_router_logits:
+                return SimpleNamespace(last_hidden_state=hidden)
+            from training.mcore.moe import routers
+
+            return SimpleNamespace(last_hidden_state=hidden, router_logits=tuple(r.take() for _, r in routers(d)))
         from training.mcore.pipeline import stage_forward
 
         if not d.pre_process and self.deepstack_layers:  # the visual tokens, where carried DeepStack features go

@@ -10,9 +10,10 @@ runs in the activations' dtype as HF's does (`moe_router_dtype` None); no expert
 Megatron's own load-balancing / z losses are off (`moe_aux_loss_coeff=0`, load balancing "none"): the project
 computes its own from the router statistics (training/moe.py). Each MoE layer's `Router` calls its `tap`, an
 identity module whose forward takes and returns HF's router outputs (logits [tokens, E], top-k weights [tokens, k],
-top-k experts [tokens, k], tokens in HF's [B, L] order, the logits in the graph): a forward hook on the tap sees what
-a hook on HF's router sees, so training/moe.py `RouterStats` (it finds modules by the class-name suffix
-"TopKRouter") works on the megatron decoder unchanged (given the `sp` attribute it reads, None; at pp=1 its layer
+top-k experts [tokens, k], tokens in HF's [B, L] order, the logits in the graph): a test's forward hook on the tap
+sees what one on HF's router sees. The engine's decoder hands each router's last logits (`Router.take`) to the model
+step as HF's `output_router_logits` does, so training/moe.py `RouterStats` (it finds the layers by the class-name
+suffix "TopKRouter") works on the megatron decoder unchanged (given the `sp` attribute it reads, None; at pp=1 its layer
 indices are global; each EP rank's routers see that rank's own tokens, the data-parallel ones RouterStats sums over
 all ranks). `routers(module)` lists (layer, Router) pairs.
 
@@ -64,6 +65,7 @@ class Router(TopKRouter):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.tap = RoutingTopKRouter()
+        self.logits = None
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """The router logits as HF's (F.linear in the activations' dtype unless `moe_router_dtype` says fp32/fp64).
@@ -81,8 +83,14 @@ class Router(TopKRouter):
         def hf_order(t):  # [L*B, n] -> [B*L, n]
             return t.reshape(L, B, -1).transpose(0, 1).reshape(L * B, -1)
 
-        self.tap(hf_order(logits), hf_order(weights), hf_order(experts))
+        self.logits = hf_order(logits)  # the last call's logits, for the model step's router statistics (`take`)
+        self.tap(self.logits, hf_order(weights), hf_order(experts))
         return probs, routing_map
+
+    def take(self) -> torch.Tensor:
+        """The logits of this router's last call ([tokens, E], HF's order, in the graph), handed over once."""
+        logits, self.logits = self.logits, None
+        return logits
 
     def _apply_expert_bias(self, routing_map, padding_mask=None):
         """Off (no expert bias here); megatron's version is torch.compile'd, which would compile on every call
