@@ -32,18 +32,20 @@ def test_dp2_x_tp2_trains_the_same_global_batches_as_zero2_on_one_rank(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,family,tp", [(2, "qwen3_vl", 1), (4, "qwen2_5_vl", 1), (4, "qwen3_vl", 2)],
-                         ids=["pp2", "dp2_x_pp2", "tp2_x_pp2"])
-def test_pipeline_parallel_trains_the_same_global_batches_as_zero2_on_one_rank(tmp_path, nproc, family, tp):
+@pytest.mark.parametrize("nproc,family,tp,vpp", [(2, "qwen3_vl", 1, 2), (4, "qwen2_5_vl", 1, 1), (4, "qwen3_vl", 2, 1)],
+                         ids=["pp2_x_vpp2", "dp2_x_pp2", "tp2_x_pp2"])
+def test_pipeline_parallel_trains_the_same_global_batches_as_zero2_on_one_rank(tmp_path, nproc, family, tp, vpp):
     """engine.pp=2: megatron's 1F1B schedule over each step's micro-batches (4 per replica at dp 1, 2 at dp 2), the
-    first stage running the ViT and merge (Qwen3-VL's DeepStack features carried to the second stage's layers),
+    first stage running the ViT and merge (Qwen3-VL's DeepStack features carried to the later stages' layers),
     the last the loss; the loss and token counts reach every rank, gradients are summed over the data-parallel
-    group, the norm over the stages. Losses, grad norms, counts and the exported weights (gathered over both
-    stages and TP) equal zero2 in one process on the same global batches."""
+    group, the norm over the stages. engine.vpp=2: the interleaved schedule over two one-layer chunks a rank (the
+    first rank's second chunk is a middle stage: no ViT there); its held-out calls, one micro-batch each, are
+    padded to pp. Losses, grad norms, counts and the exported weights (gathered over both stages and TP) equal
+    zero2 in one process on the same global batches."""
     opts = {"family": family, "attention": "varlen", "tasks": "caption,vqa,text", "stage.eval.every": "2",
             "stage.eval.sources": "[vqa,caption]", "stage.eval.samples": "5"}  # held-out: forward-only schedules
     ref = _run(tmp_path / "zero2", 1, engine="zero2", micro=4, **opts)
-    pp = _run(tmp_path / "pp", nproc, engine="megatron", pp="2", tp=str(tp), **opts)
+    pp = _run(tmp_path / "pp", nproc, engine="megatron", pp="2", tp=str(tp), vpp=str(vpp), **opts)
     _assert_same(pp, ref, atol=3e-5)
     rows, want = metrics_rows(tmp_path / "pp"), metrics_rows(tmp_path / "zero2")
     assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in want], rel=1e-5)
@@ -56,7 +58,8 @@ def test_pipeline_parallel_trains_the_same_global_batches_as_zero2_on_one_rank(t
 
 @pytest.mark.slow
 def test_a_pipelined_run_resumes_bit_identically_and_exports_a_plain_hf_model(tmp_path):
-    """pp=2 under torchrun: 4 steps with checkpoints at 2 and 4 (one file per stage); a run restarted from step 2
+    """pp=2 x vpp=2 under torchrun: 4 steps with checkpoints at 2 and 4 (one file per stage, its two chunks); a
+    run restarted from step 2
     logs the same steps 3-4 and ends with the same weights. The export and a next stage's start from the
     checkpoint directory (checkpoint_weights: both stages' files merged) are the same HF weights."""
     import subprocess
@@ -71,7 +74,7 @@ def test_a_pipelined_run_resumes_bit_identically_and_exports_a_plain_hf_model(tm
     def run(out):
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
                             "training.train", f"output_dir={out}", "logger=none", SHORT_ROWS, "stage=sft",
-                            "model=tiny_qwen3_vl", "engine=megatron", "engine.pp=2", "trainer.max_steps=4",
+                            "model=tiny_qwen3_vl", "engine=megatron", "engine.pp=2", "engine.vpp=2", "trainer.max_steps=4",
                             "trainer.save_every=2", "trainer.keep_checkpoints=5", "trainer.grad_accum=2"],
                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -170,6 +173,9 @@ def test_what_megatron_does_not_run_yet_is_refused_by_name():
 
     assert "engine.tp=1 x engine.pp=2 must divide the 1 processes" in refused(["engine.pp=2"])
     assert "4 decoder layers must split evenly" in refused(["engine.pp=3"], world=3)
+    assert "4 decoder layers must split evenly" in refused(["engine.pp=2", "engine.vpp=3"], world=2)
+    assert "interleaved schedule needs at least engine.pp=2 micro-batches" in refused(["engine.pp=2", "engine.vpp=2"], 2)
+    assert "need engine.pp > 1" in refused(["engine.vpp=2"])
     for stage in ("dpo", "sapo"):  # and distill (no_pipeline): its teacher is checked first
         assert f"the {stage} objective does not run on a pipeline" in refused([f"stage={stage}", "engine.pp=2"], 2)
     assert "engine.tp=2 x engine.pp=1 must divide the 1 processes" in refused(["engine.tp=2"])

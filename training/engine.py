@@ -36,6 +36,7 @@ class EngineConfig:
     tp: int = 1  # megatron: tensor-parallel size (consecutive ranks of one replica)
     pp: int = 1  # megatron: pipeline-parallel size (stages of consecutive ranks; 1F1B schedule)
     ep: int = 1  # megatron, MoE models: expert-parallel size (data-parallel ranks that split the experts)
+    vpp: int = 1  # megatron: virtual pipeline stages per pipeline rank (> 1: interleaved 1F1B)
 
 
 def replica_size(cfg: EngineConfig, sp_size: int = 1) -> int:

@@ -189,9 +189,11 @@ def _check_megatron(job, world: int) -> None:
         heads = text["num_attention_heads"]
         check_tp(tp, heads, text["num_key_value_heads"], text.get("head_dim") or text["hidden_size"] // heads,
                  text["intermediate_size"], what=f"engine.tp={tp}")
-        if text["num_hidden_layers"] % pp:
-            raise ValueError(f"engine.pp={pp}: the {text['num_hidden_layers']} decoder layers must split evenly over "
-                             f"the pipeline stages; choose engine.pp dividing {text['num_hidden_layers']}")
+        vpp = job.engine.vpp
+        if text["num_hidden_layers"] % (pp * vpp):
+            raise ValueError(f"engine.pp={pp} x engine.vpp={vpp}: the {text['num_hidden_layers']} decoder layers must "
+                             f"split evenly over the (virtual) pipeline stages; choose pp x vpp dividing "
+                             f"{text['num_hidden_layers']}")
     if pp > 1:
         from stages import build_objective
 

@@ -53,8 +53,9 @@ def init_distributed() -> None:
 
 
 def check(cfg: EngineConfig, micro_batch: int, grad_accum: int, world: int, grad_clip: float) -> None:
-    if cfg.tp != 1 or cfg.pp != 1 or cfg.ep != 1:
-        raise ValueError(f"engine.tp={cfg.tp}, engine.pp={cfg.pp}, engine.ep={cfg.ep}: tensor, pipeline and expert "
+    if cfg.tp != 1 or cfg.pp != 1 or cfg.ep != 1 or cfg.vpp != 1:
+        raise ValueError(f"engine.tp={cfg.tp}, engine.pp={cfg.pp}, engine.vpp={cfg.vpp}, engine.ep={cfg.ep}: tensor, "
+                         f"pipeline and expert "
                          f"parallelism are engine=megatron's; "
                          f"DeepSpeed shards with ZeRO (engine.zero_stage) and sequence-parallelises (parallel.sp_size)")
     deepspeed_config(cfg, micro_batch, grad_accum, world, grad_clip)

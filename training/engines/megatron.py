@@ -19,7 +19,9 @@ objective are the DeepSpeed engine's. What changes is inside it:
 Pipeline parallelism (`engine.pp` > 1; training/mcore/pipeline.py): each rank holds its stage's layers (the
 first stage also the embedding, the last the final norm and head). `forward_backward` runs megatron's 1F1B schedule
 over the step's micro-batches: on the first stage the step's first half (ViT, merge, `VLM.decoder_output`), on
-the last the objective's `loss_sum` with `VLM.pipeline_input` set (the decoder's input is the received tensor);
+the last the objective's `loss_sum` with `VLM.pipeline_input` set (the decoder's input is the received tensor).
+With `engine.vpp` > 1 a rank holds vpp chunks (megatron's interleaved 1F1B: rank r's chunk v is global stage
+v x pp + r); the schedule says which chunk each call runs, and only the first rank's first chunk runs the ViT;
 Qwen3-VL's DeepStack features ride with the hidden states to the stages whose layers take them. The last stage's
 loss sums and metrics are broadcast to the other stages, so the loop sees what it sees without a pipeline. Only
 objectives whose loss is one policy call run there (the lm stages: `Objective.no_pipeline`), on packed rows.
@@ -37,7 +39,7 @@ on the last stage (pipeline.py `finalize_grads`). The gradient norm counts a TP-
 shards, a replicated one once, sums the stages, and skips the tied copy. The optimizer is torch's AdamW over this
 rank's parameters (the same parameter groups and LR schedule as DeepSpeed's, training/engine.py); the ViT's
 copies on later stages get zero gradients (unused there; the export takes the first stage's). Megatron's
-distributed optimizer and DDP buckets, virtual pipeline stages and TP sequence parallelism are not used yet.
+distributed optimizer and DDP buckets and TP sequence parallelism are not used yet.
 
 Checkpoints: one file per rank, `mcore_rank<r>.pt` (this rank's weights, optimizer and scheduler state, the layout
 that wrote it), loaded with torch.load(weights_only=True); a resume with another tp, pp or world is refused naming
@@ -63,7 +65,8 @@ from training.parallel import ParallelConfig
 
 log = logging.getLogger("training")
 LM_PREFIXES = ("model.language_model.", "lm_head.")  # the HF modules the megatron decoder replaces
-DECODER = "model.language_model.decoder."  # the Decoder's keys in the step module's state dict
+DECODER = "model.language_model.decoder."  # the (first) Decoder's keys in the step module's state dict
+VIRTUAL = "model.language_model.virtual_stages."  # engine.vpp > 1: this rank's later virtual stages, numbered from 0
 
 
 def init_distributed() -> None:
@@ -72,6 +75,11 @@ def init_distributed() -> None:
 
 
 def check(cfg: EngineConfig, micro_batch: int, grad_accum: int, world: int, grad_clip: float) -> None:
+    if cfg.vpp < 1 or (cfg.vpp > 1 and cfg.pp == 1):
+        raise ValueError(f"engine.vpp={cfg.vpp}: virtual pipeline stages per rank need engine.pp > 1 (vpp >= 1)")
+    if cfg.vpp > 1 and grad_accum < cfg.pp:
+        raise ValueError(f"engine.vpp={cfg.vpp}: megatron's interleaved schedule needs at least engine.pp={cfg.pp} "
+                         f"micro-batches a step; trainer.grad_accum={grad_accum} (raise it, or set engine.vpp=1)")
     if cfg.tp < 1 or cfg.pp < 1 or world % (cfg.tp * cfg.pp):
         raise ValueError(f"engine.tp={cfg.tp} x engine.pp={cfg.pp} must divide the {world} processes (data-parallel "
                          f"size = world / (tp x pp))")
@@ -96,26 +104,34 @@ class _Embed(torch.nn.Module):
 class _LanguageModel(torch.nn.Module):
     """HF's text-model call on the megatron decoder (training/vlm.py `hidden_states` calls it as HF's)."""
 
-    def __init__(self, decoder, media_ids: tuple = (), deepstack_layers: int = 0):
+    def __init__(self, chunks: list, media_ids: tuple = (), deepstack_layers: int = 0):
         super().__init__()
-        self.decoder = decoder
-        self.embed_tokens = _Embed(decoder)
-        self.config = decoder.hf_config  # HF's text config (FLOP counts, the step read it)
+        self.decoder = chunks[0]
+        if len(chunks) > 1:  # engine.vpp > 1: the schedule picks the chunk of each call (`active`)
+            self.virtual_stages = torch.nn.ModuleList(chunks[1:])
+        self.active = 0
+        self.embed_tokens = _Embed(chunks[0])
+        self.config = chunks[0].hf_config  # HF's text config (FLOP counts, the step read it)
         self.media_ids, self.deepstack_layers = media_ids, deepstack_layers  # for a pipeline's later stages
+
+    @property
+    def chunks(self) -> list:
+        """This rank's Decoders, one per virtual pipeline stage (one without engine.vpp)."""
+        return [self.decoder, *getattr(self, "virtual_stages", [])]
 
     def get_input_embeddings(self):
         return self.embed_tokens
 
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None, cu_seq_lens_q=None,
                 visual_pos_masks=None, deepstack_visual_embeds=None, use_cache=False, output_router_logits=False, **_):
-        if inputs_embeds is None and self.decoder.pre_process:
-            inputs_embeds = self.decoder.embed(input_ids)
+        d = self.chunks[self.active]
+        if inputs_embeds is None and d.pre_process:
+            inputs_embeds = d.embed(input_ids)
         if cu_seq_lens_q is not None:  # packed rows: the segments say it all (sdpa_varlen adds an all-ones mask)
             attention_mask = None
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("engine=megatron takes packed rows by cu_seqlens (model.attn_implementation="
                              "sdpa_varlen) or padded rows with a [B, L] mask, not a dense 4-D mask")
-        d = self.decoder
         if d.config.pipeline_model_parallel_size == 1:
             hidden = d(inputs_embeds, position_ids, cu_seqlens=cu_seq_lens_q, attention_mask=attention_mask,
                        visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack_visual_embeds)
@@ -179,15 +195,16 @@ def to_megatron(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     state = _hf_lm_state(model)
     tied = bool(getattr(hf.config, "tie_word_embeddings", False)) or is_tied(state)
     trainable = next(p for n, p in hf.named_parameters() if n.startswith(LM_PREFIXES)).requires_grad
-    (decoder,) = build_chunks(text, state, dtype, tied)
-    decoder.requires_grad_(trainable)
+    chunks = build_chunks(text, state, dtype, tied)  # one, or engine.vpp virtual stages
+    for c in chunks:
+        c.requires_grad_(trainable)
     model.__dict__["hf_lm"] = (hf.model.language_model, hf.lm_head)  # kept for generation (Engine.generation)
     media = tuple(getattr(hf.config, k) for k in ("image_token_id", "video_token_id") if getattr(hf.config, k, None)
                   is not None)
     deepstack = len(getattr(hf.config.vision_config, "deepstack_visual_indexes", None) or [])
-    hf.model.language_model = _LanguageModel(decoder, media, deepstack)  # hf.model is the VLM's `model` too
-    model.pipeline_input = not ps.is_pipeline_first_stage(ignore_virtual=True)
-    model.lm_head = hf.lm_head = _Head(decoder)
+    hf.model.language_model = _LanguageModel(chunks, media, deepstack)  # hf.model is the VLM's `model` too
+    model.pipeline_input = not chunks[0].pre_process  # per chunk under engine.vpp (Engine.forward_backward)
+    model.lm_head = hf.lm_head = _Head(chunks[-1])
     # the head's weight is a (padded) vocabulary shard, not the plain [V, H] the fused chunks take: always the
     # module-call path (a TP group of one: its all-reduces are no-ops)
     model.sync_group = ps.get_tensor_model_parallel_group()
@@ -199,10 +216,11 @@ def _weights(model: torch.nn.Module) -> dict:
     return {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
-def _split(state: dict) -> tuple[dict, dict]:
-    """(the Decoder's keys without their prefix, the other keys) of a step module's state dict."""
-    dec = {k[len(DECODER):]: v for k, v in state.items() if k.startswith(DECODER)}
-    return dec, {k: v for k, v in state.items() if not k.startswith(DECODER)}
+def _split(state: dict, chunks: int = 1) -> tuple[list[dict], dict]:
+    """([each Decoder chunk's keys without their prefix], the other keys) of a step module's state dict."""
+    prefixes = [DECODER] + [f"{VIRTUAL}{c}." for c in range(chunks - 1)]
+    decs = [{k[len(p):]: v for k, v in state.items() if k.startswith(p)} for p in prefixes]
+    return decs, {k: v for k, v in state.items() if not k.startswith((DECODER, VIRTUAL))}
 
 
 class Engine:
@@ -220,14 +238,14 @@ class Engine:
                              "levers; set parallel.sp_size=1 and model.tiled_mlp=0 (context parallelism on megatron "
                              "needs Transformer Engine)")
         check(cfg, micro_batch, grad_accum, world, stage.optimizer.grad_clip)
-        self.cfg, self.world, self.tp, self.pp, self.ep = cfg, world, cfg.tp, cfg.pp, cfg.ep
+        self.cfg, self.world, self.tp, self.pp, self.ep, self.vpp = cfg, world, cfg.tp, cfg.pp, cfg.ep, cfg.vpp
         self.dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
         from training.mcore.pipeline import init_model_parallel
 
         rng = torch.get_rng_state()  # the loop seeded it per data-parallel rank; megatron's seeding must not reset it
         # rank order tp-pp-dp: a replica's tp x pp ranks are consecutive (training/engine.py replica_size)
         if cfg.pp > 1:
-            init_model_parallel(cfg.tp, cfg.pp, seed=1234, order="tp-pp-dp")
+            init_model_parallel(cfg.tp, cfg.pp, cfg.vpp, seed=1234, order="tp-pp-dp")
         else:  # EP ranks are consecutive data-parallel ranks
             shim.init_model_parallel(cfg.tp, seed=1234, ep=cfg.ep)
         torch.set_rng_state(rng)
@@ -249,9 +267,11 @@ class Engine:
                                            betas=tuple(stage.optimizer.betas), eps=stage.optimizer.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage, max_steps))
         self.grad_clip = float(stage.optimizer.grad_clip)
-        self.decoder = self.model.model.language_model.decoder
-        log.info("engine megatron: tp %d x pp %d x dp %d%s (this rank: tp %d, pp %d, dp %d), %s", self.tp, self.pp,
-                 self.dp_size, f" (experts over ep {self.ep})" if self.ep > 1 else "", self.tp_rank, self.pp_rank,
+        self.chunks = self.model.model.language_model.chunks
+        self.decoder = self.chunks[0]
+        log.info("engine megatron: tp %d x pp %d%s x dp %d%s (this rank: tp %d, pp %d, dp %d), %s", self.tp, self.pp,
+                 f" (vpp {self.vpp})" if self.vpp > 1 else "", self.dp_size,
+                 f" (experts over ep {self.ep})" if self.ep > 1 else "", self.tp_rank, self.pp_rank,
                  self.dp_rank, cfg.dtype)
 
     def _place(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -267,7 +287,9 @@ class Engine:
         """One micro-batch after the other (pp 1), or megatron's 1F1B schedule over the step's micro-batches (pp >
         1): the first stage runs the ViT, merge and its layers, the last its layers and `fn` (the objective's loss
         on the received hidden states), each stage sends on what its decoder returns. Every micro-batch must be
-        packed rows of one shape (the schedule's fixed send shape). The last stage's results reach every stage."""
+        packed rows of one shape (the schedule's fixed send shape). The last stage's results reach every stage.
+        engine.vpp > 1: the interleaved schedule over this rank's chunks; it needs >= pp micro-batches, so a held-out
+        call with fewer (forward_only) repeats its last one and drops the repeats' results."""
         if self.pp == 1:
             return micro_batches(self, micro, fn, forward_only)
         from megatron.core import parallel_state as ps
@@ -280,11 +302,19 @@ class Engine:
             raise ValueError(f"engine.pp > 1 trains packed rows of one shape (micro-batches of "
                              f"trainer.micro_batch_size rows of stage.seq_len tokens); got shapes {sorted(shapes)}")
         (rows, length), = shapes
+        n = len(micro)
+        if self.vpp > 1 and n < self.pp:
+            if not forward_only:
+                raise ValueError(f"engine.vpp > 1 trains >= engine.pp={self.pp} micro-batches a step; got {n}")
+            micro = micro + [micro[-1]] * (self.pp - n)
         results = []
         ones = torch.ones((), dtype=torch.int, device=self.device)
+        lm = self.model.model.language_model
 
         def step_func(data_iterator, chunk):
             mb = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in next(data_iterator).items()}
+            lm.active = next(i for i, c in enumerate(self.chunks) if c is chunk)
+            self.model.pipeline_input = not chunk.pre_process
             if chunk.post_process:
                 loss, loss_sum, stats = fn(mb)
                 results.append((float(loss_sum), stats))
@@ -292,9 +322,11 @@ class Engine:
             out, zero = self.model.decoder_output(mb)
             return out.last_hidden_state + zero.to(out.last_hidden_state.dtype), None
 
-        forward_backward([self.decoder], step_func, micro, rows * length, 1,
-                         self.model.model.language_model.deepstack_layers, forward_only)
-        box = [results]
+        try:
+            forward_backward(self.chunks, step_func, micro, rows * length, 1, lm.deepstack_layers, forward_only)
+        finally:
+            lm.active, self.model.pipeline_input = 0, not self.chunks[0].pre_process
+        box = [results[:n]]
         dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=self.groups["pp"])
         return [(torch.tensor(ls, dtype=torch.float64), stats) for ls, stats in box[0]]
 
@@ -311,7 +343,7 @@ class Engine:
                 p.grad = torch.zeros_like(p)
         from training.mcore.pipeline import finalize_grads
 
-        finalize_grads([self.decoder])  # q/k-norm partial sums over TP; a tied head's copy and the embedding
+        finalize_grads(self.chunks)  # q/k-norm partial sums over TP; a tied head's copy and the embedding
         if self.dp_size > 1:
             for p in params:  # one collective per parameter: megatron's DDP buckets are not used yet
                 own = self.ep > 1 and self.decoder.expert_parallel(p)  # this EP rank's experts: their replicas
@@ -370,18 +402,22 @@ class Engine:
         collective; the other weights, the first stage's (the ViT trains there))."""
         from training.mcore.convert import mcore_to_hf, merge_pp
 
-        dec, rest = _split(_weights(self.model))
+        decs, rest = _split(_weights(self.model), len(self.chunks))
         text = self.model.hf.config.get_text_config()
-        shards = _gather_tp(dec, self.tp, self.groups["tp"])
+        chunks = [_gather_tp(dec, self.tp, self.groups["tp"]) for dec in decs]  # [chunk][tp]
         if self.ep > 1:  # every EP rank's experts (the same keys and shapes on each): one dict of all of them
             from training.mcore.convert import merge_ep
 
-            shards = [merge_ep(_gather_tp(sh, self.ep, self.groups["ep"]), text) for sh in shards]
-        if self.pp > 1:  # every stage's TP shards, as objects (stages differ in keys): [pp][tp] -> merged per tp
-            stages = [None] * self.pp
-            dist.all_gather_object(stages, [{k: v.cpu() for k, v in sh.items()} for sh in shards],
-                                   group=self.groups["pp"])
-            shards = [merge_pp([st[t] for st in stages], text, self.decoder.tied) for t in range(self.tp)]
+            chunks = [[merge_ep(_gather_tp(sh, self.ep, self.groups["ep"]), text) for sh in c] for c in chunks]
+        if self.pp == 1:
+            return mcore_to_hf(chunks[0], text), rest
+        # every stage's chunks, as objects (stages differ in keys): [pp][chunk][tp]; model order is chunk-major
+        # (global virtual stage vp * pp + pp_rank), merged per tp
+        stages = [None] * self.pp
+        dist.all_gather_object(stages, [[{k: v.cpu() for k, v in sh.items()} for sh in c] for c in chunks],
+                               group=self.groups["pp"])
+        shards = [merge_pp([st[vp][t] for vp in range(len(chunks)) for st in stages], text, self.decoder.tied)
+                  for t in range(self.tp)]
         return mcore_to_hf(shards, text), rest
 
     def save(self, path: Path) -> None:
@@ -394,7 +430,7 @@ class Engine:
                    path / f"mcore_rank{rank:05d}.pt")
 
     def layout(self) -> dict:
-        return {"tp": self.tp, "pp": self.pp, "ep": self.ep, "world": self.world}
+        return {"tp": self.tp, "pp": self.pp, "vpp": self.vpp, "ep": self.ep, "world": self.world}
 
     def load(self, path: Path) -> None:
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -403,9 +439,10 @@ class Engine:
             raise ValueError(f"{f} is missing: {path} is not an engine=megatron checkpoint of this layout "
                              f"(DeepSpeed checkpoints resume with their engine)")
         state = torch.load(f, map_location=self.device, weights_only=True)
-        if state["layout"] != self.layout():
-            changed = {k: (v, self.layout()[k]) for k, v in state["layout"].items() if self.layout().get(k) != v}
-            raise ValueError(f"{path} was written with {state['layout']} but this run has {self.layout()} "
+        saved = {**state["layout"], "vpp": state["layout"].get("vpp", 1)}  # checkpoints before engine.vpp: none
+        if saved != self.layout():
+            changed = {k: (v, self.layout()[k]) for k, v in saved.items() if self.layout().get(k) != v}
+            raise ValueError(f"{path} was written with {saved} but this run has {self.layout()} "
                              f"(changed: {changed}); each rank's shards belong to the original layout, so resume "
                              f"with it, or start a new stage from the weights (model.path={path})")
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
@@ -502,20 +539,24 @@ def checkpoint_weights(step_dir: Path) -> dict:
     from training.mcore.convert import merge_pp
 
     first = torch.load(step_dir / "mcore_rank00000.pt", map_location="cpu", weights_only=True)
-    tp, pp, ep = first["layout"]["tp"], first["layout"].get("pp", 1), first["layout"].get("ep", 1)
+    layout = {"pp": 1, "vpp": 1, "ep": 1, **first["layout"]}
+    tp, pp, vpp, ep = layout["tp"], layout["pp"], layout["vpp"], layout["ep"]
     # the first replica: ranks pp_rank * tp + tp_rank (rank order tp-pp-dp); with experts split over ep (tp 1, pp
     # 1): the first ep ranks
     states = [first] + [torch.load(step_dir / f"mcore_rank{r:05d}.pt", map_location="cpu", weights_only=True)
                         for r in range(1, tp * pp * ep)]
     text = dict(first["text_config"])
     config = AutoConfig.for_model(text.pop("model_type"), **text)
-    shards, rest = zip(*(_split(s["model"]) for s in states))
+    chunks, rest = zip(*(_split(s["model"], vpp) for s in states))  # [rank][chunk]
     if ep > 1:
         from training.mcore.convert import merge_ep
 
-        shards = [merge_ep(list(shards), config)]
-    if pp > 1:
-        shards = [merge_pp([shards[stage * tp + t] for stage in range(pp)], config, first["tied"]) for t in range(tp)]
+        shards = [merge_ep([c[0] for c in chunks], config)]
+    elif pp > 1:  # rank stage * tp + t; model order chunk-major (global virtual stage vp * pp + stage)
+        shards = [merge_pp([chunks[stage * tp + t][vp] for vp in range(vpp) for stage in range(pp)], config,
+                           first["tied"]) for t in range(tp)]
+    else:
+        shards = [c[0] for c in chunks]
     out = dict(rest[0])
     out.update(mcore_to_hf(list(shards), config))
     return out
