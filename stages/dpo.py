@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from stages.objective import Context, Objective
+from stages.objective import Context, Objective, frozen_forward
 from stages.rollout import per_sample, token_logps
 
 LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
@@ -96,7 +96,6 @@ def pairs(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class DPOObjective(Objective):
-    no_pipeline = "its frozen reference model runs inside the loss"
     def __init__(self, cfg: Config):
         cfg.check()
         self.cfg = cfg
@@ -112,21 +111,28 @@ class DPOObjective(Objective):
     def weights(self, batch: dict) -> torch.Tensor:
         return torch.ones(len(pairs(batch)[0]))
 
-    def _ref_logps(self, batch: dict, ids: torch.Tensor, n: int) -> torch.Tensor:
-        """Summed reference log-probs of all n samples (entries outside `ids` unused)."""
+    def frozen_pass(self, engine, micro: list[dict]) -> list[dict]:
+        """Each micro-batch with `ref_logps`: the reference's summed log-probs per sample, from a forward-only pass
+        of the reference over the step before the policy's (its own schedule on a pipeline)."""
         if self.ref is None:
             raise ValueError("the dpo objective has no reference model: the loop must call objective.setup(ctx) "
                              "after the engine exists")
-        with torch.no_grad():
+
+        def ref_sums(batch):
             logps, _ = token_logps(self.ref, batch)
-            return per_sample(logps, batch)[0]
+            return None, torch.zeros((), dtype=torch.float64), {"ref_logps": per_sample(logps, batch)[0].tolist()}
+
+        return [{**mb, "ref_logps": torch.tensor(stats["ref_logps"], dtype=torch.float64)}
+                for mb, stats in zip(micro, frozen_forward(engine, micro, ref_sums, self.ref), strict=True)]
 
     def loss_sum(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
         """Σ over the micro-batch's pairs of weight × (preference loss + RPO term), and the pair metrics."""
         c, r = pairs(batch)
         logps, ent = token_logps(engine, batch, entropy=True)
         sums, counts = per_sample(logps, batch)
-        ref_all = self._ref_logps(batch, torch.cat([c, r]), len(sums)).to(sums.device, sums.dtype)
+        if "ref_logps" not in batch:  # evaluate() and direct callers: the reference's pass now
+            (batch,) = self.frozen_pass(engine, [batch])
+        ref_all = batch["ref_logps"].to(sums.device, sums.dtype)
         c, r = c.to(sums.device), r.to(sums.device)
         losses = pair_losses(self.cfg, sums[c], sums[r], ref_all[c], ref_all[r], counts[c], counts[r])
         total = losses

@@ -1,6 +1,7 @@
 """The Objective protocol: what the training loop asks of a stage's loss, with defaults for the optional parts.
 
-The loop calls, per optimizer step: `prepare(model, micro)` (RL: rollouts replace the prompts), `weights(batch)`
+The loop calls, per optimizer step: `prepare(model, micro)` (RL: rollouts replace the prompts), `frozen_pass(engine,
+micro)` (values of frozen models the loss reads, computed before the policy's calls; held-out batches get it too), `weights(batch)`
 per micro-batch (the loop divides by the global sum), `loss_sum(model, batch)` -> (Σ weight × loss, {"sums":
 {metric: [sum, count]}}), then `step_sums()` (metrics of work done this step whether or not it trained). The
 loader calls `check_sample(sample)` on each encoded sample (raise data.errors.BadSample to skip it, counted).
@@ -28,6 +29,16 @@ class Context:
     frozen: Callable[[str], tuple] = None
 
 
+def frozen_forward(engine, micro: list[dict], fn, model) -> list[dict]:
+    """[stats of `fn(micro-batch)`] with no gradient, where `fn` calls the frozen `model`: the engine's forward-only
+    pass over `model`'s pipeline (Engine.forward_backward; `fn` -> (None, loss sum, stats)), or plain calls when
+    `engine` is a bare step module (tools and unit tests call objectives on one)."""
+    with torch.no_grad():
+        if not hasattr(engine, "forward_backward"):
+            return [fn(mb)[2] for mb in micro]
+        return [stats for _, stats in engine.forward_backward(micro, fn, forward_only=True, model=model)]
+
+
 class Objective:
     """Base class with the protocol's defaults; `weights` and `loss_sum` are the objective's own."""
 
@@ -35,8 +46,8 @@ class Objective:
     no_sequence_parallel: str | None = None
     # None: stage.eval can score held-out samples with `loss_sum` (no gradient); else why it cannot
     no_eval: str | None = None
-    # None: `loss_sum` is one call of the policy, so it runs on a pipeline's last stage (engine=megatron,
-    # engine.pp > 1); else why it cannot
+    # None: `loss_sum` is one call of the policy (frozen models run in `frozen_pass`), so it runs on a pipeline's
+    # last stage (engine=megatron, engine.pp > 1); else why it cannot
     no_pipeline: str | None = None
 
     def setup(self, ctx: Context) -> None:
@@ -46,6 +57,13 @@ class Objective:
         pass
 
     def prepare(self, model, micro: list[dict]) -> list[dict]:
+        return micro
+
+    def frozen_pass(self, engine, micro: list[dict]) -> list[dict]:
+        """The micro-batches with what frozen models (a reference) contribute to the loss added, from a pass of their
+        own before the policy's: on a pipeline (engine=megatron, engine.pp > 1) a frozen model cannot run inside the
+        policy's loss on the last stage, so it runs its own forward-only schedule (`Engine.forward_backward(...,
+        model=)`)."""
         return micro
 
     def weights(self, batch: dict) -> torch.Tensor:

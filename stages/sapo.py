@@ -139,7 +139,8 @@ def _add(sums: dict, key: str, total: float, count: float) -> None:
 
 
 class RLObjective(Objective):
-    no_pipeline = "its rollouts generate with the whole decoder and its reference runs inside the loss"
+    no_pipeline = ("its rollouts are padded rows of varying shapes (a pipeline's schedule sends one shape) and "
+                   "generate with the whole decoder")
     no_eval = ("its loss needs rollouts of the policy and their rewards, not held-out samples; the reward of held-out "
                "prompts is `python -m training.evaluate HF_DIR`'s rl_reward (and the pipeline report's)")
     no_sequence_parallel = ("its rollouts are generated and scored as padded rows with a KV cache, which Ulysses "

@@ -65,11 +65,12 @@ class Engine(Protocol):
         """Accumulates d loss / d params; `loss` is this rank's share of the global mean (the engine undoes its own
         gradient averaging over data-parallel ranks)."""
 
-    def forward_backward(self, micro: list[dict], fn, forward_only: bool = False) -> list[tuple]:
+    def forward_backward(self, micro: list[dict], fn, forward_only: bool = False, model=None) -> list[tuple]:
         """Runs `fn(micro_batch on the device)` -> (the loss to back-propagate, the objective's detached loss sum,
         its stats) for each of the step's micro-batches and back-propagates each loss (not with `forward_only`:
         held-out scoring): `micro_batches` below, or a pipeline schedule (megatron, engine.pp > 1). Returns
-        [(loss sum, stats)] in order, on every rank."""
+        [(loss sum, stats)] in order, on every rank. `model`: a frozen model from `build_frozen` whose pipeline
+        runs instead of the policy's (forward_only; `fn` calls it); without a pipeline `fn` just calls it."""
 
     def step(self) -> tuple[Optional[float], bool]:
         """Applies the accumulated gradients: (gradient norm before clipping, skipped as non-finite)."""
@@ -88,7 +89,7 @@ class Engine(Protocol):
         """A frozen copy placed like the trained model (reference models); returns what to call."""
 
 
-def micro_batches(engine: Engine, micro: list[dict], fn, forward_only: bool = False) -> list[tuple]:
+def micro_batches(engine: Engine, micro: list[dict], fn, forward_only: bool = False, model=None) -> list[tuple]:
     """`Engine.forward_backward` one micro-batch after the other: forward, then backward (no pipeline)."""
     out = []
     for mb in micro:

@@ -322,6 +322,7 @@ def _step(r: Run, step: int, stop: _StopOnSignal) -> tuple[dict, bool]:
     micro = r.loader.next_step()
     t_data = time.time() - t0
     micro = obj.prepare(engine, micro)  # RL: rollouts replace the prompts
+    micro = obj.frozen_pass(engine, micro)  # a reference's log-probs (DPO), before the policy's calls
     for mb in micro:
         mb["weights"] = obj.weights(mb)
     # the global weight sum over all ranks and micro-batches: the gradient is then split-independent
@@ -393,7 +394,7 @@ def _evaluate(r: Run) -> dict:
                 counted = len(batches[engine.dp_rank::engine.dp_size])
                 loss = weight = 0.0
                 for i in range(-(-len(batches) // engine.dp_size)):
-                    mb = dict(mine[min(i, len(mine) - 1)])
+                    (mb,) = obj.frozen_pass(engine, [dict(mine[min(i, len(mine) - 1)])])
                     mb["weights"] = obj.weights(mb)
                     # one micro-batch at a time (a pipeline's schedule takes one shape; the last may have fewer rows)
                     ((ls, _),) = engine.forward_backward([mb], lambda b: (None, *obj.loss_sum(engine, b)),

@@ -228,7 +228,7 @@ class Engine:
         if not boundary:
             self.ds.step()
 
-    def forward_backward(self, micro: list[dict], fn, forward_only: bool = False) -> list[tuple]:
+    def forward_backward(self, micro: list[dict], fn, forward_only: bool = False, model=None) -> list[tuple]:
         return micro_batches(self, micro, fn, forward_only)
 
     def step(self) -> tuple[Optional[float], bool]:

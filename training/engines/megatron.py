@@ -24,7 +24,8 @@ With `engine.vpp` > 1 a rank holds vpp chunks (megatron's interleaved 1F1B: rank
 v x pp + r); the schedule says which chunk each call runs, and only the first rank's first chunk runs the ViT;
 Qwen3-VL's DeepStack features ride with the hidden states to the stages whose layers take them. The last stage's
 loss sums and metrics are broadcast to the other stages, so the loop sees what it sees without a pipeline. Only
-objectives whose loss is one policy call run there (the lm stages: `Objective.no_pipeline`), on packed rows.
+objectives whose loss is one policy call run there (`Objective.no_pipeline`), on packed rows: the lm stages, and
+DPO, whose frozen reference runs a forward-only schedule of its own first (`Objective.frozen_pass`, `model=`).
 
 MoE models (Qwen3-VL MoE; tp 1, pp 1): every sparse layer is megatron's MoE layer (training/mcore/moe.py), its
 experts split over `engine.ep` consecutive data-parallel ranks, the tokens dispatched all-to-all to the rank that
@@ -283,13 +284,14 @@ class Engine:
     def __call__(self, batch: dict, **kw):
         return self.model(batch, **kw)
 
-    def forward_backward(self, micro: list[dict], fn, forward_only: bool = False) -> list[tuple]:
+    def forward_backward(self, micro: list[dict], fn, forward_only: bool = False, model=None) -> list[tuple]:
         """One micro-batch after the other (pp 1), or megatron's 1F1B schedule over the step's micro-batches (pp >
         1): the first stage runs the ViT, merge and its layers, the last its layers and `fn` (the objective's loss
         on the received hidden states), each stage sends on what its decoder returns. Every micro-batch must be
         packed rows of one shape (the schedule's fixed send shape). The last stage's results reach every stage.
         engine.vpp > 1: the interleaved schedule over this rank's chunks; it needs >= pp micro-batches, so a held-out
-        call with fewer (forward_only) repeats its last one and drops the repeats' results."""
+        call with fewer (forward_only) repeats its last one and drops the repeats' results. `model`: a frozen model
+        from `build_frozen` (a DPO reference) runs its own forward-only schedule, its stages on the same ranks."""
         if self.pp == 1:
             return micro_batches(self, micro, fn, forward_only)
         from megatron.core import parallel_state as ps
@@ -309,23 +311,26 @@ class Engine:
             micro = micro + [micro[-1]] * (self.pp - n)
         results = []
         ones = torch.ones((), dtype=torch.int, device=self.device)
-        lm = self.model.model.language_model
+        if model is not None and not forward_only:
+            raise ValueError("a frozen model's pipeline runs forward_only")
+        vlm = self.model if model is None else model
+        lm = vlm.model.language_model
 
         def step_func(data_iterator, chunk):
             mb = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in next(data_iterator).items()}
-            lm.active = next(i for i, c in enumerate(self.chunks) if c is chunk)
-            self.model.pipeline_input = not chunk.pre_process
+            lm.active = next(i for i, c in enumerate(lm.chunks) if c is chunk)
+            vlm.pipeline_input = not chunk.pre_process
             if chunk.post_process:
                 loss, loss_sum, stats = fn(mb)
                 results.append((float(loss_sum), stats))
                 return (loss_sum if forward_only else loss), lambda out: (out, ones, {})
-            out, zero = self.model.decoder_output(mb)
+            out, zero = vlm.decoder_output(mb)
             return out.last_hidden_state + zero.to(out.last_hidden_state.dtype), None
 
         try:
-            forward_backward(self.chunks, step_func, micro, rows * length, 1, lm.deepstack_layers, forward_only)
+            forward_backward(lm.chunks, step_func, micro, rows * length, 1, lm.deepstack_layers, forward_only)
         finally:
-            lm.active, self.model.pipeline_input = 0, not self.chunks[0].pre_process
+            lm.active, vlm.pipeline_input = 0, not lm.chunks[0].pre_process
         box = [results[:n]]
         dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=self.groups["pp"])
         return [(torch.tensor(ls, dtype=torch.float64), stats) for ls, stats in box[0]]
@@ -485,10 +490,8 @@ class Engine:
         return box[0]
 
     def build_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A frozen copy (reference, teacher) with its decoder tensor-parallel like the policy's."""
-        if self.pp > 1:
-            raise ValueError("engine.pp > 1: a frozen reference or teacher model would need its own pipeline "
-                             "schedule; train this stage with engine.pp=1")
+        """A frozen copy (reference, teacher) with its decoder split like the policy's (TP shards; under engine.pp
+        this rank's stages, run by `forward_backward(..., model=)`)."""
         model.requires_grad_(False)
         model.eval()
         return self._place(to_megatron(model, self.dtype))
