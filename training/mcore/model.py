@@ -20,12 +20,25 @@ norm and head only on the last; a tied head on a last stage without the embeddin
 embedding (megatron's `shared_embedding`), whose gradient pipeline.py all-reduces with the embedding's.
 
 Tensor parallelism: tp must divide the query heads and either divide the key/value heads (whole query groups a
-rank) or be a multiple of them (megatron replicates each key/value head over tp/groups ranks); sequence and
-context parallelism are off (the local spec's torch RMSNorm and DotProductAttention refuse them).
+rank) or be a multiple of them (megatron replicates each key/value head over tp/groups ranks). Context parallelism
+is off (the local DotProductAttention refuses it).
+
+Sequence parallelism (megatron's, with TP: `transformer_config(..., sequence_parallel=True)`, or
+pipeline.py `build_chunks(..., sequence_parallel=True)`): between layers each TP rank holds only its contiguous
+1/tp slice of the sequence ([L/tp, B, H]); the column-parallel linears all-gather their input along the sequence
+and the row-parallel ones reduce-scatter their output (megatron does both given the config). The interface stays
+HF's: the first stage takes the full [B, L, H] and scatters it, the last gathers the full sequence after the final
+norm (so the head and the loss run as without it); pipeline stages in between send their slice. RoPE and the
+attention mask are the full sequence's (attention sees it whole after the qkv all-gather); DeepStack adds each
+rank's visual positions to its slice. The caller must give sequences of a length divisible by tp (an engine that
+turns it on pads its rows to a multiple of tp; `check_sequence_length` refuses others). The norms are `RMSNorm`
+(the local spec's torch RMSNorm without its refusal), their weights tagged `sequence_parallel`: their gradients
+are partial sums, completed over TP by `Decoder.reduce_tp_partial_grads`.
 
 Qwen3-VL-MoE (training/mcore/moe.py): megatron's MoELayer in the sparse layers (HF's routing exactly, the router
 outputs shown to a hookable `tap`), dense MLPs where HF keeps them, expert parallelism over the parallel state's EP
-group; tp must be 1 (megatron's MoELayer refuses training with TP but no sequence parallelism, see `check_moe`).
+group; tp must be 1 (megatron's MoELayer trains with TP only under sequence parallelism, whose per-slice expert
+gradients and router statistics are not reduced yet: see `check_moe`).
 
 Attention is the local DotProductAttention, which takes no packed-sequence params (that path is Transformer
 Engine's): packed rows get an explicit block-diagonal causal mask, O(N^2) bools. That is right everywhere and
@@ -33,10 +46,13 @@ cheap for tests; a GPU engine would use the TE spec with `PackedSeqParams` (cu_s
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
@@ -44,7 +60,10 @@ from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
 
 from training.mcore import shim
 from training.mcore.convert import padded_vocab_size, stage_layers
@@ -111,13 +130,18 @@ def check(hf, tp: int) -> None:
 
 
 def check_moe(hf, tp: int) -> None:
-    """What the MoE decoder needs beyond `check`: tp=1. megatron's MoELayer.forward raises in training with tensor
-    parallelism but no sequence parallelism, which the local spec's torch RMSNorm / DotProductAttention refuse.
-    (convert.py still converts at any tp: the experts whole on each TP rank.)"""
+    """What the MoE decoder needs beyond `check`: tp=1. megatron's MoELayer trains at tp > 1 only under sequence
+    parallelism, and with it (expert tensor parallelism 1) each TP rank's experts and router see only its slice
+    of the tokens: the forward is right, but the experts' gradients are partial over the TP ranks (megatron sums
+    them over the expert-data-parallel group, which then holds the TP peers; the engine sums them over the
+    data-parallel group, or the EP group's replicas), megatron's expert grid puts EP groups across the TP peers
+    (the engine splits experts over data-parallel ranks), the parallel state's expert TP size defaults to tp, and
+    the routers' outputs (training/moe.py's statistics and aux loss) cover one slice. (convert.py still converts
+    at any tp: the experts whole on each TP rank.)"""
     if family(hf).moe and tp != 1:
-        raise ValueError(f"tensor-parallel size {tp}: the MoE decoder needs tp=1 (megatron's MoELayer trains with "
-                         f"tp > 1 only under sequence parallelism, which the local spec lacks); use expert "
-                         f"parallelism")
+        raise ValueError(f"tensor-parallel size {tp}: the MoE decoder needs tp=1 (at tp > 1 megatron's MoELayer "
+                         f"needs sequence parallelism, whose per-slice expert gradients and router statistics the "
+                         f"engine does not reduce yet); use expert parallelism")
 
 
 def check_tp(tp: int, heads: int, groups: int, head_dim: int, intermediate: int, what: str | None = None) -> None:
@@ -200,6 +224,43 @@ def _mark_sharded(model: torch.nn.Module) -> None:
                 set_tensor_model_parallel_attributes(p, True, dim, 1)
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """The norm of every layer spec here (input, pre-MLP, q/k norms) and the final norm: torch's RMSNorm, as the
+    local spec's `WrappedTorchNorm` builds it, minus that wrapper's refusal of sequence parallelism. Under it the
+    weight is tagged `sequence_parallel` (megatron's tag, as Transformer Engine's norms set it): the input, pre-MLP
+    and final norms see only this rank's slice of the sequence, so each TP rank's weight gradient is a partial
+    sum (`Decoder.reduce_tp_partial_grads` completes it). The q/k norms see the whole sequence but only this
+    rank's heads, and are summed over TP with or without the tag."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps)
+        if config.sequence_parallel:
+            self.weight.sequence_parallel = True
+
+
+def local_norms(spec):
+    """A megatron layer or block spec with `RMSNorm` for every `WrappedTorchNorm` in it (through the ModuleSpec
+    submodules) and as a block's final norm (TransformerBlock builds it from `layer_norm`; a bare layer spec
+    would get megatron's default, WrappedTorchNorm without Apex / TE)."""
+    if spec is WrappedTorchNorm:
+        return RMSNorm
+    if isinstance(spec, TransformerBlockSubmodules):
+        return dataclasses.replace(spec, layer_specs=[local_norms(s) for s in spec.layer_specs], layer_norm=RMSNorm)
+    if isinstance(spec, ModuleSpec) and dataclasses.is_dataclass(spec.submodules):
+        sub = spec.submodules
+        return dataclasses.replace(spec, submodules=dataclasses.replace(
+            sub, **{f.name: local_norms(getattr(sub, f.name)) for f in dataclasses.fields(sub) if f.init}))
+    return spec
+
+
+def check_sequence_length(config: TransformerConfig, L: int) -> None:
+    """Sequence parallelism splits the sequence evenly over the TP ranks: L must be a multiple of tp."""
+    tp = config.tensor_model_parallel_size
+    if config.sequence_parallel and L % tp:
+        raise ValueError(f"sequence length {L} is not divisible by the tensor-parallel size {tp}: sequence "
+                         f"parallelism gives each TP rank L/tp positions (pad the rows to a multiple of {tp})")
+
+
 def causal_mask(L: int, cu_seqlens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 device=None) -> torch.Tensor:
     """megatron's attention mask (bool, True = masked out): causal within each cu_seqlens segment of one packed
@@ -269,16 +330,26 @@ class Decoder(torch.nn.Module):
 
             spec = moe.block_spec(self.config, vp_stage)
         else:
-            spec = get_gpt_layer_local_spec(qk_layernorm=self.config.qk_layernorm, normalization="RMSNorm")
-        self.decoder = TransformerBlock(self.config, spec, pre_process=self.pre_process,
+            layer = get_gpt_layer_local_spec(qk_layernorm=self.config.qk_layernorm, normalization="RMSNorm")
+            spec = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(self.config, vp_stage),
+                                              layer_norm=RMSNorm)
+        self.decoder = TransformerBlock(self.config, local_norms(spec), pre_process=self.pre_process,
                                         post_process=self.post_process, vp_stage=vp_stage)
         self.layer_indices = [layer.layer_number - 1 for layer in self.decoder.layers]  # global, 0-based
         want = stage_layers(self.config.num_layers, pp, ps.get_pipeline_model_parallel_rank(), vpp, vp_stage)
         if self.layer_indices != list(want):  # convert.py's split must be megatron's
             raise ValueError(f"megatron built layers {self.layer_indices}, convert.py expects {list(want)}")
         if self.post_process:
+            # the head takes the full sequence (forward gathers it after the final norm, so `logits` and
+            # training/mcore/loss.py see what they see without sequence parallelism): built without it, the head
+            # does not all-gather its input again, and its input gradient is all-reduced over TP (whole on every
+            # rank, as the loss's own), which is what the gather's backward expects
+            head_config = self.config
+            if self.config.sequence_parallel:
+                head_config = copy.copy(self.config)
+                head_config.sequence_parallel = False
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                self.config.hidden_size, self.padded_vocab_size, config=self.config,
+                self.config.hidden_size, self.padded_vocab_size, config=head_config,
                 init_method=self.config.init_method, bias=False, gather_output=False,
                 skip_weight_param_allocation=tied and self.pre_process)
             if tied and not self.pre_process:  # the embedding's copy (loaded from it by convert.py)
@@ -325,10 +396,21 @@ class Decoder(torch.nn.Module):
         position_ids: the M-RoPE ids HF's text model takes, [3, B, L], or [4, B, L] (row 0, the text positions,
         dropped: the boundaries come from cu_seqlens here), or [B, L] (text only). cu_seqlens: the segments of a
         packed row (B = 1); attention_mask: padded rows [B, L] of 0/1; neither: plain causal. DeepStack
-        (Qwen3-VL): after layer k < len(deepstack_visual_embeds), hidden[visual_pos_masks] += embeds[k].
-        Pipeline stages: inputs_embeds is the previous stage's output, k the global layer index (entries of layers
-        on other stages are not read), and the final norm is applied on the last stage only."""
-        B, L, _ = inputs_embeds.shape
+        (Qwen3-VL): after layer k < len(deepstack_visual_embeds), hidden[visual_pos_masks] += embeds[k] (HF's
+        [n_visual, H]); an entry may instead be dense in megatron's layout (this rank's [L or L/tp, B, H], zero
+        off the visual positions: the features pipeline.py carries), added whole. Pipeline stages: inputs_embeds
+        is the previous stage's output, k the global layer index (entries of layers on other stages are not read),
+        and the final norm is applied on the last stage only. Sequence parallelism (module docstring): the first
+        stage takes the full sequence, later ones this rank's slice [B, L/tp, H] (what the previous stage
+        returned); the last returns the full sequence, earlier ones this rank's slice. L (position_ids) must be
+        divisible by tp."""
+        B, Lin, _ = inputs_embeds.shape
+        L = position_ids.shape[-1]
+        sp, tp_group = self.config.sequence_parallel, ps.get_tensor_model_parallel_group()
+        check_sequence_length(self.config, L)
+        if Lin != (L if self.pre_process or not sp else L // self.config.tensor_model_parallel_size):
+            raise ValueError(f"hidden states of {Lin} positions for position ids of {L}"
+                             f"{' (sequence parallel: a later stage takes L/tp)' if sp else ''}")
         if cu_seqlens is not None and (B != 1 or attention_mask is not None):
             raise ValueError("cu_seqlens describes one packed row [1, N, H] and takes no attention_mask")
         if position_ids.ndim == 2:
@@ -337,16 +419,33 @@ class Decoder(torch.nn.Module):
             position_ids = position_ids[1:]
         if deepstack_visual_embeds and not self.deepstack:
             raise ValueError(f"{self.hf_config.model_type} has no DeepStack; got deepstack_visual_embeds")
-        rope = self.rotary_pos_emb(position_ids, self.mrope_section)
+        rope = self.rotary_pos_emb(position_ids, self.mrope_section)  # the full sequence's, as the mask
         mask = causal_mask(L, cu_seqlens, attention_mask, device=inputs_embeds.device)
         h = inputs_embeds.transpose(0, 1)  # megatron's [L, B, H]
-        if deepstack_visual_embeds:
+        if sp and self.pre_process:  # this rank's slice; backward all-gathers (the embedding's gradient is whole)
+            h = tensor_parallel.scatter_to_sequence_parallel_region(h, group=tp_group)
+        if deepstack_visual_embeds and visual_pos_masks is not None:
             b, l = visual_pos_masks.to(inputs_embeds.device).nonzero(as_tuple=True)  # HF's [B, L] order
+            if sp:  # the visual positions in this rank's slice, and which rows of embeds[k] they take
+                lo = ps.get_tensor_model_parallel_rank() * h.shape[0]
+                mine = (l >= lo) & (l < lo + h.shape[0])
+                b, l = b[mine], l[mine] - lo
         for k, layer in zip(self.layer_indices, self.decoder.layers):
             h, _ = layer(hidden_states=h, attention_mask=mask, rotary_pos_emb=rope)
             if deepstack_visual_embeds and k < len(deepstack_visual_embeds):
-                h = h.index_put((l, b), deepstack_visual_embeds[k].to(h.dtype), accumulate=True)
-        return (self.decoder.final_layernorm(h) if self.post_process else h).transpose(0, 1)
+                e = deepstack_visual_embeds[k].to(h.dtype)
+                if e.ndim == 3:
+                    h = h + e  # dense: + 0 off the visual positions, the same sums as index_put
+                    continue
+                if sp:  # backward sums the ranks' rows (each gives its own): the features' gradient whole on each
+                    e = tensor_parallel.copy_to_tensor_model_parallel_region(e, group=tp_group)[mine]
+                h = h.index_put((l, b), e, accumulate=True)
+        if self.post_process:
+            h = self.decoder.final_layernorm(h)
+            if sp:  # the full sequence; the head's (or the loss's) gradient is whole on every rank: backward splits
+                h = tensor_parallel.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False,
+                                                                         group=tp_group)
+        return h.transpose(0, 1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's vocab shard of the logits [..., padded_vocab_size / tp]. The padded columns
@@ -363,12 +462,20 @@ class Decoder(torch.nn.Module):
             raise ValueError(f"state dict does not fit the decoder: missing {missing}, unexpected {unexpected}")
 
     def reduce_tp_partial_grads(self) -> None:
-        """Sums the q/k-norm weight gradients over the tensor-parallel group. Those weights are replicated but
-        each rank applies them to its own heads only, so each rank's gradient is a partial sum (megatron's
-        finalize_model_grads does the same for qk_layernorm). Every other replicated weight (the RMSNorms before
-        column-parallel layers) already gets the full gradient on every rank."""
+        """Sums over the tensor-parallel group the gradients each TP rank holds only a part of, as megatron's
+        finalize_model_grads (`_allreduce_non_tensor_model_parallel_grads`) does, in one coalesced all-reduce: the
+        q/k-norm weights (replicated, but each rank applies them to its own heads only) and, under sequence
+        parallelism, every weight tagged `sequence_parallel` (the other norms, and MoE routers: they see this
+        rank's slice of the sequence only). Every other replicated weight (without sequence parallelism, the norms
+        before column-parallel layers) already gets the full gradient on every rank."""
         if ps.get_tensor_model_parallel_world_size() == 1:
             return
-        for name, p in self.named_parameters():
-            if p.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
-                torch.distributed.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+        sp = self.config.sequence_parallel
+        grads = [p.grad for name, p in self.named_parameters() if p.grad is not None and (
+            "q_layernorm" in name or "k_layernorm" in name or (sp and getattr(p, "sequence_parallel", False)))]
+        if not grads:
+            return
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
+        for g, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(summed)

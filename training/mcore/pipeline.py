@@ -13,6 +13,13 @@ zero off the visual tokens). DeepStack (Qwen3-VL) adds feature k after global la
 ViT, which runs on the first stage, so those of layers past the first chunk (`carried`) ride along with the hidden
 states, and their gradients come back the same way to the ViT. They are stacked along the sequence dimension
 because the interleaved schedule sends [seq_length, micro_batch_size, hidden_size] with no way to widen the last.
+A later stage adds the features it takes densely (+ 0 off the visual tokens: the same sums as HF's index add).
+
+Sequence parallelism (`build_chunks(..., sequence_parallel=True)`, model.py): megatron's schedules then send
+[seq_length / tp, B, H], and each TP rank sends its own slice of the hidden states stacked on its own slices of the
+carried features, [(1 + c)·N/tp, B, H] (the first stage scatters each dense feature as it scatters the hidden
+states): the pipeline peers are the same TP rank on each stage, so the receiver splits the stack the same way.
+N must be divisible by tp (`forward_backward` refuses it otherwise).
 
 On CPU the schedule runs under shim.cuda_factories_on_cpu() and p2p is megatron's unbatched isend/irecv (model.py
 `transformer_config`: batched, gloo hands the interleaved schedule's pp=2 tensors to the wrong receive).
@@ -28,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 
 from training.mcore import shim
 from training.mcore.convert import hf_to_mcore, is_tied, stage_layers
@@ -100,12 +108,15 @@ def stage_forward(chunk, position_ids: torch.Tensor, deepstack_layers: int = 0, 
         h = inputs_embeds
         ds = deepstack_visual_embeds
         extra = [_dense(ds[k] if ds else None, visual_pos_masks, h) for k in carry]
+        if chunk.config.sequence_parallel:  # this rank's slice of each, as of the hidden states (module docstring)
+            extra = [tensor_parallel.scatter_to_sequence_parallel_region(
+                e, group=ps.get_tensor_model_parallel_group()) for e in extra]
     else:
         parts = chunk.input_tensor.chunk(1 + len(carry), dim=0)
         h, extra = parts[0].transpose(0, 1), list(parts[1:])
         ds = None
-        if carry and visual_pos_masks is not None:
-            ds = [None] * carry.start + [e.transpose(0, 1)[visual_pos_masks.to(e.device)] for e in extra]
+        if carry and visual_pos_masks is not None:  # dense, in the hidden states' layout: the Decoder adds them
+            ds = [None] * carry.start + extra
     out = chunk(h, position_ids, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
                 visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=ds)
     return out if chunk.post_process else torch.cat([out.transpose(0, 1), *extra], dim=0)
@@ -127,6 +138,9 @@ def forward_backward(chunks: list, forward_step_func, microbatches: list, seq_le
     features are added here. Returns the loss_funcs' logs on the last stage ([] elsewhere)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from training.mcore.model import check_sequence_length
+
+    check_sequence_length(chunks[0].config, seq_length)  # sequence parallel: the schedule sends seq_length / tp
     c = len(carried(chunks[0].config, deepstack_layers))
     with shim.cuda_factories_on_cpu():
         return get_forward_backward_func()(
@@ -136,9 +150,9 @@ def forward_backward(chunks: list, forward_step_func, microbatches: list, seq_le
 
 
 def finalize_grads(chunks: list) -> None:
-    """After the schedule's backward: the q/k-norm partial gradients summed over TP (Decoder.
-    reduce_tp_partial_grads), and a tied embedding's gradient summed with its head copy's over the embedding group
-    (first and last pipeline stage; both then hold the whole gradient)."""
+    """After the schedule's backward: the partial gradients summed over TP (q/k norms; under sequence parallelism
+    the other norms too: Decoder.reduce_tp_partial_grads), and a tied embedding's gradient summed with its head
+    copy's over the embedding group (first and last pipeline stage; both then hold the whole gradient)."""
     for chunk in chunks:
         chunk.reduce_tp_partial_grads()
     if not chunks[0].tied or ps.get_pipeline_model_parallel_world_size() == 1:
