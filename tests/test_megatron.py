@@ -17,13 +17,15 @@ MEGATRON = ["engine=megatron", "trainer.save_every=0"]
 
 
 @pytest.mark.slow
-def test_dp2_x_tp2_trains_the_same_global_batches_as_zero2_on_one_rank(tmp_path):
+def test_dp2_x_tp2_with_sequence_parallelism_trains_the_same_global_batches_as_zero2_on_one_rank(tmp_path):
     """Qwen3-VL (DeepStack, images) on s1 for 3 steps: megatron with TP=2 x DP=2 (4 processes; each replica's two
-    TP ranks read the same rows, the replicas' gradients summed over the data-parallel group only) against
-    DeepSpeed zero2 in one process with the same global batches (4 rows a step)."""
-    opts = dict(family="qwen3_vl", attention="varlen", tasks="caption,vqa,text")
+    TP ranks read the same rows, the replicas' gradients summed over the data-parallel group only) and
+    engine.sequence_parallel (each TP rank's layers on half of the row; rows of 255 tokens, so the engine pads one)
+    against DeepSpeed zero2 in one process with the same global batches (4 rows a step). Plain TP: the TP 2 x PP 2
+    case below and the recipe's DPO."""
+    opts = dict(family="qwen3_vl", attention="varlen", tasks="caption,vqa,text", seq_len="255")
     ref = _run(tmp_path / "zero2", 1, engine="zero2", **opts)
-    tp2 = _run(tmp_path / "tp2", 4, engine="megatron", tp="2", **opts)
+    tp2 = _run(tmp_path / "tp2", 4, engine="megatron", tp="2", seqpar="true", **opts)
     _assert_same(tp2, ref, atol=2e-5)
     rows = metrics_rows(tmp_path / "tp2")
     assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in metrics_rows(tmp_path / "zero2")],
@@ -202,6 +204,7 @@ def test_what_megatron_does_not_run_yet_is_refused_by_name():
     assert "4 decoder layers must split evenly" in refused(["engine.pp=2", "engine.vpp=3"], world=2)
     assert "interleaved schedule needs at least engine.pp=2 micro-batches" in refused(["engine.pp=2", "engine.vpp=2"], 2)
     assert "need engine.pp > 1" in refused(["engine.vpp=2"])
+    assert "it needs engine.tp > 1" in refused(["engine.sequence_parallel=true"])
     for stage in ("sapo",):  # and distill (no_pipeline): its teacher is checked first
         assert f"the {stage} objective does not run on a pipeline" in refused([f"stage={stage}", "engine.pp=2"], 2)
     assert "engine.tp=2 x engine.pp=1 must divide the 1 processes" in refused(["engine.tp=2"])
@@ -246,11 +249,11 @@ def test_vocab_parallel_cross_entropy_and_its_gradients_equal_torch(tmp_path):
 
 @pytest.mark.slow
 def test_the_tiny_recipe_runs_every_stage_on_megatron_with_pipeline_and_tensor_parallelism(tmp_path):
-    """pipeline=tiny on engine=megatron under torchrun (2 processes): the lm stages (S0-S3, SFT) pipelined over 2
-    stages (engine.pp=2, with their held-out evaluation), DPO and SAPO tensor-parallel (engine.tp=2: their reference
-    model and rollouts need the whole decoder per replica), the small distillation student and its SFT twin data-
-    parallel (3 heads do not split over 2 TP ranks); each step starts from the one before, and the last export
-    loads with from_pretrained."""
+    """pipeline=tiny on engine=megatron under torchrun (2 processes): the lm stages (S0-S3, SFT) and DPO (its
+    reference on its own schedule) pipelined over 2 stages (engine.pp=2, with their held-out evaluation), SAPO
+    tensor-parallel with sequence parallelism (engine.tp=2: its rollouts need the whole decoder per replica; padded
+    rows of any length), the small distillation student and its SFT twin data-parallel (3 heads do not split over
+    2 TP ranks); each step starts from the one before, and the last export loads with from_pretrained."""
     from test_pipeline import _pipeline
 
     out = tmp_path / "run"
@@ -258,15 +261,15 @@ def test_the_tiny_recipe_runs_every_stage_on_megatron_with_pipeline_and_tensor_p
     r = _pipeline(out, "launcher=torchrun", "launcher.nproc_per_node=2", "pipeline.engine=megatron",
                   "pipeline.max_steps=2", "pipeline.eval.enabled=false",
                   "pipeline.common=['logger=none','trainer.micro_batch_size=1','trainer.save_every=3','engine.pp=2']",
-                  *[f"pipeline.steps.{s}.overrides=['engine.pp=1','engine.tp=2']" for s in ("dpo",)],
-                  "pipeline.steps.sapo.overrides=['engine.pp=1','engine.tp=2','stage.objective.num_generations=8',"
+                  "pipeline.steps.sapo.overrides=['engine.pp=1','engine.tp=2','engine.sequence_parallel=true',"
+                  "'stage.objective.num_generations=8',"
                   "'stage.objective.max_new_tokens=8','trainer.micro_batch_size=2','stage.objective.kl_beta=0.04']",
                   *[f"pipeline.steps.{s}.overrides=['engine.pp=1','{groups}']" for s in ("distill", "sft_small")],
                   timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     layout = {"s0_merger": "tp 1 x pp 2", "s1_multimodal": "tp 1 x pp 2", "s2_long_32k": "tp 1 x pp 2",
               "s3_long_256k": "tp 1 x pp 2", "sft": "tp 1 x pp 2", "distill": "tp 1 x pp 1 x dp 2",
-              "sft_small": "tp 1 x pp 1 x dp 2", "dpo": "tp 2 x pp 1", "sapo": "tp 2 x pp 1"}
+              "sft_small": "tp 1 x pp 1 x dp 2", "dpo": "tp 1 x pp 2", "sapo": "tp 2 x pp 1"}
     for name, want in layout.items():
         d = out / name
         assert (d / "DONE").is_file(), name

@@ -37,6 +37,7 @@ class EngineConfig:
     pp: int = 1  # megatron: pipeline-parallel size (stages of consecutive ranks; 1F1B schedule)
     ep: int = 1  # megatron, MoE models: expert-parallel size (data-parallel ranks that split the experts)
     vpp: int = 1  # megatron: virtual pipeline stages per pipeline rank (> 1: interleaved 1F1B)
+    sequence_parallel: bool = False  # megatron, tp > 1: the layers' activations split over the TP ranks by sequence
 
 
 def replica_size(cfg: EngineConfig, sp_size: int = 1) -> int:

@@ -71,7 +71,7 @@ class FixedLoader:
 def main(out: str, *args: str) -> None:
     opts = dict(family="qwen2_5_vl", engine="zero2", reduction="token", micro="1", steps="3", arrange="uniform",
                 lr="1e-3", sp="1", sp_vision="split", seq_len="256", tasks="caption,vqa,text,grounding",
-                attention="dense", stage="s1_multimodal", tp="1", pp="1", ep="1", vpp="1")
+                attention="dense", stage="s1_multimodal", tp="1", pp="1", ep="1", vpp="1", seqpar="false")
     opts.update(a.split("=", 1) for a in args if "." not in a.split("=", 1)[0])
     extra = [a for a in args if "." in a.split("=", 1)[0]]
     rank, world = init_distributed()
@@ -85,7 +85,7 @@ def main(out: str, *args: str) -> None:
                           f"stage.objective.loss_reduction={opts['reduction']}", f"stage.seq_len={seq_len}",
                           f"parallel.sp_size={sp}", f"parallel.sp_vision={opts['sp_vision']}",
                           *([f"engine.tp={opts['tp']}", f"engine.pp={opts['pp']}", f"engine.ep={opts['ep']}",
-                               f"engine.vpp={opts['vpp']}"]
+                               f"engine.vpp={opts['vpp']}", f"engine.sequence_parallel={opts['seqpar']}"]
                             if opts["engine"] == "megatron"
                             else []), *extra]))
     r = loop._setup(job, "", Path(out), rank, world)

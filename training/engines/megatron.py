@@ -59,6 +59,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from stages import StageConfig
 from training.engine import EngineConfig, lr_lambda, micro_batches, optimizer_groups
@@ -76,6 +77,9 @@ def init_distributed() -> None:
 
 
 def check(cfg: EngineConfig, micro_batch: int, grad_accum: int, world: int, grad_clip: float) -> None:
+    if cfg.sequence_parallel and cfg.tp == 1:
+        raise ValueError("engine.sequence_parallel=true splits the activations over the tensor-parallel ranks; it needs "
+                         "engine.tp > 1")
     if cfg.vpp < 1 or (cfg.vpp > 1 and cfg.pp == 1):
         raise ValueError(f"engine.vpp={cfg.vpp}: virtual pipeline stages per rank need engine.pp > 1 (vpp >= 1)")
     if cfg.vpp > 1 and grad_accum < cfg.pp:
@@ -133,9 +137,17 @@ class _LanguageModel(torch.nn.Module):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("engine=megatron takes packed rows by cu_seqlens (model.attn_implementation="
                              "sdpa_varlen) or padded rows with a [B, L] mask, not a dense 4-D mask")
+        L = position_ids.shape[-1]
+        pad = sequence_pad(d.config, L)
+        if pad:  # the sequence splits evenly over TP: `pad` tokens more, in a segment (or masked keys) of their own
+            grow = lambda t: None if t is None else F.pad(t, (0, 0, 0, pad) if t.dim() == 3 else (0, pad))  # noqa
+            inputs_embeds, input_ids, position_ids = grow(inputs_embeds), grow(input_ids), F.pad(position_ids, (0, pad))
+            attention_mask, visual_pos_masks = grow(attention_mask), grow(visual_pos_masks)
+            if cu_seq_lens_q is not None:
+                cu_seq_lens_q = torch.cat([cu_seq_lens_q, cu_seq_lens_q[-1:] + pad])
         if d.config.pipeline_model_parallel_size == 1:
             hidden = d(inputs_embeds, position_ids, cu_seqlens=cu_seq_lens_q, attention_mask=attention_mask,
-                       visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack_visual_embeds)
+                       visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack_visual_embeds)[:, :L]
             if not output_router_logits:
                 return SimpleNamespace(last_hidden_state=hidden)
             from training.mcore.moe import routers
@@ -150,7 +162,12 @@ class _LanguageModel(torch.nn.Module):
         hidden = stage_forward(d, position_ids, self.deepstack_layers, cu_seqlens=cu_seq_lens_q,
                                attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack_visual_embeds)
-        return SimpleNamespace(last_hidden_state=hidden)
+        return SimpleNamespace(last_hidden_state=hidden[:, :L] if d.post_process else hidden)
+
+
+def sequence_pad(config, L: int) -> int:
+    """Tokens to add to a row of L so that it splits evenly over the TP ranks (sequence parallelism), else 0."""
+    return (-L) % config.tensor_model_parallel_size if config.sequence_parallel else 0
 
 
 class _Head(torch.nn.Module):
@@ -183,7 +200,7 @@ def _hf_lm_state(model: torch.nn.Module) -> dict:
     return {k: v for k, v in hf.state_dict().items() if k.startswith(LM_PREFIXES)}
 
 
-def to_megatron(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def to_megatron(model: torch.nn.Module, dtype: torch.dtype, sequence_parallel: bool = False) -> torch.nn.Module:
     """Replaces a VLM's HF text decoder and lm_head by this (TP rank, pipeline stage)'s megatron Decoder (in
     place; same weights). A later pipeline stage's VLM takes its decoder input from the schedule."""
     from megatron.core import parallel_state as ps
@@ -196,7 +213,7 @@ def to_megatron(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     state = _hf_lm_state(model)
     tied = bool(getattr(hf.config, "tie_word_embeddings", False)) or is_tied(state)
     trainable = next(p for n, p in hf.named_parameters() if n.startswith(LM_PREFIXES)).requires_grad
-    chunks = build_chunks(text, state, dtype, tied)  # one, or engine.vpp virtual stages
+    chunks = build_chunks(text, state, dtype, tied, sequence_parallel=sequence_parallel)  # one, or vpp stages
     for c in chunks:
         c.requires_grad_(trainable)
     model.__dict__["hf_lm"] = (hf.model.language_model, hf.lm_head)  # kept for generation (Engine.generation)
@@ -262,7 +279,7 @@ class Engine:
                        "ep": ps.get_expert_model_parallel_group() if self.ep > 1 else None,
                        "edp": ps.get_expert_data_parallel_group() if self.ep > 1 else None}
         self.partitioned = False
-        self.model = self._place(to_megatron(model, self.dtype))
+        self.model = self._place(to_megatron(model, self.dtype, cfg.sequence_parallel))
         self.param_names = _regroup(model, groups)
         self.optimizer = torch.optim.AdamW(optimizer_groups(model, self.param_names, stage), lr=stage.optimizer.lr,
                                            betas=tuple(stage.optimizer.betas), eps=stage.optimizer.eps)
@@ -328,7 +345,9 @@ class Engine:
             return out.last_hidden_state + zero.to(out.last_hidden_state.dtype), None
 
         try:
-            forward_backward(lm.chunks, step_func, micro, rows * length, 1, lm.deepstack_layers, forward_only)
+            n_tok = rows * length
+            forward_backward(lm.chunks, step_func, micro, n_tok + sequence_pad(self.decoder.config, n_tok), 1,
+                             lm.deepstack_layers, forward_only)
         finally:
             lm.active, vlm.pipeline_input = 0, not lm.chunks[0].pre_process
         box = [results[:n]]
@@ -494,7 +513,7 @@ class Engine:
         this rank's stages, run by `forward_backward(..., model=)`)."""
         model.requires_grad_(False)
         model.eval()
-        return self._place(to_megatron(model, self.dtype))
+        return self._place(to_megatron(model, self.dtype, self.cfg.sequence_parallel))
 
 
 MOE_LEAVES = {"router": ".mlp.router.", "experts": ".mlp.experts."}  # megatron's names of a MoE llm's leaves
