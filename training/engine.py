@@ -38,6 +38,7 @@ class EngineConfig:
     ep: int = 1  # megatron, MoE models: expert-parallel size (data-parallel ranks that split the experts)
     vpp: int = 1  # megatron: virtual pipeline stages per pipeline rank (> 1: interleaved 1F1B)
     sequence_parallel: bool = False  # megatron, tp > 1: the layers' activations split over the TP ranks by sequence
+    distributed_optimizer: bool = True  # megatron: Adam state (and bf16's fp32 weights) sharded over data parallel
 
 
 def replica_size(cfg: EngineConfig, sp_size: int = 1) -> int:

@@ -53,7 +53,7 @@ def init_distributed() -> None:
 
 
 def check(cfg: EngineConfig, micro_batch: int, grad_accum: int, world: int, grad_clip: float) -> None:
-    if cfg.tp != 1 or cfg.pp != 1 or cfg.ep != 1 or cfg.vpp != 1 or cfg.sequence_parallel:
+    if cfg.tp != 1 or cfg.pp != 1 or cfg.ep != 1 or cfg.vpp != 1 or cfg.sequence_parallel:  # megatron's keys
         raise ValueError(f"engine.tp={cfg.tp}, engine.pp={cfg.pp}, engine.vpp={cfg.vpp}, engine.ep={cfg.ep}: tensor, "
                          f"pipeline and expert "
                          f"parallelism are engine=megatron's; "

@@ -36,11 +36,13 @@ the EP group. The routers' outputs go through a tap that training/moe.py hooks a
 Data parallelism is over megatron's data-parallel group (world / (tp x pp) ranks; rank order tp-pp-dp, so a
 replica's TP and pipeline ranks are consecutive and read the same rows): gradients are summed over that group
 only, after the q/k-norm partial gradients are summed over TP and a tied embedding's gradient with its head copy
-on the last stage (pipeline.py `finalize_grads`). The gradient norm counts a TP-sharded weight once over its
-shards, a replicated one once, sums the stages, and skips the tied copy. The optimizer is torch's AdamW over this
-rank's parameters (the same parameter groups and LR schedule as DeepSpeed's, training/engine.py); the ViT's
-copies on later stages get zero gradients (unused there; the export takes the first stage's). Megatron's
-distributed optimizer and DDP buckets and TP sequence parallelism are not used yet.
+on the last stage: megatron's DDP gradient buffers and finalize_model_grads (training/mcore/optim.py). The
+optimizer is megatron's distributed optimizer (`engine.distributed_optimizer`, default: ZeRO-1, the Adam moments
+and bf16's fp32 main weights sharded over the data-parallel ranks; false: megatron's unsharded one) on a torch
+AdamW over our parameter groups (the same groups and LR schedule as DeepSpeed's, training/engine.py). The
+gradient norm counts a TP-sharded weight once over its shards, a replicated one once, sums the stages, and skips
+the tied copy. The ViT's copies on later stages get no gradients (unused there; the export takes the first
+stage's). TP sequence parallelism: `engine.sequence_parallel` (training/mcore/model.py).
 
 Checkpoints: one file per rank, `mcore_rank<r>.pt` (this rank's weights, optimizer and scheduler state, the layout
 that wrote it), loaded with torch.load(weights_only=True); a resume with another tp, pp or world is refused naming
@@ -51,7 +53,6 @@ one, at any tp and pp).
 from __future__ import annotations
 
 import logging
-import math
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -281,12 +282,17 @@ class Engine:
         self.partitioned = False
         self.model = self._place(to_megatron(model, self.dtype, cfg.sequence_parallel))
         self.param_names = _regroup(model, groups)
-        self.optimizer = torch.optim.AdamW(optimizer_groups(model, self.param_names, stage), lr=stage.optimizer.lr,
-                                           betas=tuple(stage.optimizer.betas), eps=stage.optimizer.eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage, max_steps))
-        self.grad_clip = float(stage.optimizer.grad_clip)
         self.chunks = self.model.model.language_model.chunks
         self.decoder = self.chunks[0]
+        from training.mcore.optim import DataParallel
+
+        # after placement: with the distributed optimizer the parameters become views of megatron's buffers
+        self.dp = DataParallel(self.model, self.chunks, optimizer_groups(model, self.param_names, stage),
+                               tuple(stage.optimizer.betas), stage.optimizer.eps, self.decoder.config,
+                               distributed=cfg.distributed_optimizer)
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o.optimizer, lr_lambda(stage, max_steps))
+                           for o in self.dp.optimizers]
+        self.grad_clip = float(stage.optimizer.grad_clip)
         log.info("engine megatron: tp %d x pp %d%s x dp %d%s (this rank: tp %d, pp %d, dp %d), %s", self.tp, self.pp,
                  f" (vpp {self.vpp})" if self.vpp > 1 else "", self.dp_size,
                  f" (experts over ep {self.ep})" if self.ep > 1 else "", self.tp_rank, self.pp_rank,
@@ -361,56 +367,19 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> tuple[Optional[float], bool]:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        from training.mcore.pipeline import finalize_grads
-
-        finalize_grads(self.chunks)  # q/k-norm partial sums over TP; a tied head's copy and the embedding
-        if self.dp_size > 1:
-            for p in params:  # one collective per parameter: megatron's DDP buckets are not used yet
-                own = self.ep > 1 and self.decoder.expert_parallel(p)  # this EP rank's experts: their replicas
-                if not own or self.dp_size > self.ep:
-                    dist.all_reduce(p.grad, group=self.groups["edp"] if own else self.groups["dp"])
-        norm = self._grad_norm(params)
-        skipped = not math.isfinite(norm)
+        """megatron's finalize_model_grads (the data-parallel reduce-scatter or all-reduce of the gradient buffers,
+        the experts' over their expert-data-parallel group, TP sums of the q/k-norm and sequence-parallel norm
+        gradients, a tied embedding's with its head copy), then the optimizer (training/mcore/optim.py)."""
+        self.dp.finish_grads()
+        norm, skipped = self.dp.step(self.grad_clip)
         if not skipped:
-            if self.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, torch.tensor(norm))
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            for s in self.schedulers:
+                s.step()
         return norm, skipped
-
-    def _grad_norm(self, params: list) -> float:
-        """The global L2 norm of the gradients: TP-sharded weights summed over the TP group, replicated ones once,
-        then each pipeline stage's part summed over the stages. A tied head's copy on the last stage holds the
-        embedding's gradient and is not counted again; the ViT's copies on later stages have zero gradients."""
-        decoder = self.decoder
-        copy = [p for p in params if getattr(p, "shared_embedding", False)]
-        experts = [p.grad for p in params if self.ep > 1 and decoder.expert_parallel(p)]
-        sharded = [p.grad for p in params if decoder.sharded(p) and not any(p is c for c in copy)
-                   and not (self.ep > 1 and decoder.expert_parallel(p))]
-        replicated = [p.grad for p in params if not decoder.sharded(p) and not (self.ep > 1 and
-                                                                                decoder.expert_parallel(p))]
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        sq = sum((g.double().pow(2).sum() for g in sharded), zero)
-        if self.tp > 1:
-            dist.all_reduce(sq, group=self.groups["tp"])
-        if experts:  # each EP rank's own experts: summed over the EP group
-            sq_e = sum((g.double().pow(2).sum() for g in experts), zero)
-            dist.all_reduce(sq_e, group=self.groups["ep"])
-            sq = sq + sq_e
-        sq = sq + sum((g.double().pow(2).sum() for g in replicated), torch.zeros((), dtype=torch.float64,
-                                                                                device=self.device))
-        if self.pp > 1:
-            dist.all_reduce(sq, group=self.groups["pp"])
-        return float(sq.sqrt())
 
     @property
     def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
+        return self.dp.param_groups
 
     def full_state_dict(self, rank: int = 0) -> Optional[dict]:
         """HF-named full weights on global rank `rank` (a collective over the TP group of every replica)."""
@@ -448,13 +417,14 @@ class Engine:
         path.mkdir(parents=True, exist_ok=True)
         rank = dist.get_rank() if dist.is_initialized() else 0
         torch.save({"model": _weights(self.model),
-                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "optimizer": self.dp.state_dict(), "scheduler": [s.state_dict() for s in self.schedulers],
                     "layout": self.layout(), "tied": self.decoder.tied,
                     "text_config": self.model.hf.config.get_text_config().to_dict()},
                    path / f"mcore_rank{rank:05d}.pt")
 
     def layout(self) -> dict:
-        return {"tp": self.tp, "pp": self.pp, "vpp": self.vpp, "ep": self.ep, "world": self.world}
+        return {"tp": self.tp, "pp": self.pp, "vpp": self.vpp, "ep": self.ep, "world": self.world,
+                "distributed_optimizer": self.cfg.distributed_optimizer}
 
     def load(self, path: Path) -> None:
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -463,7 +433,9 @@ class Engine:
             raise ValueError(f"{f} is missing: {path} is not an engine=megatron checkpoint of this layout "
                              f"(DeepSpeed checkpoints resume with their engine)")
         state = torch.load(f, map_location=self.device, weights_only=True)
-        saved = {**state["layout"], "vpp": state["layout"].get("vpp", 1)}  # checkpoints before engine.vpp: none
+        saved = dict(state["layout"])
+        for k, old in (("vpp", 1), ("distributed_optimizer", False)):  # older checkpoints lack these
+            saved.setdefault(k, old)
         if saved != self.layout():
             changed = {k: (v, self.layout()[k]) for k, v in saved.items() if self.layout().get(k) != v}
             raise ValueError(f"{path} was written with {saved} but this run has {self.layout()} "
@@ -473,8 +445,9 @@ class Engine:
         missing = [k for k in missing if not k.endswith("._extra_state")]
         if missing or unexpected:
             raise ValueError(f"{f} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.dp.load_state_dict(state["optimizer"])
+        for s, saved in zip(self.schedulers, state["scheduler"], strict=True):
+            s.load_state_dict(saved)
 
     @contextmanager
     def generation(self):

@@ -34,6 +34,10 @@ count tokens in `torch.zeros([], dtype=torch.int, device="cuda")`, a literal dev
 reached: on CPU model.py `transformer_config` sets `batch_p2p_comm=False` (megatron's unbatched isend/irecv,
 which gloo needs at pp=2 anyway: see there).
 
+Optimizers (training/mcore/optim.py): `on_cpu()`, a context manager like the one above around every call into
+megatron's optimizers: besides the device="cuda" arguments, a CPU tensor's `Tensor.type()` reads as the CUDA type
+name (megatron sorts parameters by it); see its docstring.
+
 Not redirected because nothing on our path needs it: the local spec's default causal mask (built with
 device="cuda"; `Decoder` always passes an explicit mask), megatron's activation recompute (`CheckpointFunction`
 saves torch.cuda RNG states; not used), and the fused kernels (off in `transformer_config`).
@@ -41,7 +45,7 @@ saves torch.cuda RNG states; not used), and the fused kernels (off in `transform
 from __future__ import annotations
 
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -157,3 +161,35 @@ def destroy(created_group: bool) -> None:
     ps.destroy_model_parallel()
     if created_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class _CudaTensorTypesOnCpu(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and args[0].device.type == "cpu":
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def on_cpu():
+    """Context in which megatron-core 0.16's optimizers run on a CPU-only machine (a no-op where CUDA is available;
+    training/engines/megatron.py's optimizer, training/mcore/optim.py). It redirects exactly:
+
+    - `Tensor.type()` called without arguments on a CPU tensor -> the CUDA type name ("torch.FloatTensor" ->
+      "torch.cuda.FloatTensor", "torch.BFloat16Tensor" -> "torch.cuda.BFloat16Tensor"). megatron's
+      DistributedOptimizer / Float16OptimizerWithFloat16Params sort parameters into fp32 and 16-bit ones by these
+      names (and raise TypeError on any other), and `clip_grad_by_total_norm_fp32` asserts
+      `grad.type() == 'torch.cuda.FloatTensor'`. `type(dtype)` conversions and CUDA tensors are left alone.
+    - a `device="cuda"` argument of a torch call -> "cpu" (cuda_factories_on_cpu): MixedPrecisionOptimizer's
+      and FP32Optimizer's constant tensors (`_scale_one`, `_dummy_overflow_buf`, `_scale`), `get_grad_norm_fp32`'s
+      and `clip_grad_by_total_norm_fp32`'s scratch tensors, `local_multi_tensor_l2_norm`'s result (the Apex/TE-free
+      fallback megatron uses here).
+
+    Both are torch function modes, active only inside the context. The DDP buffers are allocated on
+    `torch.cuda.current_device()`, which apply() redirects (DataParallel calls it)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with cuda_factories_on_cpu(), _CudaTensorTypesOnCpu():
+        yield
