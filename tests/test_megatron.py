@@ -249,8 +249,9 @@ def test_vocab_parallel_cross_entropy_and_its_gradients_equal_torch(tmp_path):
 
 @pytest.mark.slow
 def test_the_tiny_recipe_runs_every_stage_on_megatron_with_pipeline_and_tensor_parallelism(tmp_path):
-    """pipeline=tiny on engine=megatron under torchrun (2 processes): the lm stages (S0-S3, SFT) and DPO (its
-    reference on its own schedule) pipelined over 2 stages (engine.pp=2, with their held-out evaluation), SAPO
+    """pipeline=tiny on engine=megatron under torchrun (2 processes): the lm stages (S0, S2, S3, SFT) and DPO (its
+    reference on its own schedule) pipelined over 2 stages (engine.pp=2), S1 on DeepSpeed as one Ulysses SP group
+    of 2 (engines mixed per step: S2 starts from a DeepSpeed export, S1 from a megatron one), SAPO
     tensor-parallel with sequence parallelism (engine.tp=2: its rollouts need the whole decoder per replica; padded
     rows of any length), the small distillation student and its SFT twin data-parallel (3 heads do not split over
     2 TP ranks); each step starts from the one before, and the last export loads with from_pretrained."""
@@ -260,22 +261,46 @@ def test_the_tiny_recipe_runs_every_stage_on_megatron_with_pipeline_and_tensor_p
     groups = "model.groups_from.groups=[vision]"
     r = _pipeline(out, "launcher=torchrun", "launcher.nproc_per_node=2", "pipeline.engine=megatron",
                   "pipeline.max_steps=2", "pipeline.eval.enabled=false",
-                  "pipeline.common=['logger=none','trainer.micro_batch_size=1','trainer.save_every=3','engine.pp=2']",
-                  "pipeline.steps.sapo.overrides=['engine.pp=1','engine.tp=2','engine.sequence_parallel=true',"
+                  "pipeline.steps.s1_multimodal.overrides=['engine=zero2','parallel.sp_size=2']",
+                  "pipeline.common=['logger=none','trainer.micro_batch_size=1','trainer.save_every=3']",
+                  *[f"pipeline.steps.{s}.overrides=['engine.pp=2']" for s in ("s0_merger", "s2_long_32k",
+                                                                            "s3_long_256k", "sft", "dpo")],
+                  "pipeline.steps.sapo.overrides=['engine.tp=2','engine.sequence_parallel=true',"
                   "'stage.objective.num_generations=8',"
                   "'stage.objective.max_new_tokens=8','trainer.micro_batch_size=2','stage.objective.kl_beta=0.04']",
-                  *[f"pipeline.steps.{s}.overrides=['engine.pp=1','{groups}']" for s in ("distill", "sft_small")],
+                  *[f"pipeline.steps.{s}.overrides=['{groups}']" for s in ("distill", "sft_small")],
                   timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
-    layout = {"s0_merger": "tp 1 x pp 2", "s1_multimodal": "tp 1 x pp 2", "s2_long_32k": "tp 1 x pp 2",
+    layout = {"s0_merger": "tp 1 x pp 2", "s2_long_32k": "tp 1 x pp 2",
               "s3_long_256k": "tp 1 x pp 2", "sft": "tp 1 x pp 2", "distill": "tp 1 x pp 1 x dp 2",
               "sft_small": "tp 1 x pp 1 x dp 2", "dpo": "tp 1 x pp 2", "sapo": "tp 2 x pp 1"}
     for name, want in layout.items():
         d = out / name
         assert (d / "DONE").is_file(), name
-        assert f"engine megatron: {want}" in (d / "console.log").read_text(), name
+        log = (d / "console.log").read_text()
+        assert f"engine megatron: {want}" in log and "torch.distributed.run --nproc-per-node=2 --standalone" in log
         assert [x["step"] for x in metrics_rows(d)] == [1, 2], name
-    assert "eval/loss/vqa" in metrics_rows(out / "s1_multimodal")[-1]
+    s1 = (out / "s1_multimodal" / "console.log").read_text()
+    assert "sequence parallelism: 1 SP groups of 2 consecutive ranks (data-parallel size 1)" in s1
+    assert "engine megatron" not in s1 and [x["step"] for x in metrics_rows(out / "s1_multimodal")] == [1, 2]
+    assert f"{out / 's0_merger'}/hf" in (out / "s1_multimodal" / "config.yaml").read_text()
+    assert f"{out / 's1_multimodal'}/hf" in (out / "s2_long_32k" / "config.yaml").read_text()
     sapo = metrics_rows(out / "sapo")  # one rollout batch (on the TP replica, HF's decoder) for its 2 mini-batches
     assert sapo[0]["rollout/response_length"] > 0 and all(r["loss"] is not None for r in sapo)
     assert load_hf(out / "sapo" / "hf")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: engine=megatron on CUDA (NCCL, no CPU shim)")
+@pytest.mark.parametrize("dtype,rel", [("fp32", 1e-4), ("bf16", 5e-2)])
+def test_a_stage_on_megatron_on_a_gpu_equals_zero2(tmp_path, dtype, rel):
+    """On one CUDA device (shim off, megatron's CUDA paths: its RNG tracker, batched p2p, the distributed optimizer
+    with CUDA tensors), fp32 and bf16: the s1 stage's losses and grad norms on engine=megatron equal zero2's (bf16:
+    both engines' bf16, within bf16 round-off)."""
+    common = ["model=tiny_qwen2_5_vl", "stage=s1_multimodal", "trainer.max_steps=3", "trainer.save_every=0",
+              f"engine.dtype={dtype}"]
+    run_stage(tmp_path / "zero2", [*common, "engine=zero2"])
+    run_stage(tmp_path / "mg", [*common, "engine=megatron"])
+    a, b = metrics_rows(tmp_path / "zero2"), metrics_rows(tmp_path / "mg")
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=rel)
+    assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=10 * rel)

@@ -395,18 +395,22 @@ def test_the_aux_loss_balances_the_experts(tmp_path):
 
 @pytest.mark.slow
 def test_the_tiny_moe_model_runs_the_whole_tiny_chain(tmp_path):
-    """pipeline=tiny with pipeline.model=tiny_qwen3_vl_moe: S0 -> S1 -> S2 -> S3 -> SFT -> distillation (a MoE
-    student of the MoE SFT teacher) and its plain-SFT twin -> DPO -> SAPO, each step from the previous export, with
-    the router metrics in every stage's rows; SAPO trains without the aux loss (its stage default) but still logs
-    the expert load."""
+    """pipeline=tiny with pipeline.model=tiny_qwen3_vl_moe: S0 -> S1 -> SFT -> distillation (a MoE student of the
+    MoE SFT teacher) -> DPO -> SAPO, each step from the previous export, with the router metrics in every stage's
+    rows; SAPO trains without the aux loss (its stage default) but still logs the expert load. (S2, S3 and the
+    small plain-SFT twin are S1's and SFT's objective again: left out for CI time.)"""
     from test_pipeline import _pipeline
 
     out = tmp_path / "run"
-    r = _pipeline(out, f"pipeline.model={MOE}", f"pipeline.steps.distill.model={MOE}",
-                  f"pipeline.steps.sft_small.model={MOE}", "pipeline.max_steps=2", "pipeline.eval.enabled=false",
-                  timeout=900)
+    r = _pipeline(out, f"pipeline.model={MOE}", f"pipeline.steps.distill.model={MOE}", "~pipeline.steps.s2_long_32k",
+                  "~pipeline.steps.s3_long_256k", "~pipeline.steps.sft_small", "pipeline.max_steps=2",
+                  # the tiny policy's rollouts may all score alike: train on them anyway (routing gets recorded)
+                  "pipeline.steps.sapo.overrides=['stage.objective.num_generations=8','stage.objective.max_new_tokens=8',"
+                  "'trainer.micro_batch_size=2','stage.objective.drop_equal_groups=false']",
+                  "pipeline.eval.enabled=false", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    steps = ["s0_merger", "s1_multimodal", "s2_long_32k", "s3_long_256k", "sft", "distill", "sft_small", "dpo", "sapo"]
+    steps = ["s0_merger", "s1_multimodal", "sft", "distill", "dpo", "sapo"]
+    assert not (out / "s2_long_32k").exists()
     for name in steps:
         d = out / name
         assert (d / "DONE").is_file(), name

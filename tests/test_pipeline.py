@@ -4,7 +4,6 @@ Every chain here is the real thing (subprocesses of `python -m launch.pipeline`)
 from __future__ import annotations
 
 import json
-import math
 import signal
 import subprocess
 import sys
@@ -251,28 +250,3 @@ def test_a_failing_step_stops_the_chain_and_names_its_log(tmp_path):
     assert r.returncode == 2 and "step sft" in r.stderr and "nope" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run2" / "s0_merger").exists()
     # (a trainer key's check, per step, before anything runs: test_every_step_config_composes_and_torchrun_flags)
-
-
-@pytest.mark.slow
-def test_torchrun_launcher_runs_a_data_parallel_then_a_sequence_parallel_step(tmp_path):
-    """launcher=torchrun, 2 processes: s0 data-parallel, s1 as one SP group of 2 (parallel.sp_size=2, as the
-    recipes' long steps), starting from s0's export, then s2 on engine=megatron with TP 2 from s1's (engines mixed
-    per step)."""
-    out = tmp_path / "run"
-    sp, tp = '["parallel.sp_size=2"]', '["engine=megatron","engine.tp=2"]'
-    r = _pipeline(out, "launcher=torchrun", "launcher.nproc_per_node=2", "pipeline.max_steps=2",
-                  "pipeline.only=[s0_merger,s1_multimodal,s2_long_32k]", "pipeline.eval.enabled=false",
-                  f"pipeline.steps.s1_multimodal.overrides={sp}", f"pipeline.steps.s2_long_32k.overrides={tp}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "engine megatron: tp 2 x pp 1 x dp 1" in (out / "s2_long_32k" / "console.log").read_text()
-    for name, sp_groups in (("s0_merger", 0), ("s1_multimodal", 1), ("s2_long_32k", 0)):
-        d = out / name
-        log = (d / "console.log").read_text()
-        assert (d / "DONE").is_file() and "torch.distributed.run --nproc-per-node=2 --standalone" in log
-        assert ("sequence parallelism: 1 SP groups of 2 consecutive ranks (data-parallel size 1)" in log) == \
-            bool(sp_groups), name
-        ckpt = d / "checkpoints" / (d / "checkpoints" / "latest").read_text().strip()
-        assert sorted(p.name for p in ckpt.glob("trainer_rank*.json")) == ["trainer_rank0.json", "trainer_rank1.json"]
-        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-        assert [m["step"] for m in rows if "loss" in m] == [1, 2] and all(math.isfinite(m["loss"]) for m in rows
-                                                                          if "loss" in m)
