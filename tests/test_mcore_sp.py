@@ -22,10 +22,10 @@ def test_norms_are_tagged_only_under_sequence_parallelism():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    from training.mcore.model import RMSNorm, local_norms, transformer_config
+    from training.mcore.model import RMSNorm, local_modules, transformer_config
 
     layer = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-    block = local_norms(TransformerBlockSubmodules(layer_specs=[layer] * 2, layer_norm=None))
+    block = local_modules(TransformerBlockSubmodules(layer_specs=[layer] * 2, layer_norm=None))
     assert block.layer_norm is RMSNorm
     for spec in block.layer_specs:
         sub = spec.submodules

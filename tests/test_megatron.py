@@ -35,19 +35,21 @@ def test_dp2_x_tp2_with_sequence_parallelism_trains_the_same_global_batches_as_z
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc,family,tp,vpp", [(2, "qwen3_vl", 1, 2), (4, "qwen2_5_vl", 1, 1), (4, "qwen3_vl", 2, 1)],
-                         ids=["pp2_x_vpp2", "dp2_x_pp2", "tp2_x_pp2"])
+                         ids=["pp2_x_vpp2", "dp2_x_pp2", "tp2_x_pp2_sp"])
 def test_pipeline_parallel_trains_the_same_global_batches_as_zero2_on_one_rank(tmp_path, nproc, family, tp, vpp):
     """engine.pp=2: megatron's 1F1B schedule over each step's micro-batches (4 per replica at dp 1, 2 at dp 2), the
     first stage running the ViT and merge (Qwen3-VL's DeepStack features carried to the later stages' layers),
     the last the loss; the loss and token counts reach every rank, gradients are summed over the data-parallel
     group, the norm over the stages. engine.vpp=2: the interleaved schedule over two one-layer chunks a rank (the
     first rank's second chunk is a middle stage: no ViT there); its held-out calls, one micro-batch each, are
-    padded to pp. Losses, grad norms, counts and the exported weights (gathered over both stages and TP) equal
-    zero2 in one process on the same global batches."""
+    padded to pp. TP 2 x PP 2 with sequence parallelism: each TP rank sends its half of the row (and of the carried
+    DeepStack features) between the stages. Losses, grad norms, counts and the exported weights (gathered over both
+    stages and TP) equal zero2 in one process on the same global batches."""
     opts = {"family": family, "attention": "varlen", "tasks": "caption,vqa,text", "stage.eval.every": "2",
             "stage.eval.sources": "[vqa,caption]", "stage.eval.samples": "5"}  # held-out: forward-only schedules
     ref = _run(tmp_path / "zero2", 1, engine="zero2", micro=4, **opts)
-    pp = _run(tmp_path / "pp", nproc, engine="megatron", pp="2", tp=str(tp), vpp=str(vpp), **opts)
+    pp = _run(tmp_path / "pp", nproc, engine="megatron", pp="2", tp=str(tp), vpp=str(vpp),
+              seqpar=str(tp > 1).lower(), **opts)
     _assert_same(pp, ref, atol=3e-5)
     rows, want = metrics_rows(tmp_path / "pp"), metrics_rows(tmp_path / "zero2")
     assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in want], rel=1e-5)
@@ -304,3 +306,19 @@ def test_a_stage_on_megatron_on_a_gpu_equals_zero2(tmp_path, dtype, rel):
     a, b = metrics_rows(tmp_path / "zero2"), metrics_rows(tmp_path / "mg")
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=rel)
     assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=10 * rel)
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen2_5_vl", "tiny_qwen3_vl_moe"])
+def test_recomputed_decoder_layers_train_exactly_like_stored_ones(tmp_path, model, caplog):
+    """model.gradient_checkpointing on engine=megatron: each decoder layer keeps only its input and reruns in
+    backward (the packed row's segments go with the recomputed call; a MoE layer's router too): the same losses,
+    grad norms (and router losses) as without, to float32 round-off."""
+    common = [f"model={model}", "stage=s1_multimodal", "trainer.max_steps=3", "trainer.save_every=0",
+              "engine=megatron", "trainer.grad_accum=2"]
+    run_stage(tmp_path / "stored", common)
+    with caplog.at_level("INFO", logger="training"):
+        run_stage(tmp_path / "recomputed", [*common, "model.gradient_checkpointing=true"])
+    assert "decoder layers recomputed in backward" in caplog.text
+    a, b = metrics_rows(tmp_path / "stored"), metrics_rows(tmp_path / "recomputed")
+    for k in ("loss", "grad_norm", *(["moe/aux_loss"] if "moe" in model else [])):
+        assert [r[k] for r in b] == pytest.approx([r[k] for r in a], rel=1e-6), k

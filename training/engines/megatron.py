@@ -217,6 +217,7 @@ def to_megatron(model: torch.nn.Module, dtype: torch.dtype, sequence_parallel: b
     chunks = build_chunks(text, state, dtype, tied, sequence_parallel=sequence_parallel)  # one, or vpp stages
     for c in chunks:
         c.requires_grad_(trainable)
+        c.recompute = bool(getattr(hf, "is_gradient_checkpointing", False))  # model.gradient_checkpointing
     model.__dict__["hf_lm"] = (hf.model.language_model, hf.lm_head)  # kept for generation (Engine.generation)
     media = tuple(getattr(hf.config, k) for k in ("image_token_id", "video_token_id") if getattr(hf.config, k, None)
                   is not None)
@@ -293,10 +294,11 @@ class Engine:
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o.optimizer, lr_lambda(stage, max_steps))
                            for o in self.dp.optimizers]
         self.grad_clip = float(stage.optimizer.grad_clip)
-        log.info("engine megatron: tp %d x pp %d%s x dp %d%s (this rank: tp %d, pp %d, dp %d), %s", self.tp, self.pp,
-                 f" (vpp {self.vpp})" if self.vpp > 1 else "", self.dp_size,
+        log.info("engine megatron: tp %d x pp %d%s x dp %d%s (this rank: tp %d, pp %d, dp %d), %s%s%s", self.tp,
+                 self.pp, f" (vpp {self.vpp})" if self.vpp > 1 else "", self.dp_size,
                  f" (experts over ep {self.ep})" if self.ep > 1 else "", self.tp_rank, self.pp_rank,
-                 self.dp_rank, cfg.dtype)
+                 self.dp_rank, cfg.dtype, ", sequence parallel" if cfg.sequence_parallel else "",
+                 ", decoder layers recomputed in backward" if self.decoder.recompute else "")
 
     def _place(self, model: torch.nn.Module) -> torch.nn.Module:
         model.to(self.device)

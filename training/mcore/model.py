@@ -40,9 +40,10 @@ outputs shown to a hookable `tap`), dense MLPs where HF keeps them, expert paral
 group; tp must be 1 (megatron's MoELayer trains with TP only under sequence parallelism, whose per-slice expert
 gradients and router statistics are not reduced yet: see `check_moe`).
 
-Attention is the local DotProductAttention, which takes no packed-sequence params (that path is Transformer
-Engine's): packed rows get an explicit block-diagonal causal mask, O(N^2) bools. That is right everywhere and
-cheap for tests; a GPU engine would use the TE spec with `PackedSeqParams` (cu_seqlens) instead.
+Attention: megatron's local DotProductAttention takes no packed-sequence params (that path is Transformer
+Engine's) and materialises all L x L scores; `SegmentAttention` replaces it in the spec: SDPA per packed segment
+(training/attention.py's sdpa_varlen, as the DeepSpeed engine), SDPA with the mask on padded rows. `recompute`
+(model.gradient_checkpointing) reruns each layer in backward.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatron.core import parallel_state as ps
@@ -60,6 +62,7 @@ from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
@@ -238,18 +241,58 @@ class RMSNorm(torch.nn.RMSNorm):
             self.weight.sequence_parallel = True
 
 
-def local_norms(spec):
+class SegmentAttention(DotProductAttention):
+    """The local spec's core attention without its [B, heads, L, L] scores: SDPA per packed segment.
+
+    megatron's DotProductAttention materialises the scores of every query and key of the row, masked, and keeps
+    the softmax for backward: heads/tp x L^2 values a layer, most of them masked out on packed rows (1 GiB a head
+    at 16K tokens). Here, with `segments` set (a packed row's cu_seqlens; `Decoder.forward` sets it on every
+    layer's module before the layers run), attention is training/attention.py's sdpa_varlen, the DeepSpeed
+    engine's: SDPA causally per segment, segments of a length class batched, no mask (on GPUs SDPA may take its
+    flash kernel). Padded rows (no segments) run SDPA with the [B, 1, L, L] mask, each query also seeing itself so
+    a padding query gets no empty softmax. The segments are not given through megatron's `packed_seq_params`:
+    SelfAttention would then apply RoPE per sequence (THD), but our M-RoPE is computed for the packed row."""
+
+    segments: torch.Tensor | None = None
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        """query [L, B, heads, D], key/value [L, B, groups, D] (this rank's) -> [L, B, heads x D]."""
+        from training.attention import sdpa_varlen_forward
+
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SegmentAttention takes neither packed_seq_params nor attention_bias")
+        L, B, heads, D = query.shape
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [B, heads, L, D]
+        if self.segments is not None:
+            if B != 1:
+                raise ValueError(f"segments describe one packed row; got {B} rows")
+            out, _ = sdpa_varlen_forward(self, q, k, v, None, scaling=self.softmax_scale,
+                                         cu_seq_lens_q=self.segments.to(query.device))
+            return out.reshape(L, B, heads * D)  # [1, L, heads, D] -> [L, 1, heads x D]
+        allowed = None
+        if attention_mask is not None:
+            allowed = ~attention_mask | torch.eye(L, dtype=torch.bool, device=query.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
+                                             scale=self.softmax_scale, enable_gqa=heads != k.shape[1])
+        return out.permute(2, 0, 1, 3).reshape(L, B, heads * D)
+
+
+def local_modules(spec):
     """A megatron layer or block spec with `RMSNorm` for every `WrappedTorchNorm` in it (through the ModuleSpec
     submodules) and as a block's final norm (TransformerBlock builds it from `layer_norm`; a bare layer spec
-    would get megatron's default, WrappedTorchNorm without Apex / TE)."""
+    would get megatron's default, WrappedTorchNorm without Apex / TE), and `SegmentAttention` for megatron's
+    DotProductAttention."""
     if spec is WrappedTorchNorm:
         return RMSNorm
+    if spec is DotProductAttention:
+        return SegmentAttention
     if isinstance(spec, TransformerBlockSubmodules):
-        return dataclasses.replace(spec, layer_specs=[local_norms(s) for s in spec.layer_specs], layer_norm=RMSNorm)
+        return dataclasses.replace(spec, layer_specs=[local_modules(s) for s in spec.layer_specs], layer_norm=RMSNorm)
     if isinstance(spec, ModuleSpec) and dataclasses.is_dataclass(spec.submodules):
         sub = spec.submodules
         return dataclasses.replace(spec, submodules=dataclasses.replace(
-            sub, **{f.name: local_norms(getattr(sub, f.name)) for f in dataclasses.fields(sub) if f.init}))
+            sub, **{f.name: local_modules(getattr(sub, f.name)) for f in dataclasses.fields(sub) if f.init}))
     return spec
 
 
@@ -311,6 +354,7 @@ class Decoder(torch.nn.Module):
         self.pre_process = ps.is_pipeline_first_stage(False, vp_stage) if pre_process is None else pre_process
         self.post_process = ps.is_pipeline_last_stage(False, vp_stage) if post_process is None else post_process
         self.input_tensor = None  # the previous stage's output, set by the schedule (`set_input_tensor`)
+        self.recompute = False  # activation checkpointing per layer (model.gradient_checkpointing; the engine sets it)
         self.tied = tied
         self.vocab_size = hf_text_config.vocab_size
         self.padded_vocab_size = padded_vocab_size(self.vocab_size, tp)
@@ -333,7 +377,7 @@ class Decoder(torch.nn.Module):
             layer = get_gpt_layer_local_spec(qk_layernorm=self.config.qk_layernorm, normalization="RMSNorm")
             spec = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(self.config, vp_stage),
                                               layer_norm=RMSNorm)
-        self.decoder = TransformerBlock(self.config, local_norms(spec), pre_process=self.pre_process,
+        self.decoder = TransformerBlock(self.config, local_modules(spec), pre_process=self.pre_process,
                                         post_process=self.post_process, vp_stage=vp_stage)
         self.layer_indices = [layer.layer_number - 1 for layer in self.decoder.layers]  # global, 0-based
         want = stage_layers(self.config.num_layers, pp, ps.get_pipeline_model_parallel_rank(), vpp, vp_stage)
@@ -420,7 +464,15 @@ class Decoder(torch.nn.Module):
         if deepstack_visual_embeds and not self.deepstack:
             raise ValueError(f"{self.hf_config.model_type} has no DeepStack; got deepstack_visual_embeds")
         rope = self.rotary_pos_emb(position_ids, self.mrope_section)  # the full sequence's, as the mask
-        mask = causal_mask(L, cu_seqlens, attention_mask, device=inputs_embeds.device)
+        # packed rows: the segments, set on each layer's SegmentAttention (no L x L mask); padded rows: the mask
+        mask = None if cu_seqlens is not None else causal_mask(L, None, attention_mask, device=inputs_embeds.device)
+        if cu_seqlens is not None and int(cu_seqlens[-1]) != L:
+            raise ValueError(f"cu_seqlens covers {int(cu_seqlens[-1])} tokens but the row has {L}")
+
+        def run(layer, h):  # the segments are this call's, also when backward recomputes the layer
+            layer.self_attention.core_attention.segments = cu_seqlens
+            return layer(hidden_states=h, attention_mask=mask, rotary_pos_emb=rope)[0]
+
         h = inputs_embeds.transpose(0, 1)  # megatron's [L, B, H]
         if sp and self.pre_process:  # this rank's slice; backward all-gathers (the embedding's gradient is whole)
             h = tensor_parallel.scatter_to_sequence_parallel_region(h, group=tp_group)
@@ -431,7 +483,10 @@ class Decoder(torch.nn.Module):
                 mine = (l >= lo) & (l < lo + h.shape[0])
                 b, l = b[mine], l[mine] - lo
         for k, layer in zip(self.layer_indices, self.decoder.layers):
-            h, _ = layer(hidden_states=h, attention_mask=mask, rotary_pos_emb=rope)
+            if self.recompute and torch.is_grad_enabled():  # keep the layer's input only; rerun it in backward
+                h = torch.utils.checkpoint.checkpoint(run, layer, h, use_reentrant=False)
+            else:
+                h = run(layer, h)
             if deepstack_visual_embeds and k < len(deepstack_visual_embeds):
                 e = deepstack_visual_embeds[k].to(h.dtype)
                 if e.ndim == 3:
