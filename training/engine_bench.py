@@ -1,8 +1,10 @@
-"""Engine benchmark (a script, not a test): `python -m training.engine_bench` — megatron TP=2 against ZeRO-3 on 2 ranks.
+"""Engine benchmark (a script, not a test): `python -m training.engine_bench` — megatron layouts against ZeRO-3 on 2 ranks.
 
 Both runs are the real trainer under torchrun (2 processes, gloo on CPU), one after the other in this session, on
 the same tiny model (`--model`), stage, data and steps; the named baseline is `engine=zero3` (the DeepSpeed engine
-that shards parameters, i.e. the one a model too big for one device uses today). Each run's tokens/s is the mean of
+that shards parameters, i.e. the one a model too big for one device uses today). The megatron runs: TP 2, TP 2 with
+sequence parallelism, PP 2 (1F1B over `--accum` micro-batches), and DP 2 (the distributed optimizer alone), all
+with megatron's distributed optimizer. Each run's tokens/s is the mean of
 `tokens_per_s` over the steps after `--warmup` (metrics.jsonl: the loop's own clock, start-up excluded); peak
 memory is each rank's `peak_mem_gb` (the process's RSS high-water mark on CPU, the allocator's peak on a GPU),
 the largest over ranks and steps. Printed: both runs' figures and the ratios megatron / zero3.
@@ -21,14 +23,17 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RUNS = {"zero3": ["engine=zero3"], "megatron_tp2": ["engine=megatron", "engine.tp=2"]}
+RUNS = {"zero3": ["engine=zero3"], "megatron_tp2": ["engine=megatron", "engine.tp=2"],
+        "megatron_tp2_sp": ["engine=megatron", "engine.tp=2", "engine.sequence_parallel=true"],
+        "megatron_pp2": ["engine=megatron", "engine.pp=2"], "megatron_dp2": ["engine=megatron"]}
+BASELINE = "zero3"
 
 
 def run(name: str, out: Path, args) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
            "training.train", f"output_dir={out}", "logger=none", f"model={args.model}", f"stage={args.stage}",
            f"trainer.max_steps={args.steps}", "trainer.save_every=0", f"stage.seq_len={args.seq_len}",
-           f"trainer.micro_batch_size={args.micro}", *RUNS[name]]
+           f"trainer.micro_batch_size={args.micro}", f"trainer.grad_accum={args.accum}", *RUNS[name]]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
     env.setdefault("DS_ACCELERATOR", "cpu")
@@ -50,19 +55,21 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--micro", type=int, default=2)
+    ap.add_argument("--accum", type=int, default=2, help="micro-batches a step (a pipeline's schedule runs them)")
+    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {list(RUNS)} ({BASELINE} always)")
     args = ap.parse_args(argv)
+    names = [BASELINE] + [n for n in args.runs.split(",") if n and n != BASELINE]
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in RUNS:
+        for name in names:
             res[name] = run(name, Path(tmp) / name, args)
-    print(f"{args.model}, {args.stage}, seq_len {args.seq_len}, micro-batch {args.micro} rows, {args.steps} steps "
-          f"(first {args.warmup} untimed), 2 processes")
-    print(f"{'run':>14} | tokens/s | peak GiB per rank | last loss")
+    print(f"{args.model}, {args.stage}, seq_len {args.seq_len}, micro-batch {args.micro} rows x {args.accum}, "
+          f"{args.steps} steps (first {args.warmup} untimed), 2 processes; baseline {BASELINE}")
+    print(f"{'run':>16} | tokens/s | vs {BASELINE} | peak GiB per rank | vs {BASELINE} | last loss")
+    b = res[BASELINE]
     for name, r in res.items():
-        print(f"{name:>14} | {r['tokens_per_s']:8.0f} | {r['peak_mem_gb']:16.2f} | {r['loss']:.4f}")
-    a, b = res["megatron_tp2"], res["zero3"]
-    print(f"megatron_tp2 / zero3: tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
-          f"peak memory {a['peak_mem_gb'] / b['peak_mem_gb']:.2f}x")
+        print(f"{name:>16} | {r['tokens_per_s']:8.0f} | {r['tokens_per_s'] / b['tokens_per_s']:7.2f}x | "
+              f"{r['peak_mem_gb']:17.2f} | {r['peak_mem_gb'] / b['peak_mem_gb']:7.2f}x | {r['loss']:.4f}")
 
 
 if __name__ == "__main__":
