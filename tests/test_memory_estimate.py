@@ -37,6 +37,12 @@ HF = {
                            intermediate_size=18944, vocab_size=152064),
                       dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
                            out_hidden_size=3584, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])),
+    # Qwen/Qwen2.5-VL-72B-Instruct: the 7B's ViT with a 3456-wide MLP and a merger out to 8192
+    "qwen2_5_vl_72b": ("qwen2_5_vl",
+                       dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                            intermediate_size=29568, vocab_size=152064),
+                       dict(depth=32, hidden_size=1280, intermediate_size=3456, num_heads=16, patch_size=14,
+                            out_hidden_size=8192, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])),
     "qwen2_vl_7b": ("qwen2_vl",
                     dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                          intermediate_size=18944, vocab_size=152064),
@@ -77,6 +83,8 @@ def test_parameter_counts_equal_the_hf_model(name):
     assert counts == _hf_counts(cfg, family)  # vision, merger and llm (the text model) each exact
     if name == "qwen3_vl_8b":
         assert round(sum(counts.values()) / 1e9, 2) == 8.77  # the model card's 8.77B
+    if name == "qwen2_5_vl_72b":
+        assert round(sum(counts.values()) / 1e9, 1) == 73.4  # the model card's 73.4B
     if name == "qwen3_vl_30b_a3b":  # the checkpoint's safetensors hold 31,070,754,032 weights (the card's ~31B)
         assert sum(counts.values()) == 31_070_754_032 and counts["experts"] == 48 * 3 * 128 * 768 * 2048
 
@@ -361,3 +369,280 @@ def test_the_tiny_pipeline_passes_trivially(tmp_path):
     steps = plan(p, tmp_path)
     assert check_steps(steps, lambda step: 1, p.device_gib, recipe_shapes(p)) is None
     assert all(s.memory_gib < 3 for s in steps)  # the allowance and little else
+
+
+# ---------------------------------------------------------------- engine=megatron
+
+def _lm_state_on_meta(family: str, tied: bool):
+    """The tiny HF model's decoder and lm_head weights (on the meta device: shapes only) and its text config."""
+    fam, shapes = FAMILIES[family], estimate.tiny(family)
+    cfg = fam.config_cls(text_config=dict(fam.tiny_text, vocab_size=shapes.text.vocab),
+                         vision_config=dict(fam.tiny_vision), tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = fam.model_cls(cfg)
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(("model.language_model.", "lm_head."))}
+    return state, cfg.get_text_config(), replace(shapes, text=replace(shapes.text, tied=tied))
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_megatron_parameters_per_rank_equal_convert_shards(family, tied):
+    """The estimator's decoder parameters on one rank equal the numel of training/mcore/convert.py's shards of
+    the tiny model (what the engine loads): TP ranks 0 and 1 of tp=2, both stages of pp=2 (the embedding on the
+    first, the final norm and head, or a tied head's copy, on the last), tp2 x pp2, a MoE model's experts split
+    over ep=2; the vocabulary padded to 128 x tp rows."""
+    from training.mcore.convert import hf_to_mcore, padded_vocab_size
+
+    state, text, shapes = _lm_state_on_meta(family, tied)
+    moe = bool(shapes.text.experts)
+    layouts = [(1, 1, 1), (2, 1, 1)] + ([(1, 1, 2)] if moe else [(1, 2, 1), (2, 2, 1)])
+    for tp, pp, ep in layouts:
+        for rank in range(tp):
+            for stage in range(pp):
+                shard = hf_to_mcore(state, text, tp, rank, tied, pp, stage, ep=ep, ep_rank=0)
+                counts = estimate.mcore_params(shapes, tp, pp, ep, stage)
+                assert sum(v.numel() for v in shard.values()) == sum(n for g, n in counts.items()
+                                                                     if g not in ("vision", "merger")), (tp, pp, ep)
+    assert estimate.vocab_rows(shapes.text.vocab, 2) * 2 == padded_vocab_size(shapes.text.vocab, 2)
+
+
+@pytest.fixture(scope="module")
+def megatron_state():
+    """megatron's parallel state at tp=1 on a one-process gloo group (training/mcore/shim.py, CPU only)."""
+    from training.mcore import shim
+
+    if torch.cuda.is_available():
+        pytest.skip("the megatron Decoder runs on CPU through training/mcore/shim.py only")
+    created = shim.init_model_parallel(1)
+    yield
+    shim.destroy(created)
+
+
+def _mcore_saved(family: str, layers: int, T: int, dtype, segments: int = 1, rows: int = 0,
+                 recompute: bool = False) -> int:
+    """Bytes autograd keeps for one forward of the tiny megatron Decoder: a packed row of T tokens in `segments`
+    equal segments (cu_seqlens), or with `rows` padded rows of T positions each (attention_mask, the last half of
+    the first row padding) under SDPA's math kernel, what CUDA runs for that masked GQA call; `recompute`:
+    model.gradient_checkpointing (Decoder.recompute)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from training.mcore.model import Decoder, transformer_config
+
+    fam = FAMILIES[family]
+    text = fam.config_cls(text_config=dict(fam.tiny_text, vocab_size=64, num_hidden_layers=layers),
+                          vision_config=dict(fam.tiny_vision)).get_text_config()
+    dec = Decoder(text, transformer_config(text, 1, dtype, perform_initialization=True)).train()
+    dec.recompute = recompute
+    B = rows or 1
+    x = torch.randn(B, T, text.hidden_size, dtype=dtype, requires_grad=True)
+    pos = torch.arange(T).view(1, 1, T).expand(3, B, T)
+    if not rows:
+        cu = torch.arange(0, T + 1, T // segments, dtype=torch.int32)
+        return _saved_bytes(lambda: dec(x, pos, cu_seqlens=cu), dec.parameters())
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, T // 2:] = 0
+
+    def run():
+        with sdpa_kernel(SDPBackend.MATH):
+            dec(x, pos, attention_mask=mask)
+    return _saved_bytes(run, dec.parameters())
+
+
+def _mcore_layer(family: str, T: int, dtype, **kw) -> float:
+    """Bytes one layer keeps per token: 4 layers minus 2 (what is outside the layers cancels), / 2 / tokens."""
+    return (_mcore_saved(family, 4, T, dtype, **kw) - _mcore_saved(family, 2, T, dtype, **kw)) / 2 / (
+        T * (kw.get("rows") or 1))
+
+
+@pytest.mark.parametrize("family,dtype", [("qwen3_vl", torch.bfloat16), ("qwen2_5_vl", torch.float32),
+                                          ("qwen3_vl_moe", torch.bfloat16)])
+def test_megatron_layer_formula_equals_what_autograd_keeps(megatron_state, family, dtype):
+    """engine=megatron's decoder layer (megatron-core's local spec with SegmentAttention) measured as the HF layers
+    are. Packed rows: one segment of 128 tokens, and 256 tokens in 16 segments of 16 (one length class of
+    sdpa_varlen): the same bytes per token, the formula's, with no term growing with the segments' length. On CPU
+    torch's SDPA takes its flash kernel for these per-segment causal batches (grouped query heads included), which
+    keeps q, k, v, the output and the log-sum-exp, what CUDA's flash (or cuDNN) kernel keeps on a GPU; were a
+    softmax kept (SDPA's math kernel: heads x segment length x 4 B per token) the 256-token row of short segments
+    would keep less per token than the 128-token segment, and the formula's exact figure would not match. Padded
+    rows (RL rollouts: 2 rows of 64 positions with their mask), run under SDPA's math kernel since that is what a
+    GPU runs for a masked call with grouped query heads (flash takes no mask, the memory-efficient kernel no GQA;
+    CPU's flash kernel would take it): the fp32 q, k, v of the rank's heads and the fp32 softmax of 64 keys per
+    head, `span=64`. CPU's composite RMSNorm keeps an fp32 copy of its input and the fp32 normalized tensor, which
+    CUDA's fused kernel (the formula's) does not: added here."""
+    shapes, b = estimate.tiny(family), dtype.itemsize
+    t = shapes.text
+    cpu_norms = 2 * (8 - b) * t.hidden + 4 * (t.heads + t.kv_heads) * t.head_dim * t.qk_norm
+    rel = 0.005 if t.experts else 1e-9  # MoE: the routing varies with the data
+    packed = estimate.mcore_layer_bytes(t, b, sparse=bool(t.experts))[0] + cpu_norms
+    one, many = _mcore_layer(family, 128, dtype), _mcore_layer(family, 256, dtype, segments=16)
+    assert one == pytest.approx(packed, rel=rel) and many == pytest.approx(packed, rel=rel), (one, many, packed)
+    padded = _mcore_layer(family, 64, dtype, rows=2)
+    assert padded == pytest.approx(estimate.mcore_layer_bytes(t, b, span=64, sparse=bool(t.experts))[0] + cpu_norms,
+                                   rel=rel)
+    q, kv = t.heads * t.head_dim, t.kv_heads * t.head_dim  # the attention's part, packed and padded
+    assert estimate.mcore_layer_bytes(t, b, span=64)[0] - estimate.mcore_layer_bytes(t, b)[0] == \
+        12 * q + 4 * t.heads * 64 + b * q - b * (3 * q + 2 * kv) - 4 * t.heads
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_megatron_recompute_keeps_the_layer_inputs(megatron_state, dtype):
+    """model.gradient_checkpointing on engine=megatron (Decoder.recompute: torch.utils.checkpoint per layer): a
+    layer keeps its input alone, hidden x b per token (measured); the estimate then stores layers x tokens x hidden x
+    b per forward pass in flight (/ tp under sequence parallelism: the layer input is the rank's slice) and
+    recomputes one layer in backward, its figure plus its gradients; rollout rows add their mask."""
+    t, b = estimate.tiny("qwen3_vl").text, dtype.itemsize
+    assert _mcore_layer("qwen3_vl", 128, dtype, segments=4, recompute=True) == t.hidden * b
+    T = M7.shapes.text
+    plan = replace(M7, world=16, tp=2, grad_accum=2)
+    ckpt, sp = estimate.estimate(plan), estimate.estimate(replace(plan, sequence_parallel=True))
+    assert ckpt.part("decoder activations").device == T.layers * 8192 * T.hidden * 2
+    assert sp.part("decoder activations").device == T.layers * 8192 * T.hidden * 2 / 2
+    saved, grads = estimate.mcore_layer_bytes(T, 2, 2)
+    assert ckpt.part("decoder layer in backward").device == 8192 * (saved + grads)
+    full = estimate.estimate(replace(plan, checkpointing=False))
+    stored = full.part("decoder activations").device
+    assert stored == T.layers * 8192 * saved > 10 * ckpt.part("decoder activations").device
+    assert full.part("decoder layer in backward").device == 8192 * grads
+    pp = estimate.estimate(replace(plan, tp=1, pp=2, grad_accum=4, sequence_parallel=False, stage=0))
+    assert pp.part("decoder activations").device == 2 * T.layers // 2 * 8192 * T.hidden * 2  # 2 passes in flight
+    assert all(p.name != "attention masks" for p in ckpt.parts)  # packed rows: no mask
+    rl = estimate.estimate(replace(plan, rollouts=4, max_new_tokens=1024, seq_len=1024, pp_allowed=False))
+    span = estimate.PROMPT_LEN + 1024
+    assert rl.part("attention masks").device == rl.plan.tokens * span
+    saved, grads = estimate.mcore_layer_bytes(T, 2, 2, span=span)
+    assert rl.part("decoder layer in backward").device == rl.plan.tokens * (saved + grads)
+
+
+M7 = estimate.Plan(estimate.PRESETS["qwen2_5_vl_7b"], seq_len=8192, world=8, zero_stage=0, engine="megatron",
+                   distributed_optimizer=False, checkpointing=True)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_megatron_at_tp1_pp1_is_the_unpartitioned_estimate(dtype):
+    """At tp = pp = 1 without the distributed optimizer engine=megatron holds what DeepSpeed's ZeRO-0 holds, part by
+    part, except: gradients are fp32 buffers (4 B, ZeRO-0 counts the dtype's) and the recomputed layer is
+    megatron's (its figure: fused RMSNorm, no fp32 upcasts); with checkpointing both store the layer inputs alone,
+    without it megatron every layer's figure. 152064 is a multiple of 128: no vocabulary padding. The distributed
+    optimizer then shards the optimizer states as ZeRO-1 does, less ZeRO-1's fp32 copy of fp32 parameters (megatron
+    updates their shards in place: 8 B, not 12)."""
+    mc = estimate.estimate(replace(M7, dtype=dtype))
+    ds = estimate.estimate(replace(M7, dtype=dtype, engine="deepspeed"))
+    b = 2 if dtype == "bf16" else 4
+    for part in ("parameters", "optimizer states", "ViT activations", "merger activations", "pixel values",
+                 "ViT block in backward", "visual features", "loss", "decoder activations"):
+        assert mc.part(part).device == ds.part(part).device, part
+    assert mc.part("gradients").device == ds.part("gradients").device * 4 / b
+    T = M7.shapes.text
+    assert mc.part("decoder layer in backward").device == 8192 * sum(estimate.mcore_layer_bytes(T, b))
+    full = estimate.estimate(replace(M7, dtype=dtype, checkpointing=False))
+    assert full.part("decoder activations").device == T.layers * 8192 * estimate.mcore_layer_bytes(T, b)[0]
+    z1 = estimate.estimate(replace(M7, dtype=dtype, engine="deepspeed", zero_stage=1))
+    dist = estimate.estimate(replace(M7, dtype=dtype, distributed_optimizer=True))
+    assert dist.part("optimizer states").device == z1.part("optimizer states").device * (1 if b == 2 else 8 / 12)
+
+
+def test_megatron_model_state_scales_with_tp_pp_and_the_distributed_optimizer():
+    """The decoder's matrices and vocabulary shards scale as 1/tp, the ViT (replicated) does not; pp=2 halves the
+    layers per rank, the first stage holds the embedding and the ViT's activations, the last the head and the loss;
+    the distributed optimizer divides the optimizer state by dp = world / (tp x pp); sequence parallelism divides
+    the norms' part of a layer (all outside the TP regions) by tp when every layer is stored; the estimate is the
+    larger stage."""
+    s = M7.shapes
+    T, counts = s.text, s.params()
+    one, four = estimate.mcore_params(s), estimate.mcore_params(s, tp=4)
+    assert four["vision"] == one["vision"] and four["merger"] == one["merger"]
+    norms = T.layers * (2 * T.hidden) + T.hidden  # replicated over TP
+    assert four["llm"] - norms == (one["llm"] - norms) / 4 == (counts["llm"] - norms) / 4
+    first, last = (estimate.mcore_params(s, pp=2, stage=st)["llm"] for st in (0, 1))
+    rows = T.vocab * T.hidden
+    assert first - rows == (last - rows - T.hidden) == (counts["llm"] - 2 * rows - T.hidden) / 2
+    plan = replace(M7, world=16, tp=2, pp=2, grad_accum=4, dtype="bf16")
+    stages = [estimate.estimate(replace(plan, stage=st)) for st in (0, 1)]
+    for est, st in zip(stages, (0, 1)):
+        n = sum(estimate.mcore_params(s, 2, 2, 1, st).values())
+        assert est.part("parameters").device == n * 2 and est.part("gradients").device == n * 4
+        assert est.part("optimizer states").device == n * 12  # every parameter trained, not sharded
+    names = [{p.name for p in e.parts} for e in stages]
+    assert "ViT activations" in names[0] - names[1] and "loss" in names[1] - names[0]
+    assert stages[0].part("decoder activations").device == 2 * stages[1].part("decoder activations").device  # 2 vs 1
+    worst = estimate.estimate(plan)
+    assert worst.device_gib == max(e.device_gib for e in stages) and worst.plan == plan
+    dist = estimate.estimate(replace(plan, distributed_optimizer=True, stage=0))
+    assert dist.part("optimizer states").device == stages[0].part("optimizer states").device / 4  # dp = 16 / 4
+    h, sp = T.hidden, estimate.mcore_layer_bytes(T, 2, 4, True)[0]
+    assert estimate.mcore_layer_bytes(T, 2, 4, False)[0] - sp == 2 * (2 * 2 * h + 4) * (1 - 1 / 4)
+    # megatron's 1F1B: warm-up + 1 passes in flight, at most the micro-batches; interleaved holds more
+    assert [estimate.in_flight(4, 1, 8, st) for st in range(4)] == [4, 3, 2, 1]
+    assert estimate.in_flight(4, 1, 2) == 2 and estimate.in_flight(2, 2, 4) == 5  # vpp 2: 5 chunks of L/4 > L/2 x 2
+
+
+def test_megatron_72b_s1_step():
+    """Qwen2.5-VL-72B, an S1 step (8192-token rows, ViT + LLM trained, bf16, 2 micro-batches). On 8 GPUs nothing
+    fits: 73B parameters x 16-18 B of model state over 8 ranks is > 80 GiB before any activation, and megatron's
+    (tp 8, dp 1: fp32 gradients, the ViT on every rank, no optimizer sharding) is larger than ZeRO-3's. The guard's
+    old bound (megatron counted unpartitioned) was ~7x that. On 64 ranks megatron's model state fits (~68 GiB at
+    tp 8 or tp 4 x pp 2, ~44 at tp 8 x pp 2) and, its attention keeping no scores, the activations decide:
+    checkpointed (80 layer inputs of 8192 x 8192 x 2 B = 10 GiB, / 8 under sequence parallelism) tp 8 fits with
+    sequence parallelism (~79 GiB) and not without (~88), tp 4 x pp 2 does not (~90), tp 8 x pp 2 + SP does (~54),
+    as ZeRO-3 does (~43); without checkpointing no layout fits (tp 8 + SP: 32 GiB of stored layers, ~143)."""
+    s = estimate.PRESETS["qwen2_5_vl_72b"]
+    s1 = estimate.Plan(s, seq_len=8192, world=8, dtype="bf16", checkpointing=True, grad_accum=2)
+    state = ("parameters", "gradients", "optimizer states", "ZeRO-3 working set")
+
+    def model_state(p):
+        est = estimate.estimate(p)
+        return sum(x.device for x in est.parts if x.name in state) / estimate.GiB
+
+    z3 = replace(s1, zero_stage=3)
+    tp8, tp4pp2 = replace(s1, engine="megatron", tp=8), replace(s1, engine="megatron", tp=4, pp=2)
+    assert 80 < model_state(z3) < model_state(tp8) == pytest.approx(model_state(tp4pp2), rel=0.05)
+    assert model_state(replace(s1, zero_stage=0)) > 6 * model_state(tp8)  # the old engine=megatron bound
+    assert not any(estimate.fits(p, 80)[0] for p in (z3, tp8, tp4pp2, replace(tp8, sequence_parallel=True)))
+    z3, tp8, tp4pp2 = (replace(p, world=64) for p in (z3, tp8, tp4pp2))
+    tp8sp, tp8pp2sp = replace(tp8, sequence_parallel=True), replace(tp8, pp=2, sequence_parallel=True)
+    assert all(model_state(p) < 70 for p in (tp8, tp4pp2, tp8pp2sp)) and model_state(tp8pp2sp) < 45
+    gib = {name: estimate.estimate(p).device_gib for name, p in
+           (("z3", z3), ("tp8", tp8), ("tp8sp", tp8sp), ("tp4pp2", tp4pp2), ("tp8pp2sp", tp8pp2sp))}
+    assert gib["z3"] < gib["tp8pp2sp"] < gib["tp8sp"] < 80 < gib["tp8"] < gib["tp4pp2"], gib
+    stored = estimate.estimate(tp8).part("decoder activations").device
+    assert stored == 80 * 8192 * 8192 * 2 == 8 * estimate.estimate(tp8sp).part("decoder activations").device
+    for p in (z3, tp8, tp8sp, tp4pp2, tp8pp2sp):  # every layer stored: none fits
+        assert not estimate.fits(replace(p, checkpointing=False), 80)[0], p
+    full = estimate.estimate(replace(tp8sp, checkpointing=False))
+    assert full.part("decoder activations").device / estimate.GiB == pytest.approx(
+        80 * 8192 * estimate.mcore_layer_bytes(s.text, 2, 8, True)[0] / estimate.GiB)
+    assert estimate.levers(replace(tp8sp, checkpointing=False), 80)[0] == {"checkpointing": True}
+    pp4 = replace(tp8sp, pp=4)  # the first stage the larger (the ViT, 4 passes in flight); at 1024 tokens the last
+    assert estimate.fits(pp4, 80)[0] and estimate.estimate(pp4).stage == 0
+    assert estimate.estimate(replace(pp4, seq_len=1024)).stage == 3  # (the loss's chunk and head gradient)
+
+
+def test_megatron_from_job_levers_and_cli(tmp_path):
+    """from_job fills the layout from engine=megatron's config; the levers of a megatron plan are its own (tp, pp,
+    sequence parallelism, ...; never ZeRO or Ulysses SP) and really fit; the CLI prints the layout."""
+    from conftest import compose
+    from training.train import to_job
+
+    job = to_job(compose(["engine=megatron", "engine.tp=2", "engine.pp=2", "engine.sequence_parallel=true",
+                          "engine.dtype=bf16"]))
+    plan = estimate.from_job(job, 8)
+    assert (plan.engine, plan.tp, plan.pp, plan.vpp, plan.ep, plan.sequence_parallel, plan.distributed_optimizer,
+            plan.pp_allowed, plan.dp) == ("megatron", 2, 2, 1, 1, True, True, True, 2)
+    old = estimate.estimate(replace(plan, engine="deepspeed", zero_stage=0))  # the former bound
+    assert estimate.estimate(plan).part("parameters").device < old.part("parameters").device
+    sapo = estimate.from_job(to_job(compose(["engine=megatron", "stage=sapo"])), 8)
+    assert not sapo.pp_allowed and sapo.rollouts
+    big = estimate.Plan(estimate.PRESETS["qwen2_5_vl_72b"], seq_len=1024, world=64, dtype="bf16", grad_accum=2,
+                        engine="megatron", tp=2)
+    found = estimate.levers(big, 80)
+    assert found and all(set(c) <= {"checkpointing", "distributed_optimizer", "sequence_parallel", "tp", "pp", "ep",
+                                    "micro_batch_size", "offload_activations"} for c in found)
+    for change in found:
+        assert estimate.fits(replace(big, **change), 80)[0], change
+    assert any(o.startswith(("engine.tp=", "engine.pp=")) for o in estimate.overrides(found[0]))
+    r = _cli("--model", "qwen2_5_vl_72b", "--seq-len", "1024", "--world", "64", "--grad-accum", "2", "--engine",
+             "megatron", "--tp", "8", "--pp", "4", "--sequence-parallel", "--checkpointing")
+    assert r.returncode == 0, r.stderr
+    for want in ("megatron tp 8 x pp 4 x dp 2", "sequence parallel", "checkpointed layer inputs", "pipeline buffers",
+                 "fp32 buffers", "fits in 80 GiB: yes"):
+        assert want in r.stdout, want

@@ -79,15 +79,69 @@ The peak is what lives all step (model state, what the ViT stores for its backwa
 of the phases that never coexist: the ViT's (one block in backward, the gathered visual features), the decoder's
 (its stored activations, the layer in backward, Ulysses buffers, the loss) and RL generation's.
 
+engine=megatron (training/engines/megatron.py; Plan.engine, tp, pp, vpp, ep, sequence_parallel,
+distributed_optimizer; ZeRO, SP, tiled MLP and the offload of parameters and optimizer do not apply). A rank is one
+(TP rank, pipeline stage) of a replica; dp = W / (tp x pp). With pp > 1 the estimate is the larger of the first
+stage (ViT, embedding, the most micro-batches in flight) and the last (head, loss); the stages between hold less
+than the first.
+- parameters (`mcore_params`, convert.py's shards): the ViT and merger whole on every rank (replicated over TP; each
+  stage keeps a copy, only the first runs it); of the decoder layers / pp layers, their attention and MLP matrices
+  and qkv biases / tp, norms whole; the first stage the embedding, the last the final norm and head, each V' / tp
+  rows (V' = V padded to a multiple of 128 x tp); tied: no head at pp 1, a copy on the last stage otherwise; a MoE
+  layer its router whole and E / ep experts (tp 1, pp 1). x b.
+- gradients: megatron DDP's contiguous buffers over every trained parameter of the rank, fp32 (grad_reduce_in_fp32):
+  4 B each. The ViT's copies on later stages are in the optimizer groups, so they have buffers (and optimizer state)
+  too, though they never get a gradient: counted.
+- optimizer states: Adam m, v and, for bf16, fp32 master weights (12 B; fp32: 8 B) per trained parameter of the
+  rank, / dp with engine.distributed_optimizer (the experts' / (dp / ep), their expert-data-parallel group).
+- reference model and teacher: split like the policy (the rank's shards), x b.
+- decoder activations (`mcore_layer_bytes`, measured on the tiny models): what megatron-core's local spec keeps per
+  layer, with its attention heads (h / tp), query groups and MLP width / tp per rank. Its core attention is
+  training/mcore/model.py's SegmentAttention: a packed row (cu_seqlens: every lm, DPO and distill micro-batch) runs
+  training/attention.py's sdpa_varlen, SDPA causally per segment with no mask, which on a GPU takes a fused kernel
+  (flash, or cuDNN's where torch prefers it) keeping q, k, v (the rank's groups: SDPA's enable_gqa repeats nothing),
+  its output and an fp32 log-sum-exp per head, as the DeepSpeed path's layers do, plus o_proj's input (the segments'
+  outputs put back in sequence order: a copy); no scores, no mask. Padded rows (RL rollouts of span = prompt_len +
+  max_new_tokens positions) run SDPA with the [B, 1, span, span] bool mask, which CUDA's flash kernel (no mask) and
+  memory-efficient kernel (no GQA) refuse: counted as SDPA's math kernel (an upper bound where cuDNN takes the call:
+  H100/B200 with cuDNN > 9.15), fp32 scaled q, k and v repeated to the rank's heads, the fp32 softmax over span keys
+  per head, o_proj's input; plus the bool mask of tokens x span per forward pass. With model.gradient_checkpointing
+  the decoder recomputes every layer in backward (Decoder.recompute, torch.utils.checkpoint per layer): the stored
+  part is layers x tokens x hidden x b per forward pass (the layer inputs; / tp under sequence parallelism, the
+  layer input being the rank's slice of the sequence) and one layer is recomputed in backward (its figure plus its
+  gradients), as on the DeepSpeed path; without it every layer's figure is stored and engine.sequence_parallel
+  divides the norms' part (all that lives outside the TP regions) by tp. A pipeline rank holds `in_flight` forward
+  passes of layers / (pp x vpp) layers each: megatron's 1F1B warm-up + 1, min(pp - stage, micro-batches) (vpp 1),
+  else min(2 (pp - stage - 1) + (vpp - 1) pp + 1, micro-batches x vpp) (the interleaved schedule's); micro-batches
+  = trainer.grad_accum. Their outputs (megatron keeps them: deallocate_pipeline_outputs off) are the pipeline
+  buffers, x (1 + the DeepStack features carried past the first chunk). model.offload_activations moves the stored
+  part to the host at pp 1 and on the last stage only (a first stage runs its forward outside the loss's
+  save_on_cpu).
+- ViT (first stage): as above (every TP rank encodes the same images, whole), its stored activations and pixel
+  values once per micro-batch in flight there (min(micro-batches, ceil(in_flight / vpp))).
+- loss (last stage): lm: megatron's vocabulary-parallel cross-entropy, one chunk of this rank's V' / tp logits
+  (3 x chunk x V'/tp x 4 B) + hidden and grad_h + the head shard's fp32 gradient; other objectives gather a chunk's
+  [chunk, V] logits on each TP rank (+ chunk x V' x b) and recompute it in backward, as under ZeRO-3.
+- RL / on-policy rollouts (pp 1): generation runs the HF decoder with the gathered weights, so the rank keeps the
+  whole HF decoder (LLM x b, on the device after the first rollout) and, during a rollout, the gathered copy.
+
 What it ignores: the data loader's host memory; RL's padding of rollout rows to the longest prompt and its no-grad
 log-prob passes; DeepSpeed's communication buffers beyond the reduce/prefetch buckets;
 temporary tensors of a single op (an all-gather's output is counted, a matmul's workspace is not); attention
 kernels' own workspaces; the exact split of images between SP ranks (balanced by token count, as training/sp.py
 does); the DeepStack features a decoder slice adds. It is an estimate: a plan at 95% of the device is a risk, not
 a promise. What is checked (tests/test_memory_estimate.py): the parameter counts equal the HF models' (8B, 7B,
-30B-A3B and the tiny presets, MoE included), and the per-layer and per-block figures equal the bytes autograd keeps
-on the tiny models in fp32 and bf16 (CPU's flash SDPA kernel keeps what flash-attention does; the MoE layer under
-both experts paths).
+30B-A3B, 72B and the tiny presets, MoE included), and the per-layer and per-block figures equal the bytes autograd
+keeps on the tiny models in fp32 and bf16 (CPU's flash SDPA kernel keeps what flash-attention does; the MoE layer
+under both experts paths); engine=megatron: the per-rank decoder parameters equal convert.py's shards (tp 2, pp 2),
+and the megatron layer's figure what autograd keeps, on packed rows of one and of many segments and on padded rows
+under SDPA's math kernel (CPU's composite RMSNorm keeps fp32 copies that CUDA's fused kernel, assumed here, does
+not; the test adds them), and with recompute the layer inputs alone. Not modelled there: an uneven MoE routing
+(balanced over the EP ranks assumed), megatron's p2p receive buffers, the bf16 gradient a parameter holds before DDP
+adds it to the buffer, sdpa_varlen's padding of a length class's segments to its longest (q, k, v, out and
+log-sum-exp of the padding: < 2x the attention's tensors, none when a class's segments have one length) and its
+reordering index when a row has several classes (8 B per token), engine.dtype=fp32 on a GPU (no fused kernel:
+SDPA's math kernel keeps the scores).
 """
 from __future__ import annotations
 
@@ -246,6 +300,12 @@ PRESETS: dict[str, Shapes] = {
                                                     intermediate=18944, vocab=152064, qkv_bias=True),
                             VisionShape(depth=32, hidden=1280, intermediate=3420, heads=16, patch=14,
                                         out_hidden=3584, gated_mlp=True, layer_norm=False)),
+    # Qwen2.5-VL-72B (Qwen/Qwen2.5-VL-72B-Instruct: the Qwen2.5-72B decoder, untied; its ViT the 7B's with a
+    # 3456-wide MLP and out_hidden_size 8192)
+    "qwen2_5_vl_72b": Shapes("qwen2_5_vl", TextShape(hidden=8192, layers=80, heads=64, kv_heads=8, head_dim=128,
+                                                     intermediate=29568, vocab=152064, qkv_bias=True),
+                             VisionShape(depth=32, hidden=1280, intermediate=3456, heads=16, patch=14,
+                                         out_hidden=8192, gated_mlp=True, layer_norm=False)),
     # Qwen2-VL-7B (Qwen/Qwen2-VL-7B-Instruct: the same decoder as Qwen2.5-VL-7B; ViT embed_dim 1280, mlp_ratio 4)
     "qwen2_vl_7b": Shapes("qwen2_vl", TextShape(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128,
                                                 intermediate=18944, vocab=152064, qkv_bias=True),
@@ -378,6 +438,26 @@ class Plan:
     max_new_tokens: int = 0
     mini_batches: int = 1
     prompt_len: int = PROMPT_LEN  # RL: assumed mean prompt length (how many prompts a row of seq_len holds)
+    # engine=megatron (training/engines/megatron.py, conf/engine/megatron.yaml): the decoder's layout; "deepspeed"
+    # reads none of these, "megatron" none of zero_stage, sp_size, tiled_mlp, offload_optimizer, offload_params
+    engine: str = "deepspeed"  # deepspeed | megatron
+    tp: int = 1  # tensor-parallel ranks of a replica
+    pp: int = 1  # pipeline stages
+    vpp: int = 1  # virtual stages per pipeline rank (interleaved 1F1B)
+    ep: int = 1  # MoE: data-parallel ranks that split the experts
+    sequence_parallel: bool = False  # tp > 1: the activations outside the TP regions split over the TP ranks
+    distributed_optimizer: bool = True  # optimizer state split over the data-parallel ranks
+    pp_allowed: bool = True  # False: the objective cannot run on a pipeline (Objective.no_pipeline): no pp lever
+    stage: Optional[int] = None  # pp > 1: the pipeline stage estimated; None: the first or the last, the larger
+
+    @property
+    def megatron(self) -> bool:
+        return self.engine == "megatron"
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: the world (DeepSpeed), world / (tp x pp) (megatron)."""
+        return self.world // (self.tp * self.pp) if self.megatron else self.world
 
     @property
     def tokens(self) -> int:
@@ -406,6 +486,7 @@ class Part:
 class Estimate:
     plan: Plan
     parts: list = field(default_factory=list)
+    stage: int = 0  # engine=megatron, pp > 1: the pipeline stage the parts are of
 
     def phase_gib(self, phase: str) -> float:
         return sum(p.device for p in self.parts if p.phase == phase) / GiB
@@ -423,7 +504,7 @@ class Estimate:
         return next(p for p in self.parts if p.name == name)
 
     def to_dict(self) -> dict:
-        return {"device_gib": self.device_gib, "host_gib": self.host_gib,
+        return {"device_gib": self.device_gib, "host_gib": self.host_gib, "stage": self.stage,
                 "parts": [{"name": p.name, "phase": p.phase, "device_gib": p.device / GiB, "host_gib": p.host / GiB,
                            "note": p.note} for p in self.parts]}
 
@@ -497,21 +578,160 @@ def _largest_module(t: TextShape) -> tuple[int, str]:
     return t.vocab * t.hidden, "V x hidden"
 
 
-def estimate(plan: Plan) -> Estimate:
-    """Per-rank memory of `plan`, component by component (the module docstring has every formula)."""
-    s, T, V = plan.shapes, plan.shapes.text, plan.shapes.vision
-    b = 2 if plan.dtype == "bf16" else 4
-    W, sp, z = plan.world, plan.sp_size, plan.zero_stage
+# ---------------------------------------------------------------- engine=megatron
+
+VOCAB_DIVISIBLE_BY = 128  # training/mcore/convert.py: the vocabulary padded to a multiple of 128 x tp
+
+
+def vocab_rows(vocab: int, tp: int) -> int:
+    """Embedding (or head) rows on one TP rank: the vocabulary padded to a multiple of 128 x tp (Megatron-LM's
+    padding, convert.py `padded_vocab_size`), split over tp."""
+    m = VOCAB_DIVISIBLE_BY * tp
+    return -(-vocab // m) * m // tp
+
+
+def mcore_params(s: Shapes, tp: int = 1, pp: int = 1, ep: int = 1, stage: int = 0) -> dict:
+    """Parameters per leaf group on one rank of pipeline stage `stage` under engine=megatron (convert.py's
+    shards): the ViT and merger whole (replicated over TP; a copy on every stage); of the decoder layers / pp
+    layers, their attention and MLP matrices and qkv biases / tp, the norms whole; the first stage the embedding,
+    the last the final norm and head (`vocab_rows` each; tied: a head copy only on a last stage that is not the
+    first); a MoE layer its router whole and E / ep experts."""
+    t = s.text
+    h, q, kv = t.hidden, t.heads * t.head_dim, t.kv_heads * t.head_dim
+    matrices = (h + t.qkv_bias) * (q + 2 * kv) + q * h + 3 * h * t.intermediate  # qkv (+ bias), o_proj, the MLP
+    layer = matrices // tp + 2 * t.head_dim * t.qk_norm + 2 * h
+    n, first, last = t.layers // pp, stage == 0, stage == pp - 1
+    rows = vocab_rows(t.vocab, tp) * h
+    llm = n * layer + rows * first + (rows * (not t.tied or not first) + h) * last
+    out = {"vision": s.vision.vision_params(), "merger": s.vision.merger_params()}
+    if not t.experts:
+        return {**out, "llm": llm}
+    m = t.sparse_layers * n // t.layers  # this stage's sparse layers (MoE runs at pp 1)
+    return {**out, "dense": llm - m * 3 * h * t.intermediate // tp, "router": m * t.router_params(),
+            "experts": m * t.expert_params() // ep}
+
+
+def mcore_layer_bytes(t: TextShape, b: int, tp: int = 1, sequence_parallel: bool = False, span: int = 0,
+                      sparse: bool = False) -> tuple[float, float]:
+    """(bytes saved per token by one layer of engine=megatron's decoder on one TP rank, its backward gradients per
+    token), as megatron-core's local spec with training/mcore/model.py's SegmentAttention keeps them
+    (tests/test_memory_estimate.py measures it), with CUDA's fused RMSNorm: each of the input and pre-MLP norms its
+    input and fp32 1/rms, and its output (the next linear's input), / tp under sequence parallelism; Qwen3's q/k
+    norms their inputs (q's copy, k's view of the whole qkv output) and 1/rms; RoPE's cos and sin, made per call for
+    q and k; the attention: `span` 0 (packed rows, SDPA per segment, a fused kernel) q, k and v (the rank's groups,
+    not repeated: enable_gqa), the kernel's output and fp32 log-sum-exp per head, and o_proj's input (the segments'
+    outputs in sequence order, a copy); `span` > 0 (padded rows of span keys with their mask: SDPA's math kernel,
+    bf16 upcast to fp32) fp32 scaled q and k and v repeated to the rank's heads, the fp32 softmax of span keys per
+    head and o_proj's input; the MLP's fc1 output (2I / tp), silu(gate), up + 0 (glu_linear_offset) and their
+    product (I / tp each), or megatron's MoE layer (`mcore_moe_bytes`). Gradients: `layer_bytes`'s with the TP
+    widths, and with `span` the softmax's and the scores' (fp32)."""
+    h, hd = t.hidden, t.head_dim
+    heads, groups = t.heads // tp, max(1, t.kv_heads // tp)  # tp a multiple of the groups: one group a rank
+    q, kv = heads * hd, groups * hd
+    norms = 2 * (2 * b * h + 4) / (tp if sequence_parallel else 1)
+    qk_norm = b * 2 * (q + kv) + 4 * (heads + groups) if t.qk_norm else 0
+    if span:  # the math kernel: 3 fp32 copies of the heads' width, the fp32 softmax
+        attn, attn_grads = 3 * 4 * q + 4 * heads * span + b * q, 8 * heads * span
+    else:  # a fused kernel's q, k, v, output and log-sum-exp; o_proj's input
+        attn, attn_grads = b * (3 * q + 2 * kv) + 4 * heads, 0
+    if sparse:
+        mlp, mlp_grads = mcore_moe_bytes(t, b)
+    else:
+        mlp, mlp_grads = 5 * b * t.intermediate / tp, 2 * b * t.intermediate / tp
+    saved = norms + qk_norm + 4 * hd * b + attn + mlp
+    return saved, mlp_grads + b * (2 * h + q + 2 * kv) + attn_grads
+
+
+def mcore_moe_bytes(t: TextShape, b: int) -> tuple[float, float]:
+    """(bytes saved per token by one megatron MoE layer, its MLP gradients per token; training/mcore/moe.py:
+    SequentialMLP experts, the alltoall dispatcher, tokens balanced over the EP ranks): the router's top-k indices
+    (int64, megatron's and the tap's), fp32 top-k softmax, routing map (bool) and fp32 probabilities over E, the
+    permutation (int64) and fp32 weight of each routed copy; per copy (k per token) the permuted input row (H), the
+    expert's fc1 output (2I), silu(gate), up + 0, their product and its routing-weighted copy (I each)."""
+    E, k, h, i = t.experts, t.top_k, t.hidden, t.moe_intermediate
+    return 16 * k + 4 * k + 5 * E + 12 * k + k * b * (h + 6 * i), 4 * E + k * b * (2 * i + 2 * h)
+
+
+def in_flight(pp: int, vpp: int, micro_batches: int, stage: int = 0) -> int:
+    """Forward passes (of one chunk: layers / (pp x vpp) layers) whose activations pipeline stage `stage` holds at
+    once: megatron's warm-up + 1 (schedules.py `get_pp_rank_microbatches`), at most all of them: 1F1B
+    min(pp - stage, m); interleaved min(2 (pp - stage - 1) + (vpp - 1) pp + 1, m x vpp). pp 1: one."""
+    if pp == 1:
+        return 1
+    if vpp == 1:
+        return min(pp - stage, micro_batches)
+    return min(2 * (pp - stage - 1) + (vpp - 1) * pp + 1, micro_batches * vpp)
+
+
+def _mcore_state(plan: Plan, add, b: int, leaves: tuple, stage: int) -> None:
+    """engine=megatron's parameters, gradient buffers, optimizer states and frozen models on one rank."""
+    s, tp, pp, dp = plan.shapes, plan.tp, plan.pp, plan.dp
+    counts = mcore_params(s, tp, pp, plan.ep, stage)
+    total, trained = sum(counts.values()), sum(counts[g] for g in leaves)
+    where = f"stage {stage} of {pp}: {s.text.layers // pp} layers, " if pp > 1 else ""
+    add("parameters", total * b, f"{_b(total)} on this rank ({where}decoder matrices and vocabulary / tp {tp}, "
+        f"ViT whole) x {b} B")
+    unused = " (the ViT's unused copy's included)" if stage > 0 and {"vision", "merger"} & set(leaves) else ""
+    add("gradients", trained * 4, f"{_b(trained)} trained x 4 B (megatron DDP's fp32 buffers){unused}")
+    per = 12 if b == 2 else 8
+    experts = counts.get("experts", 0) * ("experts" in leaves)
+    shard = (trained - experts) / dp + experts * plan.ep / dp if plan.distributed_optimizer else trained
+    add("optimizer states", shard * per, f"{_b(trained)} trained x {per} B (Adam m, v" + (", fp32 master" if b == 2
+        else "") + ")" + (f" / {dp} data-parallel ranks (distributed optimizer"
+                          + (f"; experts / {dp // plan.ep}" if experts and plan.ep > 1 else "") + ")"
+                          if plan.distributed_optimizer else " (not sharded)"))
+    if plan.reference:
+        add("reference model", total * b, f"frozen starting weights {_b(total)} x {b} B (split like the policy)")
+    if plan.teacher is not None:
+        tt = sum(mcore_params(plan.teacher, tp, pp, plan.ep, stage).values())
+        add("teacher model", tt * b, f"frozen teacher {_b(tt)} on this rank x {b} B (split like the policy)")
+
+
+def _mcore_decoder(plan: Plan, add, b: int, stage: int) -> None:
+    """engine=megatron's decoder activations on one rank (module docstring)."""
+    T, tp, tokens = plan.shapes.text, plan.tp, plan.tokens
+    span = plan.prompt_len + plan.max_new_tokens if plan.rollouts else 0  # RL: padded rollout rows
+    sp = plan.sequence_parallel
+    k = in_flight(plan.pp, plan.vpp, plan.grad_accum, stage)
+    per_pass = T.layers // (plan.pp * plan.vpp)
+    kinds = [(kind, n * per_pass // T.layers, *mcore_layer_bytes(T, b, tp, sp, span, kind == "MoE "))
+             for kind, n in (("", T.layers - T.sparse_layers), ("MoE ", T.sparse_layers)) if n]
+    host = plan.offload_activations and stage == plan.pp - 1
+    flight = f"{k} forward passes in flight x " if plan.pp > 1 else ""
+    where = " (offload_activations: host)" if host else ""
+    scores = f"; rollout rows: {T.heads // tp} heads x {span} fp32 scores" if span else ""
+    if plan.checkpointing:  # Decoder.recompute: the layer inputs (the rank's slice under sequence parallelism)
+        add("decoder activations", k * per_pass * tokens / (tp if sp else 1) * T.hidden * b,
+            f"{flight}{per_pass} layers x {tokens} tokens" + (f" / {tp}" if sp else "")
+            + f" x {T.hidden} x {b} B (checkpointed layer inputs){where}", host=host, phase="decoder")
+        _, _, saved, grads = max(kinds, key=lambda x: x[2] + x[3])
+        add("decoder layer in backward", tokens * (saved + grads),
+            f"{tokens} tokens x ({saved / 1024:.1f} KiB saved + {grads / 1024:.1f} KiB gradients) per token "
+            f"(recomputed{scores})", phase="decoder")
+    else:
+        layers = " + ".join(f"{n} {kind}layers x {tokens} tokens x {saved / 1024:.1f} KiB per token"
+                            for kind, n, saved, _ in kinds)
+        add("decoder activations", k * tokens * sum(n * saved for _, n, saved, _ in kinds),
+            f"{flight}{layers} (no recompute{scores}){where}", host=host, phase="decoder")
+        grads = max(g for *_, g in kinds)
+        add("decoder layer in backward", tokens * grads,
+            f"{tokens} tokens x {grads / 1024:.1f} KiB gradients per token", phase="decoder")
+    if span:  # padded rows: Decoder.forward's [B, 1, L, L] mask, kept by each pass (recompute reads it again)
+        add("attention masks", k * tokens * span, f"{k} x {tokens} x {span} bools (one mask a forward pass)",
+            phase="decoder")
+    if plan.pp > 1:  # the in-flight passes' outputs, on the hidden states the DeepStack features carried on
+        carried = max(0, plan.shapes.vision.deepstack - per_pass)
+        add("pipeline buffers", k * (1 + carried) * tokens / (tp if sp else 1) * T.hidden * b,
+            f"{k} outputs of {(1 + carried)} x {tokens} tokens" + (f" / {tp}" if sp else "") + f" x {T.hidden} x {b} B",
+            phase="decoder")
+
+
+def _zero_state(plan: Plan, add, b: int, leaves: tuple) -> None:
+    """The DeepSpeed engine's parameters, gradients, optimizer states, ZeRO-3 working set and frozen models."""
+    s, T = plan.shapes, plan.shapes.text
+    W, z = plan.world, plan.zero_stage
     counts = s.params()
-    total = sum(counts.values())
-    leaves = s.leaves(plan.trainable)
-    trained = sum(counts[g] for g in leaves)
-    out = Estimate(plan)
-
-    def add(name, nbytes, note, host=False, phase="step"):
-        out.parts.append(Part(name, 0.0 if host else nbytes, nbytes if host else 0.0, note, phase))
-
-    # -- model state
+    total, trained = sum(counts.values()), sum(counts[g] for g in leaves)
     parted = W if z == 3 else 1
     add("parameters", total * b / parted, f"{_b(total)} x {b} B" + (f" / {W} ranks (ZeRO-3)" if z == 3 else "")
         + (" (offload_params: host)" if plan.offload_params else ""), host=plan.offload_params)
@@ -543,11 +763,33 @@ def estimate(plan: Plan) -> Estimate:
         tt = sum(plan.teacher.params().values())
         add("teacher model", tt * b / parted, f"frozen teacher {_b(tt)} x {b} B" + (f" / {W} ranks" if z == 3 else ""))
 
+
+def estimate(plan: Plan) -> Estimate:
+    """Per-rank memory of `plan`, component by component (the module docstring has every formula)."""
+    mc = plan.megatron
+    if mc and plan.pp > 1 and plan.stage is None:  # the first stage (ViT, embedding, most in flight) or the last
+        worst = max((estimate(replace(plan, stage=st)) for st in (0, plan.pp - 1)), key=lambda e: e.device_gib)
+        return replace(worst, plan=plan)
+    s, T = plan.shapes, plan.shapes.text
+    b = 2 if plan.dtype == "bf16" else 4
+    sp = 1 if mc else plan.sp_size  # the megatron engine refuses parallel.sp_size > 1
+    stage = plan.stage or 0
+    first, last = stage == 0, stage == plan.pp - 1
+    leaves = s.leaves(plan.trainable)
+    out = Estimate(plan, stage=stage)
+
+    def add(name, nbytes, note, host=False, phase="step"):
+        out.parts.append(Part(name, 0.0 if host else nbytes, nbytes if host else 0.0, note, phase))
+
+    # -- model state
+    if mc:
+        _mcore_state(plan, add, b, leaves, stage)
+    else:
+        _zero_state(plan, add, b, leaves)
+
     # -- decoder (its phase: from the end of the ViT's forward to the start of the ViT's backward)
     tokens = plan.tokens
     t = math.ceil(tokens / sp)
-    kinds = decoder_layers(T, b, sp, plan.tiled_mlp)
-    _, _, per_layer, grads = max(kinds, key=lambda k: k[2] + k[3])  # the layer recomputed in backward: the largest
     if plan.rollouts:  # generation: the KV cache of every rollout at once, and the prefill of one layer
         prompt_tokens = plan.mini_batches * plan.grad_accum * plan.micro_batch_size * plan.seq_len
         rollout_tokens = plan.rollouts * prompt_tokens * (1 + plan.max_new_tokens / plan.prompt_len)
@@ -558,45 +800,74 @@ def estimate(plan: Plan) -> Estimate:
         prefill = max(k[2] for k in decoder_layers(T, b, 1, plan.tiled_mlp))
         add("rollout prefill layer", plan.rollouts * prompt_tokens * prefill,
             f"{plan.rollouts} x {prompt_tokens} prompt tokens through one layer (no gradients)", phase="rollout")
+        if mc:  # Engine.generation: the HF decoder gets the gathered weights (and stays on the device)
+            lm = sum(n for g, n in s.params().items() if g not in ("vision", "merger"))
+            add("HF decoder for generation", lm * b, f"the whole HF decoder {_b(lm)} x {b} B (gathered weights)")
+            add("gathered weights", lm * b, f"{_b(lm)} x {b} B, held while generating", phase="rollout")
     where = " (offload_activations: host)" if plan.offload_activations else ""
-    if plan.checkpointing:
+    if mc:
+        _mcore_decoder(plan, add, b, stage)
+    elif plan.checkpointing:
         add("decoder activations", T.layers * t * T.hidden * b,
             f"{T.layers} layers x {t} tokens x {T.hidden} x {b} B (checkpointed layer inputs){where}",
             host=plan.offload_activations, phase="decoder")
     else:
+        kinds = decoder_layers(T, b, sp, plan.tiled_mlp)
         add("decoder activations", t * sum(n * saved for _, n, saved, _ in kinds),
             " + ".join(f"{n} {kind}layers x {t} tokens x {saved / 1024:.1f} KiB per token" for kind, n, saved, _ in kinds)
             + where, host=plan.offload_activations, phase="decoder")
-    tiled = f", MLP in {plan.tiled_mlp} tiles" if plan.tiled_mlp > 1 else ""
-    add("decoder layer in backward", t * (per_layer + grads),
-        f"{t} tokens x ({per_layer / 1024:.1f} KiB saved + {grads / 1024:.1f} KiB gradients) per token{tiled}",
-        phase="decoder")
+    if not mc:
+        # the layer recomputed in backward: the largest
+        _, _, per_layer, grads = max(decoder_layers(T, b, sp, plan.tiled_mlp), key=lambda k: k[2] + k[3])
+        tiled = f", MLP in {plan.tiled_mlp} tiles" if plan.tiled_mlp > 1 else ""
+        add("decoder layer in backward", t * (per_layer + grads),
+            f"{t} tokens x ({per_layer / 1024:.1f} KiB saved + {grads / 1024:.1f} KiB gradients) per token{tiled}",
+            phase="decoder")
     if sp > 1:
         kv = max(T.kv_heads, sp)
         add("Ulysses buffers", 2 * t * (2 * T.heads * T.head_dim + 2 * kv * T.head_dim) * b,
             f"2 x {t * sp} tokens x (q, out: {T.heads}/{sp} heads; k, v: {kv}/{sp}) x {T.head_dim} x {b} B",
             phase="decoder")
 
-    # -- vision: what the ViT stores lives all step (forward to its backward, after the decoder's)
+    # -- vision (the first pipeline stage): what the ViT stores lives all step (forward to its backward, after the
+    # decoder's); under a pipeline once per micro-batch in flight
+    if first:
+        _vision(plan, add, b, where)
+
+    # -- loss (the last stage; at the end of the decoder's forward, its gradients into the decoder's backward)
+    if last:
+        _loss(plan, add, b, leaves, t)
+    peak = out.device_gib * GiB
+    add("allowance", ALLOWANCE_GIB * GiB + ALLOWANCE_FRACTION * peak,
+        f"{ALLOWANCE_GIB:g} GiB (CUDA context, NCCL) + {ALLOWANCE_FRACTION:.0%} of the peak (fragmentation)")
+    return out
+
+
+def _vision(plan: Plan, add, b: int, where: str) -> None:
+    """The ViT's and merger's activations, the pixel values and the visual features."""
+    V, sp = plan.shapes.vision, 1 if plan.megatron else plan.sp_size
     visual = plan.visual_fraction * plan.micro_batch_size * plan.seq_len  # merged visual tokens (RL: of the prompts)
     patches_row = visual * V.merge ** 2
     share = sp if plan.sp_vision == "split" else 1
     patches = patches_row / share
     blk, blk_grads = block_bytes(V, b)
     vision_trained = "vision" in plan.trainable
+    k = min(plan.grad_accum, -(-in_flight(plan.pp, plan.vpp, plan.grad_accum) // plan.vpp)) if plan.megatron else 1
+    times = f"{k} micro-batches in flight x " if k > 1 else ""
     if vision_trained:
         stored = V.depth * patches * (V.hidden * b if plan.checkpointing else blk)
-        add("ViT activations", stored, f"{V.depth} blocks x {patches:.0f} patches x "
+        add("ViT activations", k * stored, f"{times}{V.depth} blocks x {patches:.0f} patches x "
             + (f"{V.hidden} x {b} B (checkpointed)" if plan.checkpointing else f"{blk / 1024:.1f} KiB")
             + f" ({plan.visual_fraction:g} of the tokens visual, {V.merge ** 2} patches each"
             + (f", 1/{sp} of the row's" if share > 1 else "") + f"){where}", host=plan.offload_activations)
     if vision_trained or "merger" in plan.trainable:
         mergers = 1 + V.deepstack
-        add("merger activations", mergers * patches / V.merge ** 2 * (4 * V.merge ** 2 * V.hidden + V.out_hidden) * b,
-            f"{mergers} merger(s) x {patches / V.merge ** 2:.0f} tokens x (4 x {V.merge ** 2} x {V.hidden} + "
+        add("merger activations",
+            k * mergers * patches / V.merge ** 2 * (4 * V.merge ** 2 * V.hidden + V.out_hidden) * b,
+            f"{times}{mergers} merger(s) x {patches / V.merge ** 2:.0f} tokens x (4 x {V.merge ** 2} x {V.hidden} + "
             f"{V.out_hidden}) x {b} B{where}", host=plan.offload_activations)
-    add("pixel values", patches_row * V.pixels_per_patch * 4 + patches * V.pixels_per_patch * b,
-        f"{patches_row:.0f} patches x {V.pixels_per_patch} x 4 B (the whole micro-batch, fp32) + this rank's "
+    add("pixel values", k * (patches_row * V.pixels_per_patch * 4 + patches * V.pixels_per_patch * b),
+        f"{times}{patches_row:.0f} patches x {V.pixels_per_patch} x 4 B (the whole micro-batch, fp32) + this rank's "
         f"{patches:.0f} x {b} B")
     add("ViT block in " + ("backward" if vision_trained else "forward (frozen)"),
         patches * (blk + (blk_grads if vision_trained else 0)),
@@ -606,22 +877,36 @@ def estimate(plan: Plan) -> Estimate:
         f"{visual:.0f} tokens x {V.out_hidden} x {1 + V.deepstack} x {b} B"
         + (" x 2 (the SP group's gather and its reordering)" if sp > 1 else ""), phase="vit")
 
-    # -- loss (at the end of the decoder's forward, its gradients into the decoder's backward)
+
+def _loss(plan: Plan, add, b: int, leaves: tuple, t: int) -> None:
+    """The loss chunk, the supervised hidden states (and grad_h, the head's fp32 gradient where fused), a
+    teacher's outputs."""
+    s, T = plan.shapes, plan.shapes.text
     chunk = min(plan.loss_chunk or max(1, CHUNK_BYTES // (4 * T.vocab)), t)
-    fused = plan.objective in ("lm", "distill") and not (z == 3 and W > 1)
-    head = T.vocab * T.hidden * 4 if fused and s.head_group in leaves else 0
     if plan.teacher is not None:  # its supervised hidden states, and its logits of the chunk
         Tt = plan.teacher.text
         add("teacher outputs", t * Tt.hidden * b + chunk * Tt.vocab * 4,
             f"teacher hidden of {t} tokens x {Tt.hidden} x {b} B + one chunk of its fp32 logits", phase="decoder")
+    if plan.megatron and plan.objective == "lm":  # megatron's vocabulary-parallel cross-entropy (mcore/loss.py)
+        rows = vocab_rows(T.vocab, plan.tp)
+        head = rows * T.hidden * 4 if s.head_group in leaves else 0
+        add("loss", 3 * chunk * rows * 4 + 2 * t * T.hidden * b + head,
+            f"3 x {chunk} x {rows} x 4 B (one chunk of this rank's vocabulary shard) + hidden and grad_h of {t} "
+            f"tokens" + (f" + lm_head shard fp32 grad {_b(rows * T.hidden)} x 4 B" if head else ""), phase="decoder")
+        return
+    if plan.megatron:  # the head's logits gathered over TP, each chunk recomputed in backward
+        gathered = chunk * vocab_rows(T.vocab, plan.tp) * plan.tp * b
+        add("loss", 3 * chunk * T.vocab * 4 + gathered + t * T.hidden * b,
+            f"3 x {chunk} x {T.vocab} x 4 B (one chunk) + its logits gathered over TP ({chunk} x "
+            f"{vocab_rows(T.vocab, plan.tp) * plan.tp} x {b} B) + hidden of {t} tokens (recomputed in backward)",
+            phase="decoder")
+        return
+    fused = plan.objective in ("lm", "distill") and not (plan.zero_stage == 3 and plan.world > 1)
+    head = T.vocab * T.hidden * 4 if fused and s.head_group in leaves else 0
     add("loss", 3 * chunk * T.vocab * 4 + t * T.hidden * b * (2 if fused else 1) + head,
         f"3 x {chunk} x {T.vocab} x 4 B (one chunk) + hidden of {t} tokens"
         + (" and grad_h" if fused else "") + (f" + lm_head fp32 grad {_b(T.vocab * T.hidden)} x 4 B" if head else "")
         + ("" if fused else " (recomputed in backward)"), phase="decoder")
-    peak = out.device_gib * GiB
-    add("allowance", ALLOWANCE_GIB * GiB + ALLOWANCE_FRACTION * peak,
-        f"{ALLOWANCE_GIB:g} GiB (CUDA context, NCCL) + {ALLOWANCE_FRACTION:.0%} of the peak (fragmentation)")
-    return out
 
 
 def fits(plan: Plan, device_gib: float, host_gib: float = HOST_GIB) -> tuple[bool, Estimate]:
@@ -635,30 +920,61 @@ def fits(plan: Plan, device_gib: float, host_gib: float = HOST_GIB) -> tuple[boo
 
 # (Plan field, config override key, cost rank: cheaper levers are named first)
 LEVERS = (("checkpointing", "model.gradient_checkpointing", 1), ("tiled_mlp", "model.tiled_mlp", 2),
-          ("sp_size", "parallel.sp_size", 3), ("zero_stage", "engine.zero_stage", 4),
-          ("micro_batch_size", "trainer.micro_batch_size", 5), ("offload_activations", "model.offload_activations", 6),
-          ("offload_optimizer", "engine.offload_optimizer", 7))
+          ("distributed_optimizer", "engine.distributed_optimizer", 2),
+          ("sequence_parallel", "engine.sequence_parallel", 2), ("sp_size", "parallel.sp_size", 3),
+          ("tp", "engine.tp", 3), ("ep", "engine.ep", 3), ("zero_stage", "engine.zero_stage", 4),
+          ("pp", "engine.pp", 4), ("micro_batch_size", "trainer.micro_batch_size", 5),
+          ("offload_activations", "model.offload_activations", 6), ("offload_optimizer", "engine.offload_optimizer", 7))
 KEYS = {f: k for f, k, _ in LEVERS}
 COST = {f: c for f, _, c in LEVERS}
 
 
+def tp_sizes(t: TextShape, world: int, pp: int = 1) -> list[int]:
+    """Tensor-parallel sizes within a node (<= 8) that the decoder splits into (training/mcore/model.py check_tp:
+    the query heads, the MLP width and the qkv rows divide; the key/value heads divide or are divided) and that
+    divide world / pp; MoE: 1 (megatron's MoE layer trains at tp 1 here)."""
+    return [n for n in ((1,) if t.experts else (1, 2, 4, 8))
+            if t.heads % n == 0 and (t.kv_heads % n == 0 or n % t.kv_heads == 0) and t.intermediate % n == 0
+            and (t.heads + 2 * t.kv_heads) * t.head_dim % n == 0 and world % (n * pp) == 0]
+
+
 def _options(plan: Plan) -> dict:
-    """Each lever's values, mildest first, that differ from the plan."""
+    """Each lever's values, mildest first, that differ from the plan (engine=megatron: its own layout levers; it
+    runs none of DeepSpeed's SP, TiledMLP, ZeRO or optimizer offload)."""
     from training.parallel import valid_sp_sizes
 
     T = plan.shapes.text
+    mc = plan.megatron
     opts = {"checkpointing": [] if plan.checkpointing else [True],
-            "tiled_mlp": [n for n in (2, 4, 8, 16) if n > max(1, plan.tiled_mlp)] if not T.experts else [],  # MoE: refused
-            "sp_size": [n for n in valid_sp_sizes(T.heads, T.kv_heads) if n > plan.sp_size and plan.world % n == 0]
-            if plan.sp_allowed else [],
-            "zero_stage": [3] if plan.zero_stage < 3 else [],
             "micro_batch_size": [n for n in (plan.micro_batch_size // 2 ** k for k in range(1, 8))
                                  if 1 <= n < plan.micro_batch_size][:3],
-            "offload_activations": [] if plan.offload_activations else [True],
-            "offload_optimizer": [] if plan.offload_optimizer else [True]}
+            "offload_activations": [] if plan.offload_activations else [True]}
     if opts["micro_batch_size"] and opts["micro_batch_size"][-1] != 1:
         opts["micro_batch_size"].append(1)
-    return {k: v for k, v in opts.items() if v}
+    if mc:
+        opts.update({"distributed_optimizer": [] if plan.distributed_optimizer else [True],
+                     "sequence_parallel": [] if plan.sequence_parallel or T.experts else [True],
+                     "tp": [n for n in tp_sizes(T, plan.world, plan.pp) if n > plan.tp],
+                     "ep": [n for n in (2, 4, 8, 16, 32, 64) if n > plan.ep and T.experts % n == 0]
+                     if T.experts else [],
+                     "pp": [n for n in (2, 4, 8, 16) if n > plan.pp and T.layers % (n * plan.vpp) == 0]
+                     if plan.pp_allowed and not T.experts else []})
+    else:
+        opts.update({"tiled_mlp": [n for n in (2, 4, 8, 16) if n > max(1, plan.tiled_mlp)] if not T.experts else [],
+                     "sp_size": [n for n in valid_sp_sizes(T.heads, T.kv_heads) if n > plan.sp_size
+                                 and plan.world % n == 0] if plan.sp_allowed else [],
+                     "zero_stage": [3] if plan.zero_stage < 3 else [],
+                     "offload_optimizer": [] if plan.offload_optimizer else [True]})
+    return {k: v for k, v in sorted(opts.items(), key=lambda kv: COST[kv[0]]) if v}
+
+
+def _valid(plan: Plan) -> bool:
+    """A layout the engine runs: optimizer offload needs ZeRO; megatron's sequence parallelism tp > 1, tp x pp
+    dividing the world and ep the data-parallel ranks."""
+    if plan.megatron:
+        return (plan.tp > 1 or not plan.sequence_parallel) and plan.world % (plan.tp * plan.pp) == 0 \
+            and plan.dp % plan.ep == 0
+    return not (plan.offload_optimizer and plan.zero_stage == 0)
 
 
 def levers(plan: Plan, device_gib: float, limit: int = 3, host_gib: float = HOST_GIB) -> list[dict]:
@@ -672,9 +988,10 @@ def levers(plan: Plan, device_gib: float, limit: int = 3, host_gib: float = HOST
         for names in itertools.combinations(opts, k):
             for values in itertools.product(*(opts[n] for n in names)):  # mildest values first
                 change = dict(zip(names, values))
-                if change.get("offload_optimizer") and change.get("zero_stage", plan.zero_stage) == 0:
+                candidate = replace(plan, **change)
+                if not _valid(candidate):
                     continue
-                ok, est = fits(replace(plan, **change), device_gib, host_gib)
+                ok, est = fits(candidate, device_gib, host_gib)
                 if ok:
                     found.append((sum(COST[n] for n in names), est.device_gib, change))
                     break
@@ -692,6 +1009,10 @@ def describe_levers(plan: Plan, device_gib: float, host_gib: float = HOST_GIB) -
     if fits(plan, device_gib, host_gib)[0]:
         return "none needed: it fits"
     found = levers(plan, device_gib, host_gib=host_gib)
+    if not found and plan.megatron:
+        return ("no combination of the levers (checkpointing, the distributed optimizer, TP sequence "
+                "parallelism, engine.tp, engine.pp, engine.ep, fewer rows per micro-batch, activation offload) fits: "
+                "use more ranks, a shorter seq_len or a DeepSpeed engine")
     if not found:
         return ("no combination of the levers (checkpointing, tiled MLP, sequence parallelism, ZeRO-3, fewer rows "
                 "per micro-batch, activation and optimizer offload) fits: use more ranks or a shorter seq_len")
@@ -724,16 +1045,19 @@ def from_job(job, world: int, fallback: Optional[Shapes] = None) -> Plan:
         # its config.json, else the shapes standing in for not-yet-written exports
         conf = Path(str(objective.get("teacher"))) / "config.json"
         teacher = from_config_json(conf) if conf.is_file() else (fallback or shapes)
+    e, built = job.engine, build_objective(job.stage.objective)
+    layout = dict(engine="megatron", tp=e.tp, pp=e.pp, vpp=e.vpp, ep=e.ep, sequence_parallel=e.sequence_parallel,
+                  distributed_optimizer=e.distributed_optimizer, pp_allowed=built.no_pipeline is None) \
+        if e.kind == "megatron" else {}
     return Plan(teacher=teacher, shapes=shapes, seq_len=job.stage.seq_len, world=world, micro_batch_size=job.trainer.micro_batch_size,
                 sp_size=job.parallel.sp_size, sp_vision=job.parallel.sp_vision,
-                # engine=megatron: counted as unpartitioned (its TP shards are not modelled: an upper bound)
-                zero_stage=0 if job.engine.kind == "megatron" else job.engine.zero_stage,
-                dtype=job.engine.dtype, offload_optimizer=job.engine.offload_optimizer,
-                offload_params=job.engine.offload_params, checkpointing=m.gradient_checkpointing,
+                zero_stage=0 if layout else e.zero_stage,  # megatron: not read
+                dtype=e.dtype, offload_optimizer=e.offload_optimizer,
+                offload_params=e.offload_params, checkpointing=m.gradient_checkpointing,
                 offload_activations=m.offload_activations, tiled_mlp=m.tiled_mlp, trainable=tuple(job.stage.trainable),
                 objective=name, reference=name == "dpo" or (name == "sapo" and objective.get("kl_beta", 0) > 0),
-                sp_allowed=not build_objective(job.stage.objective).no_sequence_parallel, loss_chunk=m.loss_chunk,
-                grad_accum=job.trainer.grad_accum, **_rl(name, objective))
+                sp_allowed=not built.no_sequence_parallel, loss_chunk=m.loss_chunk,
+                grad_accum=job.trainer.grad_accum, **_rl(name, objective), **layout)
 
 
 def _rl(name: str, objective: dict) -> dict:
@@ -757,6 +1081,14 @@ def _rl(name: str, objective: dict) -> dict:
 # ---------------------------------------------------------------- CLI
 
 
+def _layout(est: Estimate) -> str:
+    p = est.plan
+    return (f"megatron tp {p.tp} x pp {p.pp}" + (f" (vpp {p.vpp})" if p.vpp > 1 else "") + f" x dp {p.dp}"
+            + (f", experts over ep {p.ep}" if p.ep > 1 else "") + (", sequence parallel" if p.sequence_parallel else "")
+            + (", distributed optimizer" if p.distributed_optimizer else "")
+            + (f"; pipeline stage {est.stage} of {p.pp} (the larger of the first and the last)" if p.pp > 1 else ""))
+
+
 def render(est: Estimate, device_gib: float, name: str = "", host_gib: float = HOST_GIB) -> str:
     p, s = est.plan, est.plan.shapes
     counts = s.params()
@@ -767,8 +1099,10 @@ def render(est: Estimate, device_gib: float, name: str = "", host_gib: float = H
              + ", ".join(f"{g} {_b(n)}" for g, n in counts.items()) + ")",
              f"{p.micro_batch_size} x {p.seq_len} tokens per micro-batch"
              + (f" of prompts ({p.tokens} rollout tokens to train on)" if p.rollouts else "")
-             + f", {p.world} ranks, sp_size {p.sp_size}"
-             + (f" (ViT {p.sp_vision})" if p.sp_size > 1 else "") + f", ZeRO-{p.zero_stage}, {p.dtype}, trains "
+             + f", {p.world} ranks, " + (_layout(est) if p.megatron else f"sp_size {p.sp_size}"
+                                            + (f" (ViT {p.sp_vision})" if p.sp_size > 1 else "")
+                                            + f", ZeRO-{p.zero_stage}")
+             + f", {p.dtype}, trains "
              + "+".join(p.trainable) + f", objective {p.objective}; levers: " + (", ".join(levers_on) or "none"),
              f"{'component':<27} {'when':<7} {'device GiB':>10} {'host GiB':>8}  formula"]
     for part in est.parts:
@@ -796,6 +1130,16 @@ def main(argv=None) -> None:
     ap.add_argument("--sp", type=int, default=1, help="parallel.sp_size")
     ap.add_argument("--sp-vision", choices=("split", "replicate"), default="split")
     ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=3)
+    ap.add_argument("--engine", choices=("deepspeed", "megatron"), default="deepspeed",
+                    help="megatron: --tp/--pp/--vpp/--ep layout (--sp, --zero, --tiled-mlp and the offloads of "
+                         "optimizer and parameters do not apply)")
+    ap.add_argument("--tp", type=int, default=1, help="megatron: engine.tp")
+    ap.add_argument("--pp", type=int, default=1, help="megatron: engine.pp")
+    ap.add_argument("--vpp", type=int, default=1, help="megatron: engine.vpp")
+    ap.add_argument("--ep", type=int, default=1, help="megatron: engine.ep (MoE)")
+    ap.add_argument("--sequence-parallel", action="store_true", help="megatron: engine.sequence_parallel")
+    ap.add_argument("--no-distributed-optimizer", action="store_true",
+                    help="megatron: engine.distributed_optimizer=false")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--checkpointing", action="store_true", help="model.gradient_checkpointing")
     ap.add_argument("--offload-activations", action="store_true")
@@ -832,6 +1176,8 @@ def main(argv=None) -> None:
                 objective=a.objective, reference=a.objective == "dpo", sp_allowed=a.objective not in ("sapo", "distill"),
                 teacher=shapes_of(a.teacher or a.model) if a.objective == "distill" else None,
                 loss_chunk=a.loss_chunk, visual_fraction=a.visual_fraction, grad_accum=a.grad_accum,
+                engine=a.engine, tp=a.tp, pp=a.pp, vpp=a.vpp, ep=a.ep, sequence_parallel=a.sequence_parallel,
+                distributed_optimizer=not a.no_distributed_optimizer, pp_allowed=a.objective in ("lm", "dpo"),
                 **(dict(rollouts=a.rollouts, max_new_tokens=a.max_new_tokens, mini_batches=a.mini_batches,
                         prompt_len=a.prompt_len) if a.objective == "sapo" else {}))
     est = estimate(plan)
