@@ -52,7 +52,10 @@ NOT_IN_FILE = {
     "data/shapes": {"sources": "one source per task, made by the generator",
                     "shapes.name": "the generator's own name, not a setting"},
     "engine/deepspeed": {"tp": "tensor parallelism is engine=megatron's", "pp": "pipeline parallelism is engine=megatron's",
-                         "ep": "expert parallelism is engine=megatron's"},
+                         "ep": "expert parallelism is engine=megatron's",
+                         "vpp": "virtual pipeline stages are engine=megatron's",
+                         "sequence_parallel": "megatron's TP sequence parallelism (DeepSpeed's: parallel.sp_size)",
+                         "distributed_optimizer": "DeepSpeed shards the optimizer with ZeRO (zero_stage)"},
     "engine/megatron": {"zero_stage": "ZeRO is DeepSpeed's", "offload_optimizer": "DeepSpeed's offload",
                         "offload_params": "DeepSpeed's offload", "raw": "DeepSpeed's config"},
 }
