@@ -27,7 +27,7 @@ import torch
 from data.encode import IGNORE
 from data.errors import BadSample
 from stages import rollout
-from stages.objective import Context, Objective
+from stages.objective import Context, Objective, frozen_forward
 from stages.rewards import RewardError, Rewards
 
 LOSSES = ("sapo", "grpo", "gspo")
@@ -139,8 +139,6 @@ def _add(sums: dict, key: str, total: float, count: float) -> None:
 
 
 class RLObjective(Objective):
-    no_pipeline = ("its rollouts are padded rows of varying shapes (a pipeline's schedule sends one shape) and "
-                   "generate with the whole decoder")
     no_eval = ("its loss needs rollouts of the policy and their rewards, not held-out samples; the reward of held-out "
                "prompts is `python -m training.evaluate HF_DIR`'s rl_reward (and the pipeline report's)")
     no_sequence_parallel = ("its rollouts are generated and scored as padded rows with a KV cache, which Ulysses "
@@ -258,11 +256,19 @@ class RLObjective(Objective):
             mb = rollout.collate_sequences([owners[i] for i in idx], [comps[i] for i in idx], pad)
             mb["advantages"] = adv[idx].float() * weight
             mb["rl_weight"] = torch.full((len(idx),), weight)
-            dev = rollout.on(mb, engine.device)
-            mb["old_logps"] = rollout.token_logps(engine, dev)[0].cpu()
-            if self.ref is not None:
-                mb["ref_logps"] = rollout.token_logps(self.ref, dev)[0].cpu()
             micro.append(mb)
+        # the rollout policy's (and the reference's) per-token log-probs: forward-only passes over all the rollout's
+        # micro-batches (on a pipeline, schedules of their own: stages/objective.py frozen_forward)
+        for key, model in (("old_logps", engine), ("ref_logps", self.ref)):
+            if model is None:
+                continue
+
+            def logps(batch, model=model):
+                return None, torch.zeros((), dtype=torch.float64), {"logps": rollout.token_logps(model, batch)[0].cpu()}
+
+            for mb, stats in zip(micro, frozen_forward(engine, micro, logps, None if model is engine else model),
+                                 strict=True):
+                mb[key] = stats["logps"]
         return [micro[m * n_micro:(m + 1) * n_micro] for m in range(cfg.mini_batches)]
 
     # -- protocol ---------------------------------------------------------------------------------------------

@@ -24,8 +24,10 @@ With `engine.vpp` > 1 a rank holds vpp chunks (megatron's interleaved 1F1B: rank
 v x pp + r); the schedule says which chunk each call runs, and only the first rank's first chunk runs the ViT;
 Qwen3-VL's DeepStack features ride with the hidden states to the stages whose layers take them. The last stage's
 loss sums and metrics are broadcast to the other stages, so the loop sees what it sees without a pipeline. Only
-objectives whose loss is one policy call run there (`Objective.no_pipeline`), on packed rows: the lm stages, and
-DPO, whose frozen reference runs a forward-only schedule of its own first (`Objective.frozen_pass`, `model=`).
+objectives whose loss is one policy call run there (`Objective.no_pipeline`): the lm stages; DPO, whose frozen
+reference runs a forward-only schedule of its own first (`Objective.frozen_pass`, `model=`); SAPO, whose rollouts
+every stage generates with the gathered whole decoder (the first stage's taken), whose rollout-policy and
+reference log-probs are forward-only schedules, and whose padded rollout rows train one schedule per shape.
 
 MoE models (Qwen3-VL MoE; tp 1, pp 1): every sparse layer is megatron's MoE layer (training/mcore/moe.py), its
 experts split over `engine.ep` consecutive data-parallel ranks, the tokens dispatched all-to-all to the rank that
@@ -164,6 +166,16 @@ class _LanguageModel(torch.nn.Module):
                                attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack_visual_embeds)
         return SimpleNamespace(last_hidden_state=hidden[:, :L] if d.post_process else hidden)
+
+
+def _layout(mb: dict) -> tuple:
+    """("packed", rows, length) of packed rows (cu_seqlens), ("padded", rows, length) of padded rows (a mask)."""
+    rows, length = mb["input_ids"].shape
+    if mb.get("cu_seqlens") is not None and mb.get("attention_mask") is None:
+        return "packed", rows, length
+    if mb.get("attention_mask") is None:
+        raise ValueError("engine.pp > 1 runs packed rows (cu_seqlens) or padded rows (attention_mask)")
+    return "padded", rows, length
 
 
 def sequence_pad(config, L: int) -> int:
@@ -312,33 +324,48 @@ class Engine:
     def forward_backward(self, micro: list[dict], fn, forward_only: bool = False, model=None) -> list[tuple]:
         """One micro-batch after the other (pp 1), or megatron's 1F1B schedule over the step's micro-batches (pp >
         1): the first stage runs the ViT, merge and its layers, the last its layers and `fn` (the objective's loss
-        on the received hidden states), each stage sends on what its decoder returns. Every micro-batch must be
-        packed rows of one shape (the schedule's fixed send shape). The last stage's results reach every stage.
-        engine.vpp > 1: the interleaved schedule over this rank's chunks; it needs >= pp micro-batches, so a held-out
-        call with fewer (forward_only) repeats its last one and drops the repeats' results. `model`: a frozen model
-        from `build_frozen` (a DPO reference) runs its own forward-only schedule, its stages on the same ranks."""
+        on the received hidden states), each stage sends on what its decoder returns. A schedule sends one shape,
+        so consecutive micro-batches of one layout (packed rows of one length; padded rows of one [B, L], e.g. RL
+        rollouts) run in one schedule each; gradients accumulate over them. The last stage's results reach every
+        stage. engine.vpp > 1: the interleaved schedule over this rank's chunks; it needs >= pp micro-batches, so a
+        held-out call with fewer (forward_only) repeats its last one and drops the repeats' results. `model`: a
+        frozen model from `build_frozen` (a reference) runs its own forward-only schedule, its stages on the same
+        ranks."""
         if self.pp == 1:
             return micro_batches(self, micro, fn, forward_only)
         from megatron.core import parallel_state as ps
 
         from training.mcore.pipeline import forward_backward
 
-        shapes = {tuple(mb["input_ids"].shape) for mb in micro}
-        if len(shapes) != 1 or any(mb.get("cu_seqlens") is None or mb.get("attention_mask") is not None
-                                   for mb in micro):
-            raise ValueError(f"engine.pp > 1 trains packed rows of one shape (micro-batches of "
-                             f"trainer.micro_batch_size rows of stage.seq_len tokens); got shapes {sorted(shapes)}")
-        (rows, length), = shapes
-        n = len(micro)
-        if self.vpp > 1 and n < self.pp:
-            if not forward_only:
-                raise ValueError(f"engine.vpp > 1 trains >= engine.pp={self.pp} micro-batches a step; got {n}")
-            micro = micro + [micro[-1]] * (self.pp - n)
-        results = []
-        ones = torch.ones((), dtype=torch.int, device=self.device)
         if model is not None and not forward_only:
             raise ValueError("a frozen model's pipeline runs forward_only")
         vlm = self.model if model is None else model
+        runs: list[tuple[tuple, list[dict]]] = []  # (layout, its consecutive micro-batches)
+        for mb in micro:
+            key = _layout(mb)
+            if runs and runs[-1][0] == key:
+                runs[-1][1].append(mb)
+            else:
+                runs.append((key, [mb]))
+        results = [r for key, run in runs for r in self._schedule(vlm, key, run, fn, forward_only)]
+        box = [results]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=self.groups["pp"])
+        return [(torch.tensor(ls, dtype=torch.float64), stats) for ls, stats in box[0]]
+
+    def _schedule(self, vlm, layout: tuple, micro: list[dict], fn, forward_only: bool) -> list[tuple]:
+        """One megatron schedule over micro-batches of one layout (`_layout`): [(loss sum, stats)] on the last
+        stage, [] on the others."""
+        from training.mcore.pipeline import forward_backward
+
+        n = len(micro)
+        if self.vpp > 1 and n < self.pp:
+            if not forward_only:
+                raise ValueError(f"engine.vpp > 1 trains >= engine.pp={self.pp} micro-batches of one shape a "
+                                 f"schedule; got {n} of {layout} (padded rows of varying lengths, e.g. rollouts: "
+                                 f"set engine.vpp=1)")
+            micro = micro + [micro[-1]] * (self.pp - n)
+        results = []
+        ones = torch.ones((), dtype=torch.int, device=self.device)
         lm = vlm.model.language_model
 
         def step_func(data_iterator, chunk):
@@ -352,15 +379,16 @@ class Engine:
             out, zero = vlm.decoder_output(mb)
             return out.last_hidden_state + zero.to(out.last_hidden_state.dtype), None
 
+        # the schedule's send shape: a packed micro-batch is one row of its tokens (micro-batch size 1), padded rows
+        # are B rows; both padded to a multiple of tp under sequence parallelism (_LanguageModel)
+        kind, rows, length = layout
+        tokens, batch = (rows * length, 1) if kind == "packed" else (length, rows)
         try:
-            n_tok = rows * length
-            forward_backward(lm.chunks, step_func, micro, n_tok + sequence_pad(self.decoder.config, n_tok), 1,
+            forward_backward(lm.chunks, step_func, micro, tokens + sequence_pad(self.decoder.config, tokens), batch,
                              lm.deepstack_layers, forward_only)
         finally:
             lm.active, vlm.pipeline_input = 0, not lm.chunks[0].pre_process
-        box = [results[:n]]
-        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=self.groups["pp"])
-        return [(torch.tensor(ls, dtype=torch.float64), stats) for ls, stats in box[0]]
+        return results[:n]
 
     def backward(self, loss: torch.Tensor) -> None:
         """`loss` is this replica's share of the global mean on each of its TP ranks: gradients accumulate here and
@@ -456,10 +484,8 @@ class Engine:
         """HF generation (rollouts: stages/rollout.py) with the current weights. The HF text decoder and head that
         the megatron decoder replaced get its weights, gathered over TP and converted (every rank holds the whole
         decoder for the call: verl's way of syncing a trainer's weights into its rollout model), and are swapped
-        in for the call."""
-        if self.pp > 1:
-            raise ValueError("engine.pp > 1: generation (rollouts) needs the whole decoder on one rank; train this "
-                             "stage with engine.pp=1")
+        in for the call. Under engine.pp every stage holds the whole decoder for the call (the weights gathered
+        over the stages too); only the first stage's ViT is trained, so `broadcast_replica` takes its rollouts."""
         hf = self.model.hf
         lm, head = self.model.hf_lm
         full, _ = self._hf_lm_weights()
@@ -476,11 +502,15 @@ class Engine:
             hf.model.language_model, hf.lm_head = saved
 
     def broadcast_replica(self, obj):
-        """`obj` as the replica's first TP rank has it (its TP ranks must train on the same rollouts)."""
-        if self.tp == 1:
+        """`obj` as the replica's first rank (TP rank 0 of the first pipeline stage) has it: a replica's TP ranks and
+        stages must train on the same rollouts, and only the first stage's ViT copy is trained."""
+        if self.tp * self.pp == 1:
             return obj
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_model_parallel_group()  # the replica's tp x pp ranks (rank order tp-pp-dp: consecutive)
         box = [obj]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.groups["tp"], 0), group=self.groups["tp"])
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
         return box[0]
 
     def build_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
