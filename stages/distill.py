@@ -41,7 +41,7 @@ from data.encode import IGNORE
 from data.errors import BadSample
 from stages import rollout
 from stages.lm import REDUCTIONS, token_weights
-from stages.objective import Context, Objective, source_sums
+from stages.objective import Context, Objective, frozen_forward, source_sums
 from stages.rollout import per_sample
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -176,7 +176,6 @@ def check_teacher(student, teacher) -> None:
 
 
 class DistillObjective(Objective):
-    no_pipeline = "its teacher runs inside the loss, and on-policy steps generate"
     no_sequence_parallel = ("distillation runs the teacher on whole rows; set parallel.sp_size=1 (the memory "
                             "estimator says which lever else fits)")
 
@@ -189,6 +188,8 @@ class DistillObjective(Objective):
         self.synced = False
         self.steps = 0  # optimizer steps prepared: the index of the on-policy draw (saved, so resume draws the same)
         self._sums: dict = {}
+        self._hidden: dict = {}  # the teacher's hidden states of the micro-batches in flight, by "teacher_slot"
+        self._slots = 0
 
     def setup(self, ctx: Context) -> None:
         """The teacher: loaded from `teacher`, checked against the student, frozen and placed like the reference
@@ -271,6 +272,26 @@ class DistillObjective(Objective):
         out, self._sums = self._sums, {}
         return out
 
+    def frozen_pass(self, engine, micro: list[dict]) -> list[dict]:
+        """The teacher's hidden states of the step's micro-batches, before the student's calls: one forward-only
+        pass (on a pipeline the teacher's own schedule, its stages on the student's ranks). They stay where they
+        are computed (a pipeline's last stage, where the student's loss runs), kept by a slot number the
+        micro-batch carries until its loss takes them."""
+        if self.cfg.precomputed or self.teacher is None:
+            return micro
+        self._hidden = {}  # a skipped step's (no loss ran) are dropped here
+        marked = []
+        for mb in micro:
+            marked.append({**mb, "teacher_slot": self._slots})
+            self._slots += 1
+
+        def keep(batch):
+            self._hidden[batch["teacher_slot"]] = self.teacher(batch, hidden=True)[0]
+            return None, torch.zeros((), dtype=torch.float64), {}
+
+        frozen_forward(engine, marked, keep, self.teacher)
+        return marked
+
     def state_dict(self) -> dict:
         return {"steps": self.steps}
 
@@ -311,8 +332,10 @@ class DistillObjective(Objective):
         else:
             if self.teacher is None:
                 raise ValueError("the distill objective has no teacher: the loop must call objective.setup(ctx)")
-            with torch.no_grad():
-                hidden, _ = self.teacher(batch, hidden=True)
+            hidden = self._hidden.pop(batch.get("teacher_slot"), None)
+            if hidden is None:  # a caller without frozen_pass (tools, unit tests): the teacher's pass now
+                with torch.no_grad():
+                    hidden, _ = self.teacher(batch, hidden=True)
             fn = self.loss_fn(hidden)
         loss, per_token, stats = engine(batch, weights=batch["weights"], loss_fn=fn)
         sums, counts = per_sample(per_token, batch)

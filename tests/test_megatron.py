@@ -200,6 +200,35 @@ def test_sapo_on_a_pipeline_equals_zero2(tmp_path):
     assert wa.keys() == wb.keys() and all(torch.allclose(wb[k], wa[k], rtol=0, atol=2e-5) for k in wa)
 
 
+@pytest.mark.slow
+def test_distillation_on_a_pipeline_equals_zero2(tmp_path):
+    """engine.pp=2 under torchrun: the teacher's hidden states come from its own forward-only schedule before the
+    student's (Objective.frozen_pass), kept on the last stage where the student's loss runs; on-policy steps
+    generate on both stages (lmbda 0.5: seed 3 draws both kinds in 3 steps) and train their padded rows one
+    schedule per shape. Losses, distillation metrics, grad norms and the export equal zero2 in one process."""
+    import sys
+
+    from tests.conftest import cli
+
+    run_stage(tmp_path / "teacher", ["model=tiny_qwen2_5_vl", "model.init_seed=1", "trainer.max_steps=0"])
+    common = ["model=tiny_qwen2_5_vl", "stage=distill", "trainer.max_steps=3", "trainer.save_every=0",
+              f"stage.objective.teacher={tmp_path / 'teacher'}", "stage.objective.top_k=8",
+              "stage.objective.lmbda=0.5", "stage.objective.seed=3", "stage.objective.max_new_tokens=4",
+              "trainer.grad_accum=2"]
+    run_stage(tmp_path / "zero2", [*common, "engine=zero2"])
+    p = cli([f"output_dir={tmp_path / 'pp'}", "logger=none", *common, "engine=megatron", "engine.pp=2"],
+            launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = metrics_rows(tmp_path / "zero2"), metrics_rows(tmp_path / "pp")
+    assert {r["distill/on_policy"] for r in a} == {0.0, 1.0}
+    keys = [k for k in a[-1] if k.startswith(("loss", "distill/", "rollout/", "grad_norm"))]
+    for ra, rb in zip(a, b, strict=True):
+        assert {k: rb.get(k) for k in keys if k in ra} == pytest.approx({k: ra[k] for k in keys if k in ra},
+                                                                        rel=1e-5, abs=1e-6)
+    wa, wb = load_hf(tmp_path / "zero2" / "hf"), load_hf(tmp_path / "pp" / "hf")
+    assert wa.keys() == wb.keys() and all(torch.allclose(wb[k], wa[k], rtol=0, atol=2e-5) for k in wa)
+
+
 def test_killed_megatron_run_resumes_bit_identically_and_a_changed_layout_is_refused(tmp_path):
     """4 steps with a checkpoint at 2; a run restarted from it logs the same steps 3-4 and ends with the same
     weights as the uninterrupted one. A checkpoint written with another tp is refused naming it."""

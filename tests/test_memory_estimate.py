@@ -631,7 +631,7 @@ def test_megatron_from_job_levers_and_cli(tmp_path):
     old = estimate.estimate(replace(plan, engine="deepspeed", zero_stage=0))  # the former bound
     assert estimate.estimate(plan).part("parameters").device < old.part("parameters").device
     sapo = estimate.from_job(to_job(compose(["engine=megatron", "stage=sapo"])), 8)
-    assert not sapo.pp_allowed and sapo.rollouts
+    assert sapo.pp_allowed and sapo.rollouts  # every objective runs on a pipeline now
     big = estimate.Plan(estimate.PRESETS["qwen2_5_vl_72b"], seq_len=1024, world=64, dtype="bf16", grad_accum=2,
                         engine="megatron", tp=2)
     found = estimate.levers(big, 80)

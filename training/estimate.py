@@ -883,10 +883,12 @@ def _loss(plan: Plan, add, b: int, leaves: tuple, t: int) -> None:
     teacher's outputs."""
     s, T = plan.shapes, plan.shapes.text
     chunk = min(plan.loss_chunk or max(1, CHUNK_BYTES // (4 * T.vocab)), t)
-    if plan.teacher is not None:  # its supervised hidden states, and its logits of the chunk
-        Tt = plan.teacher.text
-        add("teacher outputs", t * Tt.hidden * b + chunk * Tt.vocab * 4,
-            f"teacher hidden of {t} tokens x {Tt.hidden} x {b} B + one chunk of its fp32 logits", phase="decoder")
+    if plan.teacher is not None:  # its hidden states of the step's micro-batches (stages/distill.py frozen_pass:
+        Tt = plan.teacher.text  # computed before the student's calls), and its logits of the chunk
+        m = max(1, plan.grad_accum)
+        add("teacher outputs", m * t * Tt.hidden * b + chunk * Tt.vocab * 4,
+            f"teacher hidden of {m} micro-batch(es) x {t} tokens x {Tt.hidden} x {b} B (kept from the teacher's "
+            f"pass until each loss) + one chunk of its fp32 logits", phase="decoder")
     if plan.megatron and plan.objective == "lm":  # megatron's vocabulary-parallel cross-entropy (mcore/loss.py)
         rows = vocab_rows(T.vocab, plan.tp)
         head = rows * T.hidden * 4 if s.head_group in leaves else 0
@@ -1177,7 +1179,7 @@ def main(argv=None) -> None:
                 teacher=shapes_of(a.teacher or a.model) if a.objective == "distill" else None,
                 loss_chunk=a.loss_chunk, visual_fraction=a.visual_fraction, grad_accum=a.grad_accum,
                 engine=a.engine, tp=a.tp, pp=a.pp, vpp=a.vpp, ep=a.ep, sequence_parallel=a.sequence_parallel,
-                distributed_optimizer=not a.no_distributed_optimizer, pp_allowed=a.objective in ("lm", "dpo"),
+                distributed_optimizer=not a.no_distributed_optimizer, pp_allowed=True,
                 **(dict(rollouts=a.rollouts, max_new_tokens=a.max_new_tokens, mini_batches=a.mini_batches,
                         prompt_len=a.prompt_len) if a.objective == "sapo" else {}))
     est = estimate(plan)

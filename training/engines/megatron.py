@@ -27,7 +27,8 @@ loss sums and metrics are broadcast to the other stages, so the loop sees what i
 objectives whose loss is one policy call run there (`Objective.no_pipeline`): the lm stages; DPO, whose frozen
 reference runs a forward-only schedule of its own first (`Objective.frozen_pass`, `model=`); SAPO, whose rollouts
 every stage generates with the gathered whole decoder (the first stage's taken), whose rollout-policy and
-reference log-probs are forward-only schedules, and whose padded rollout rows train one schedule per shape.
+reference log-probs are forward-only schedules, and whose padded rollout rows train one schedule per shape;
+distillation, whose teacher's hidden states come from its own forward-only schedule and stay on the last stage.
 
 MoE models (Qwen3-VL MoE; tp 1, pp 1): every sparse layer is megatron's MoE layer (training/mcore/moe.py), its
 experts split over `engine.ep` consecutive data-parallel ranks, the tokens dispatched all-to-all to the rank that
