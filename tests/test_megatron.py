@@ -306,12 +306,12 @@ def test_vocab_parallel_cross_entropy_and_its_gradients_equal_torch(tmp_path):
 
 @pytest.mark.slow
 def test_the_tiny_recipe_runs_every_stage_on_megatron_with_pipeline_and_tensor_parallelism(tmp_path):
-    """pipeline=tiny on engine=megatron under torchrun (2 processes): the lm stages (S0, S2, S3, SFT) and DPO (its
-    reference on its own schedule) pipelined over 2 stages (engine.pp=2), S1 on DeepSpeed as one Ulysses SP group
-    of 2 (engines mixed per step: S2 starts from a DeepSpeed export, S1 from a megatron one), SAPO
-    tensor-parallel with sequence parallelism (engine.tp=2: its rollouts need the whole decoder per replica; padded
-    rows of any length), the small distillation student and its SFT twin data-parallel (3 heads do not split over
-    2 TP ranks); each step starts from the one before, and the last export loads with from_pretrained."""
+    """pipeline=tiny on engine=megatron under torchrun (2 processes): the lm stages (S0, S2, S3, SFT), DPO (its
+    reference on its own schedule), the small distillation student (its teacher, the SFT export, on its own
+    schedule; on-policy steps generate) and its SFT twin pipelined over 2 stages (engine.pp=2), S1 on DeepSpeed as
+    one Ulysses SP group of 2 (engines mixed per step: S2 starts from a DeepSpeed export, S1 from a megatron one),
+    SAPO tensor-parallel with sequence parallelism (engine.tp=2; padded rollout rows of any length, padded to a
+    multiple of 2); each step starts from the one before, and the last export loads with from_pretrained."""
     from test_pipeline import _pipeline
 
     out = tmp_path / "run"
@@ -325,12 +325,12 @@ def test_the_tiny_recipe_runs_every_stage_on_megatron_with_pipeline_and_tensor_p
                   "pipeline.steps.sapo.overrides=['engine.tp=2','engine.sequence_parallel=true',"
                   "'stage.objective.num_generations=8',"
                   "'stage.objective.max_new_tokens=8','trainer.micro_batch_size=2','stage.objective.kl_beta=0.04']",
-                  *[f"pipeline.steps.{s}.overrides=['{groups}']" for s in ("distill", "sft_small")],
+                  *[f"pipeline.steps.{s}.overrides=['engine.pp=2','{groups}']" for s in ("distill", "sft_small")],
                   timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     layout = {"s0_merger": "tp 1 x pp 2", "s2_long_32k": "tp 1 x pp 2",
-              "s3_long_256k": "tp 1 x pp 2", "sft": "tp 1 x pp 2", "distill": "tp 1 x pp 1 x dp 2",
-              "sft_small": "tp 1 x pp 1 x dp 2", "dpo": "tp 1 x pp 2", "sapo": "tp 2 x pp 1"}
+              "s3_long_256k": "tp 1 x pp 2", "sft": "tp 1 x pp 2", "distill": "tp 1 x pp 2",
+              "sft_small": "tp 1 x pp 2", "dpo": "tp 1 x pp 2", "sapo": "tp 2 x pp 1"}
     for name, want in layout.items():
         d = out / name
         assert (d / "DONE").is_file(), name
