@@ -287,7 +287,7 @@ class DistillObjective(Objective):
 
         def keep(batch):
             self._hidden[batch["teacher_slot"]] = self.teacher(batch, hidden=True)[0]
-            return None, torch.zeros((), dtype=torch.float64), {}
+            return {}
 
         frozen_forward(engine, marked, keep, self.teacher)
         return marked

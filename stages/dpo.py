@@ -120,10 +120,10 @@ class DPOObjective(Objective):
 
         def ref_sums(batch):
             logps, _ = token_logps(self.ref, batch)
-            return None, torch.zeros((), dtype=torch.float64), {"ref_logps": per_sample(logps, batch)[0].tolist()}
+            return {"ref_logps": per_sample(logps, batch)[0].cpu()}
 
-        return [{**mb, "ref_logps": torch.tensor(stats["ref_logps"], dtype=torch.float64)}
-                for mb, stats in zip(micro, frozen_forward(engine, micro, ref_sums, self.ref), strict=True)]
+        return [{**mb, **stats} for mb, stats in zip(micro, frozen_forward(engine, micro, ref_sums, self.ref),
+                                                      strict=True)]
 
     def loss_sum(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
         """Σ over the micro-batch's pairs of weight × (preference loss + RPO term), and the pair metrics."""

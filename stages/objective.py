@@ -30,13 +30,14 @@ class Context:
 
 
 def frozen_forward(engine, micro: list[dict], fn, model) -> list[dict]:
-    """[stats of `fn(micro-batch)`] with no gradient, where `fn` calls the frozen `model`: the engine's forward-only
-    pass over `model`'s pipeline (Engine.forward_backward; `fn` -> (None, loss sum, stats)), or plain calls when
-    `engine` is a bare step module (tools and unit tests call objectives on one)."""
+    """[fn(micro-batch)] (a dict, which may hold tensors) with no gradient, where `fn` calls the frozen `model`: the
+    engine's forward-only pass over `model`'s pipeline (Engine.forward_backward; the results reach every stage), or
+    plain calls when `engine` is a bare step module (tools and unit tests call objectives on one)."""
     with torch.no_grad():
         if not hasattr(engine, "forward_backward"):
-            return [fn(mb)[2] for mb in micro]
-        return [stats for _, stats in engine.forward_backward(micro, fn, forward_only=True, model=model)]
+            return [fn(mb) for mb in micro]
+        step = lambda batch: (None, torch.zeros((), dtype=torch.float64), fn(batch))  # noqa: E731 (no loss)
+        return [stats for _, stats in engine.forward_backward(micro, step, forward_only=True, model=model)]
 
 
 class Objective:

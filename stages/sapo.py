@@ -264,7 +264,7 @@ class RLObjective(Objective):
                 continue
 
             def logps(batch, model=model):
-                return None, torch.zeros((), dtype=torch.float64), {"logps": rollout.token_logps(model, batch)[0].cpu()}
+                return {"logps": rollout.token_logps(model, batch)[0].cpu()}
 
             for mb, stats in zip(micro, frozen_forward(engine, micro, logps, None if model is engine else model),
                                  strict=True):

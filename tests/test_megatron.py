@@ -146,30 +146,38 @@ def test_a_stage_on_megatron_equals_zero2_and_exports_a_plain_hf_model(tmp_path,
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=2e-5, msg=k)
 
 
-@pytest.mark.slow
-def test_dpo_on_a_pipeline_equals_zero2(tmp_path):
-    """engine.pp=2 under torchrun (one replica of two stages): DPO's frozen reference runs a forward-only schedule of
-    its own over the step's micro-batches before the policy's 1F1B (Objective.frozen_pass), and before each
-    held-out call. Losses, pair metrics, grad norms, held-out scores and the export equal zero2 in one process."""
+def _pp2_equals_zero2(tmp_path, common: list, prefixes: tuple) -> list:
+    """Runs the stage `common` describes on zero2 in one process and on megatron at engine.pp=2 under torchrun (one
+    replica of two stages); every step's metrics starting with `prefixes` (zero2's last row names them) and the
+    exports agree. Returns zero2's rows."""
     import sys
 
     from tests.conftest import cli
 
-    common = ["model=tiny_qwen2_5_vl", "stage=dpo", "stage.mixture={preference: 1}", "trainer.max_steps=3",
-              "trainer.save_every=0", "trainer.grad_accum=2", "stage.eval.every=2", "stage.eval.samples=4",
-              "stage.eval.sources=[preference]", "stage.optimizer.lr=1e-4", "stage.schedule.warmup_ratio=0"]
     run_stage(tmp_path / "zero2", [*common, "engine=zero2"])
     p = cli([f"output_dir={tmp_path / 'pp'}", "logger=none", *common, "engine=megatron", "engine.pp=2"],
             launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"])
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = metrics_rows(tmp_path / "zero2"), metrics_rows(tmp_path / "pp")
-    keys = [k for k in a[-1] if k.startswith(("loss", "dpo/", "rewards/", "logps/", "grad_norm", "eval/"))]
-    assert "eval/loss" in a[-1] and "rewards/margin" in keys
+    keys = [k for k in a[-1] if k.startswith(prefixes)]
     for ra, rb in zip(a, b, strict=True):
         assert {k: rb.get(k) for k in keys if k in ra} == pytest.approx({k: ra[k] for k in keys if k in ra},
                                                                         rel=1e-5, abs=1e-6)
     wa, wb = load_hf(tmp_path / "zero2" / "hf"), load_hf(tmp_path / "pp" / "hf")
     assert wa.keys() == wb.keys() and all(torch.allclose(wb[k], wa[k], rtol=0, atol=2e-5) for k in wa)
+    return a
+
+
+@pytest.mark.slow
+def test_dpo_on_a_pipeline_equals_zero2(tmp_path):
+    """engine.pp=2 under torchrun (one replica of two stages): DPO's frozen reference runs a forward-only schedule of
+    its own over the step's micro-batches before the policy's 1F1B (Objective.frozen_pass), and before each
+    held-out call. Losses, pair metrics, grad norms, held-out scores and the export equal zero2 in one process."""
+    common = ["model=tiny_qwen2_5_vl", "stage=dpo", "stage.mixture={preference: 1}", "trainer.max_steps=3",
+              "trainer.save_every=0", "trainer.grad_accum=2", "stage.eval.every=2", "stage.eval.samples=4",
+              "stage.eval.sources=[preference]", "stage.optimizer.lr=1e-4", "stage.schedule.warmup_ratio=0"]
+    a = _pp2_equals_zero2(tmp_path, common, ("loss", "dpo/", "rewards/", "logps/", "grad_norm", "eval/"))
+    assert "eval/loss" in a[-1] and "rewards/margin" in a[-1]
 
 
 @pytest.mark.slow
@@ -178,26 +186,12 @@ def test_sapo_on_a_pipeline_equals_zero2(tmp_path):
     the gathered whole decoder and takes the first stage's rollouts; the rollout policy's and the reference's
     log-probs are forward-only schedules; the rollouts (padded rows of each micro-batch's own length) train one
     schedule per shape. Losses, rewards, policy metrics, grad norms and the export equal zero2 in one process."""
-    import sys
-
-    from tests.conftest import cli
-
     common = ["model=tiny_qwen2_5_vl", "stage=sapo", "stage.mixture={rl: 1}", "trainer.max_steps=3",
               "trainer.save_every=0", "stage.objective.num_generations=2", "stage.objective.max_new_tokens=8",
               "trainer.micro_batch_size=2", "trainer.grad_accum=2", "stage.objective.kl_beta=0.04",
               "stage.objective.drop_equal_groups=false"]  # the tiny policy's groups may score alike: train anyway
-    run_stage(tmp_path / "zero2", [*common, "engine=zero2"])
-    p = cli([f"output_dir={tmp_path / 'pp'}", "logger=none", *common, "engine=megatron", "engine.pp=2"],
-            launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    a, b = metrics_rows(tmp_path / "zero2"), metrics_rows(tmp_path / "pp")
-    keys = [k for k in a[-1] if k.startswith(("loss", "reward/", "rollout/", "policy/", "grad_norm"))]
-    assert any(k.startswith("policy/") for k in keys) and all(r["loss"] is not None for r in a), keys
-    for ra, rb in zip(a, b, strict=True):
-        assert {k: rb.get(k) for k in keys if k in ra} == pytest.approx({k: ra[k] for k in keys if k in ra},
-                                                                        rel=1e-5, abs=1e-6)
-    wa, wb = load_hf(tmp_path / "zero2" / "hf"), load_hf(tmp_path / "pp" / "hf")
-    assert wa.keys() == wb.keys() and all(torch.allclose(wb[k], wa[k], rtol=0, atol=2e-5) for k in wa)
+    a = _pp2_equals_zero2(tmp_path, common, ("loss", "reward/", "rollout/", "policy/", "grad_norm"))
+    assert any(k.startswith("policy/") for k in a[-1]) and all(r["loss"] is not None for r in a), a[-1]
 
 
 @pytest.mark.slow
@@ -206,27 +200,13 @@ def test_distillation_on_a_pipeline_equals_zero2(tmp_path):
     student's (Objective.frozen_pass), kept on the last stage where the student's loss runs; on-policy steps
     generate on both stages (lmbda 0.5: seed 3 draws both kinds in 3 steps) and train their padded rows one
     schedule per shape. Losses, distillation metrics, grad norms and the export equal zero2 in one process."""
-    import sys
-
-    from tests.conftest import cli
-
     run_stage(tmp_path / "teacher", ["model=tiny_qwen2_5_vl", "model.init_seed=1", "trainer.max_steps=0"])
     common = ["model=tiny_qwen2_5_vl", "stage=distill", "trainer.max_steps=3", "trainer.save_every=0",
               f"stage.objective.teacher={tmp_path / 'teacher'}", "stage.objective.top_k=8",
               "stage.objective.lmbda=0.5", "stage.objective.seed=3", "stage.objective.max_new_tokens=4",
               "trainer.grad_accum=2"]
-    run_stage(tmp_path / "zero2", [*common, "engine=zero2"])
-    p = cli([f"output_dir={tmp_path / 'pp'}", "logger=none", *common, "engine=megatron", "engine.pp=2"],
-            launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    a, b = metrics_rows(tmp_path / "zero2"), metrics_rows(tmp_path / "pp")
+    a = _pp2_equals_zero2(tmp_path, common, ("loss", "distill/", "rollout/", "grad_norm"))
     assert {r["distill/on_policy"] for r in a} == {0.0, 1.0}
-    keys = [k for k in a[-1] if k.startswith(("loss", "distill/", "rollout/", "grad_norm"))]
-    for ra, rb in zip(a, b, strict=True):
-        assert {k: rb.get(k) for k in keys if k in ra} == pytest.approx({k: ra[k] for k in keys if k in ra},
-                                                                        rel=1e-5, abs=1e-6)
-    wa, wb = load_hf(tmp_path / "zero2" / "hf"), load_hf(tmp_path / "pp" / "hf")
-    assert wa.keys() == wb.keys() and all(torch.allclose(wb[k], wa[k], rtol=0, atol=2e-5) for k in wa)
 
 
 def test_killed_megatron_run_resumes_bit_identically_and_a_changed_layout_is_refused(tmp_path):

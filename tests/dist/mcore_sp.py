@@ -29,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_mcore import (ATOL, GRAD_RTOL, lm_state, logit_weights, packed_case, padded_case,  # noqa: E402
                         relative_error, tiny)
-from test_mcore_pp import LOSS_RTOL, hf_loss, microbatches, run_schedule, vit_grads  # noqa: E402
-from mcore_pp import gathered  # noqa: E402
+from test_mcore_pp import hf_loss, microbatches, run_schedule, vit_grads  # noqa: E402
+from mcore_pp import check_against_pp1, gathered  # noqa: E402
+from mcore_tp import check_grads_against_hf  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 from training.mcore import pipeline, shim  # noqa: E402
-from training.mcore.convert import hf_to_mcore, mcore_to_hf  # noqa: E402
+from training.mcore.convert import hf_to_mcore  # noqa: E402
 from training.mcore.model import Decoder, transformer_config  # noqa: E402
 from training.vlm import VLM  # noqa: E402
 
@@ -109,13 +110,7 @@ def run(family: str, tied: bool, padded: bool, rank: int) -> None:
         assert relative_error(a.grad, b.grad) <= GRAD_RTOL, (family, "deepstack", k, relative_error(a.grad, b.grad))
 
     dec.reduce_tp_partial_grads()  # q/k norms (heads) and the sequence-parallel norms (sequence slices)
-    shards = [None] * TP
-    dist.all_gather_object(shards, {k: p.grad for k, p in dec.named_parameters()})
-    grads = mcore_to_hf(shards, tc)
-    hf_grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
-    assert set(hf_grads) == set(grads) - ({"lm_head.weight"} if tied else set()), family
-    for k, g in hf_grads.items():
-        assert relative_error(grads[k], g) <= GRAD_RTOL, (family, k, relative_error(grads[k], g))
+    check_grads_against_hf(dec, model, family, tied)
 
 
 def refused(rank: int) -> None:
@@ -169,25 +164,8 @@ def pp_run(family: str, tied: bool, tp: int, pp: int, vpp, m: int) -> None:
     dist.all_gather_object(box, losses)
     losses = next(x for x in box if x)
 
-    pipeline.init_model_parallel(1, 1)  # PP=1, no TP: one process's whole model on every rank
-    model.zero_grad(set_to_none=True)
-    (one,) = pipeline.build_chunks(tc, lm_state(model))
-    ref = run_schedule(bundle, [one], mbs)
-    ref_grads = mcore_to_hf([{k: p.grad for k, p in one.named_parameters()}], tc)
-    ref_vit = vit_grads(model)
-
-    case = (family, tied, tp, pp, vpp)
-    assert len(losses) == len(ref) == m, case
-    for a, b, h in zip(losses, ref, hf):
-        assert abs(a - b) <= LOSS_RTOL * abs(b) and abs(a - h) <= LOSS_RTOL * abs(h), (case, a, b, h)
-    assert grads.keys() == ref_grads.keys(), case
-    for k, g in ref_grads.items():
-        assert relative_error(grads[k], g) <= GRAD_RTOL, (case, k, relative_error(grads[k], g))
-    assert len(vits) == tp and len(ref_vit) > 0, case  # the first stage's TP ranks
-    for vit in vits:
-        assert vit.keys() == ref_vit.keys(), case
-        for k, g in ref_vit.items():
-            assert relative_error(vit[k], g) <= GRAD_RTOL, (case, k, relative_error(vit[k], g))
+    assert len(vits) == tp, (family, tp)  # the first stage's TP ranks
+    check_against_pp1(bundle, mbs, hf, (family, tied, tp, pp, vpp), losses, grads, vits)
 
 
 def pp_refused() -> None:

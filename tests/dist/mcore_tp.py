@@ -51,9 +51,15 @@ def run(family: str, tied: bool, kv_heads, rank: int) -> None:
     assert (gathered[..., vocab:] == 0).all()
 
     dec.reduce_tp_partial_grads()  # q/k-norm gradients: partial per rank (finalize_model_grads' qk_layernorm sum)
-    shards = [None] * TP
+    check_grads_against_hf(dec, model, family, tied)
+
+
+def check_grads_against_hf(dec, model, family: str, tied: bool) -> None:
+    """Every TP rank's decoder gradients (reduced over TP), gathered and converted by mcore_to_hf, equal the HF
+    model's (a tied head's lm_head entry is the embedding's)."""
+    shards = [None] * dist.get_world_size()
     dist.all_gather_object(shards, {k: p.grad for k, p in dec.named_parameters()})
-    grads = mcore_to_hf(shards, tc)
+    grads = mcore_to_hf(shards, model.config.get_text_config())
     hf_grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     assert set(hf_grads) == set(grads) - ({"lm_head.weight"} if tied else set()), family
     for k, g in hf_grads.items():

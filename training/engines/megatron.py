@@ -291,8 +291,7 @@ class Engine:
         self.replica_rank = self.pp_rank * self.tp + self.tp_rank
         self.groups = {"dp": ps.get_data_parallel_group() if self.dp_size < world else None, "sp": None,
                        "tp": ps.get_tensor_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group(),
-                       "ep": ps.get_expert_model_parallel_group() if self.ep > 1 else None,
-                       "edp": ps.get_expert_data_parallel_group() if self.ep > 1 else None}
+                       "ep": ps.get_expert_model_parallel_group() if self.ep > 1 else None}
         self.partitioned = False
         self.model = self._place(to_megatron(model, self.dtype, cfg.sequence_parallel))
         self.param_names = _regroup(model, groups)
@@ -335,8 +334,6 @@ class Engine:
         if self.pp == 1:
             return micro_batches(self, micro, fn, forward_only)
         from megatron.core import parallel_state as ps
-
-        from training.mcore.pipeline import forward_backward
 
         if model is not None and not forward_only:
             raise ValueError("a frozen model's pipeline runs forward_only")

@@ -134,7 +134,6 @@ class DataParallel:
 
     def __init__(self, module: torch.nn.Module, chunks, groups: list[dict], betas, eps: float, config,
                  distributed: bool = True, bucket_size: int | None = None, grad_reduce_in_fp32: bool = True):
-        from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         if not config.calculate_per_token_loss:
